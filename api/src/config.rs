@@ -1,0 +1,167 @@
+//! The compiled proxy configuration: what the discovery server sends to a proxy and what a proxy
+//! loads from `--config file.json`. It is the resolved form of cluster state (services with
+//! their VIPs and endpoints, the inbound policy, the trust bundle), never the CRDs themselves,
+//! so a proxy needs no Kubernetes knowledge.
+
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+
+use crate::mesh::{MtlsMode, OutboundTrafficMode};
+
+/// A full, versioned configuration for one proxy. Snapshots are replaced whole, never patched.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyConfig {
+    /// Opaque version; a proxy reports the version it applied.
+    pub version: String,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub inbound: InboundPolicy,
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundTrafficMode,
+    /// PEM roots a peer certificate must chain to.
+    #[serde(default)]
+    pub trust_bundle: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Fully qualified hostnames (`reviews.default.svc.cluster.local`).
+    pub hostnames: Vec<String>,
+    pub namespace: String,
+    /// Cluster IPs the application dials.
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tls,
+    #[default]
+    Tcp,
+}
+
+impl Protocol {
+    /// Istio's port-naming convention: `appProtocol` first, else the port name's prefix
+    /// (`http-web`, `grpc`, `tcp-db`); anything else is opaque TCP.
+    pub fn from_port(name: &str, app_protocol: Option<&str>) -> Self {
+        let declared = app_protocol.unwrap_or(name).to_ascii_lowercase();
+        let prefix = declared.split('-').next().unwrap_or("");
+        match prefix {
+            "http" => Self::Http,
+            "http2" | "h2c" | "kubernetes.io/h2c" => Self::Http2,
+            "grpc" => Self::Grpc,
+            "tls" | "https" => Self::Tls,
+            _ => Self::Tcp,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub address: IpAddr,
+    /// Port the endpoint listens on, by service port name.
+    pub port: u16,
+    pub ready: bool,
+    /// Whether a Trellis sidecar runs beside the endpoint (then the hop uses mutual TLS).
+    pub meshed: bool,
+    /// SPIFFE identity of the endpoint's workload when meshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundPolicy {
+    /// Effective peer-authentication mode for the proxy's workload.
+    #[serde(default)]
+    pub mtls_mode: MtlsMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config is not valid JSON for the proxy config model: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("service {host}: port {port} has endpoints but no target port")]
+    MissingTargetPort { host: String, port: u16 },
+    #[error("service {0}: a service needs at least one hostname")]
+    NoHostname(String),
+}
+
+impl ProxyConfig {
+    /// Decodes and validates a snapshot. A snapshot that fails here must be rejected whole.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let config: Self = serde_json::from_slice(bytes)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for service in &self.services {
+            let host = service
+                .hostnames
+                .first()
+                .ok_or_else(|| ConfigError::NoHostname(format!("{:?}", service.vips)))?;
+            for port in &service.ports {
+                if port.target_port == 0 && !service.endpoints.is_empty() {
+                    return Err(ConfigError::MissingTargetPort {
+                        host: host.clone(),
+                        port: port.port,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_follows_istio_port_naming() {
+        let cases = [
+            ("http", None, Protocol::Http),
+            ("http-web", None, Protocol::Http),
+            ("http2", None, Protocol::Http2),
+            ("grpc-api", None, Protocol::Grpc),
+            ("tcp-db", None, Protocol::Tcp),
+            ("https", None, Protocol::Tls),
+            ("web", None, Protocol::Tcp),
+            ("web", Some("http"), Protocol::Http),
+            ("web", Some("kubernetes.io/h2c"), Protocol::Http2),
+            ("HTTP", None, Protocol::Http),
+        ];
+        for (name, app, expected) in cases {
+            assert_eq!(Protocol::from_port(name, app), expected, "{name} {app:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_garbage_and_invalid_snapshots_whole() {
+        assert!(ProxyConfig::from_json(b"{not json").is_err());
+        assert!(ProxyConfig::from_json(br#"{"version":"1","services":[{"hostnames":[],"namespace":"a","vips":[],"ports":[],"endpoints":[]}]}"#).is_err());
+        let ok = ProxyConfig::from_json(br#"{"version":"7"}"#).unwrap();
+        assert_eq!(ok.version, "7");
+    }
+}

@@ -1,0 +1,321 @@
+//! The `Mesh` custom resource (`trellis.dev`, cluster-scoped): one object, named `default`,
+//! declares the whole mesh — data-plane version, identity, mTLS default, interception mode,
+//! proxy settings, certificate lifetimes and outbound policy.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Go-style duration as Istio writes them (`500ms`, `30s`, `24h`, `1h30m`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "Mesh",
+    status = "MeshStatus",
+    derive = "PartialEq",
+    shortname = "mesh",
+    category = "trellis",
+    printcolumn(name = "Version", type_ = "string", json_path = ".spec.version"),
+    printcolumn(name = "mTLS", type_ = "string", json_path = ".spec.mtls.mode"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Proxies", type_ = "integer", json_path = ".status.connectedProxies"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSpec {
+    /// Data-plane version: selects the proxy, init and CNI images (`<registry>/proxy:<version>`).
+    /// Changing it rolls the data plane.
+    #[schemars(pattern(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$"))]
+    pub version: String,
+    /// SPIFFE trust domain of every workload identity in the mesh.
+    #[serde(default = "default_trust_domain")]
+    #[schemars(pattern(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$"))]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub mtls: MtlsSettings,
+    /// How pod traffic is captured: a NET_ADMIN init container, or the chained CNI plugin.
+    #[serde(default)]
+    pub interception: Interception,
+    #[serde(default)]
+    pub proxy: ProxySettings,
+    #[serde(default)]
+    pub certificates: CertificateSettings,
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_owned()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsSettings {
+    /// Mesh-wide default for inbound connections when no PeerAuthentication says otherwise.
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Accept both mutual TLS and plaintext on every port (Istio's default).
+    #[default]
+    Permissive,
+    /// Refuse plaintext.
+    Strict,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Interception {
+    #[default]
+    InitContainer,
+    Cni,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxySettings {
+    /// Repository prefix of the data-plane images.
+    #[serde(default = "default_image_registry")]
+    pub image_registry: String,
+    /// Resources of the injected proxy container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ProxyResources>,
+    /// Worker threads per proxy.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrency: u32,
+    #[serde(default)]
+    pub log_level: LogLevel,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            image_registry: default_image_registry(),
+            resources: None,
+            concurrency: default_concurrency(),
+            log_level: LogLevel::default(),
+        }
+    }
+}
+
+fn default_image_registry() -> String {
+    crate::wellknown::DEFAULT_IMAGE_REGISTRY.to_owned()
+}
+
+fn default_concurrency() -> u32 {
+    2
+}
+
+/// Requests and limits of the proxy container, as Kubernetes quantities (`100m`, `64Mi`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyResources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateSettings {
+    /// Lifetime of workload certificates.
+    #[serde(default = "default_workload_ttl")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub workload_ttl: String,
+    /// Percentage of a certificate's lifetime after which the proxy renews it.
+    #[serde(default = "default_rotation_percent")]
+    #[schemars(range(min = 10, max = 90))]
+    pub rotation_percent: u32,
+    /// Lifetime of a self-signed root created by the operator.
+    #[serde(default = "default_root_ttl")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub root_ttl: String,
+    /// A Secret in the operator's namespace holding the user's CA in Istio's `cacerts` layout
+    /// (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<String>,
+}
+
+impl Default for CertificateSettings {
+    fn default() -> Self {
+        Self {
+            workload_ttl: default_workload_ttl(),
+            rotation_percent: default_rotation_percent(),
+            root_ttl: default_root_ttl(),
+            ca_secret: None,
+        }
+    }
+}
+
+fn default_workload_ttl() -> String {
+    "24h".to_owned()
+}
+
+fn default_rotation_percent() -> u32 {
+    50
+}
+
+fn default_root_ttl() -> String {
+    "87600h".to_owned()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    #[serde(default)]
+    pub mode: OutboundTrafficMode,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundTrafficMode {
+    /// Destinations outside the registry are passed through.
+    #[default]
+    AllowAny,
+    /// Destinations outside the registry are refused.
+    RegistryOnly,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshStatus {
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<MeshCondition>,
+    /// Expiry of the root certificate (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_cert_expiry: Option<String>,
+    /// Proxies connected to the control plane, all versions together.
+    #[serde(default)]
+    pub connected_proxies: u32,
+    /// Connected proxies by data-plane version.
+    #[serde(default)]
+    pub proxies_by_version: std::collections::BTreeMap<String, u32>,
+}
+
+/// A condition in the shape of `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshCondition {
+    /// `Ready`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Parses a duration in the Go/Istio form (`1h30m`, `0.5s`, `250ms`).
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let (unit_seconds, unit_len) = if rest.starts_with("ms") {
+            (0.001, 2)
+        } else if rest.starts_with('s') {
+            (1.0, 1)
+        } else if rest.starts_with('m') {
+            (60.0, 1)
+        } else if rest.starts_with('h') {
+            (3600.0, 1)
+        } else {
+            return None;
+        };
+        rest = &rest[unit_len..];
+        total += value * unit_seconds;
+    }
+    Some(std::time::Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn parses_istio_durations() {
+        let cases = [
+            ("24h", Some(Duration::from_secs(86_400))),
+            ("1h30m", Some(Duration::from_secs(5_400))),
+            ("0.5s", Some(Duration::from_millis(500))),
+            ("250ms", Some(Duration::from_millis(250))),
+            ("2m", Some(Duration::from_secs(120))),
+            ("", None),
+            ("10", None),
+            ("5d", None),
+            ("h", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_duration(text), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_fill_an_almost_empty_spec() {
+        let mesh: MeshSpec = serde_yaml::from_str("version: 0.1.0").unwrap();
+        assert_eq!(mesh.trust_domain, "cluster.local");
+        assert_eq!(mesh.mtls.mode, MtlsMode::Permissive);
+        assert_eq!(mesh.interception, Interception::InitContainer);
+        assert_eq!(mesh.certificates.workload_ttl, "24h");
+        assert_eq!(mesh.outbound_traffic_policy.mode, OutboundTrafficMode::AllowAny);
+    }
+
+    #[test]
+    fn crd_schema_pins_field_validation() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(Mesh::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["version"]));
+        assert_eq!(
+            spec["properties"]["mtls"]["properties"]["mode"]["enum"],
+            serde_json::json!(["PERMISSIVE", "STRICT"])
+        );
+        assert_eq!(
+            spec["properties"]["certificates"]["properties"]["workloadTtl"]["pattern"],
+            DURATION_PATTERN
+        );
+        assert_eq!(crd["spec"]["scope"], "Cluster");
+    }
+}
