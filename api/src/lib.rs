@@ -7,6 +7,7 @@
 pub mod config;
 pub mod identity;
 pub mod mesh;
+pub mod protocol;
 pub mod wellknown;
 
 pub use identity::SpiffeId;
