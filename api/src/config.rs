@@ -77,8 +77,6 @@ impl Protocol {
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     pub address: IpAddr,
-    /// Port the endpoint listens on, by service port name.
-    pub port: u16,
     pub ready: bool,
     /// Whether a Trellis sidecar runs beside the endpoint (then the hop uses mutual TLS).
     pub meshed: bool,

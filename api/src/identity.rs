@@ -14,7 +14,9 @@ pub struct SpiffeId {
 pub enum SpiffeIdError {
     #[error("SPIFFE ID must start with spiffe://, got {0:?}")]
     Scheme(String),
-    #[error("SPIFFE ID must have the form spiffe://<trust domain>/ns/<namespace>/sa/<service account>, got {0:?}")]
+    #[error(
+        "SPIFFE ID must have the form spiffe://<trust domain>/ns/<namespace>/sa/<service account>, got {0:?}"
+    )]
     Shape(String),
 }
 

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 /// A Go-style duration as Istio writes them (`500ms`, `30s`, `24h`, `1h30m`).
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 
+// Several printer columns share `type_ = "string"`; clippy reads those as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "trellis.dev",
@@ -25,8 +27,16 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(name = "Proxies", type_ = "integer", json_path = ".status.connectedProxies"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Proxies",
+        type_ = "integer",
+        json_path = ".status.connectedProxies"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MeshSpec {
@@ -299,7 +309,10 @@ mod tests {
         assert_eq!(mesh.mtls.mode, MtlsMode::Permissive);
         assert_eq!(mesh.interception, Interception::InitContainer);
         assert_eq!(mesh.certificates.workload_ttl, "24h");
-        assert_eq!(mesh.outbound_traffic_policy.mode, OutboundTrafficMode::AllowAny);
+        assert_eq!(
+            mesh.outbound_traffic_policy.mode,
+            OutboundTrafficMode::AllowAny
+        );
     }
 
     #[test]

@@ -1,1 +1,254 @@
-//! placeholder
+//! `trellis-operator`: the Trellis control plane. It reconciles the `Mesh` (CA, trust-bundle
+//! ConfigMaps, injector webhook configuration, status), runs the certificate authority and the
+//! config discovery stream on 15012, the sidecar injector on 15017, and prints the install
+//! manifest generated from its own types.
+
+mod ca;
+mod compile;
+mod control_plane;
+mod controller;
+mod discovery;
+mod error;
+mod https;
+mod injector;
+mod leader;
+mod manifests;
+mod metrics;
+mod proxies;
+mod webhook;
+
+use std::convert::Infallible;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwapOption;
+use clap::{Parser, Subcommand};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kube::Client;
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+use trellis_api::wellknown::{CONTROL_PLANE_PORT, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT};
+
+use crate::controller::{Context, MeshStateRx};
+use crate::metrics::Metrics;
+
+#[derive(Parser)]
+#[command(name = "trellis-operator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the operator (in the cluster, or against $KUBECONFIG).
+    Run {
+        /// Namespace the operator runs in (its CA Secret and Lease live there).
+        #[arg(long, env = "POD_NAMESPACE", default_value = OPERATOR_NAMESPACE)]
+        namespace: String,
+        /// This replica's name, for leader election and events.
+        #[arg(long, env = "POD_NAME", default_value = "trellis-operator-local")]
+        pod_name: String,
+    },
+    /// Print the install manifest (manifests/operator.yaml).
+    Manifests,
+}
+
+/// Lifetime of the operator's own serving certificates; re-issued at half-life.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Manifests => {
+            print!("{}", manifests::render());
+            Ok(())
+        }
+        Command::Run {
+            namespace,
+            pod_name,
+        } => {
+            tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .init();
+            rustls::crypto::ring::default_provider()
+                .install_default()
+                .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(namespace, pod_name))
+        }
+    }
+}
+
+async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to Kubernetes")?;
+    let version = client
+        .apiserver_version()
+        .await
+        .context("reading the API server version")?;
+    let native_sidecars = supports_native_sidecars(&version.major, &version.minor);
+    info!(server = %version.git_version, native_sidecars, "connected to Kubernetes");
+
+    let metrics = Arc::new(Metrics::default());
+    let proxies = Arc::new(proxies::ConnectedProxies::default());
+    let (ctx, mesh_rx) = Context::new(
+        client.clone(),
+        namespace.clone(),
+        pod_name.clone(),
+        metrics.clone(),
+        proxies.clone(),
+    );
+
+    let health = TcpListener::bind((Ipv4Addr::UNSPECIFIED, manifests::HEALTH_PORT)).await?;
+    tokio::spawn(serve_health(health, metrics.clone()));
+
+    let discovery = discovery::Discovery::start(client.clone()).await;
+    let snapshots = control_plane::publish_snapshots(discovery.clone(), mesh_rx.clone());
+    let control_plane_tls = Arc::new(ArcSwapOption::empty());
+    let webhook_tls = Arc::new(ArcSwapOption::empty());
+    tokio::spawn(keep_serving_certificates(
+        mesh_rx.clone(),
+        namespace.clone(),
+        control_plane_tls.clone(),
+        webhook_tls.clone(),
+    ));
+
+    let control_plane = Arc::new(control_plane::ControlPlane {
+        client: client.clone(),
+        mesh: mesh_rx.clone(),
+        discovery: discovery.clone(),
+        snapshots,
+        proxies,
+        metrics: metrics.clone(),
+        signing_permits: tokio::sync::Semaphore::new(control_plane::MAX_CONCURRENT_SIGNINGS),
+    });
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, CONTROL_PLANE_PORT)).await?;
+    tokio::spawn(https::serve(
+        listener,
+        control_plane_tls,
+        move |req, peer| control_plane.clone().handle(req, peer),
+    ));
+
+    let webhook = Arc::new(webhook::Webhook {
+        client: client.clone(),
+        mesh: mesh_rx.clone(),
+        operator_namespace: namespace.clone(),
+        native_sidecars,
+        metrics: metrics.clone(),
+    });
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, WEBHOOK_PORT)).await?;
+    tokio::spawn(https::serve(listener, webhook_tls, move |req, peer| {
+        webhook.clone().handle(req, peer)
+    }));
+
+    discovery.ready().await;
+    metrics.set_ready();
+    info!("discovery synced; serving");
+
+    let elector = leader::LeaderElector::new(client.clone(), &namespace, pod_name);
+    elector.acquire().await;
+    tokio::select! {
+        () = controller::run(ctx) => info!("controller stopped"),
+        () = elector.hold() => {
+            // Another replica may take over now; stop at once rather than act as a second leader.
+            error!("lost the leader lease; exiting");
+            std::process::exit(1);
+        }
+    }
+    Ok(())
+}
+
+/// Native sidecars (restartable init containers) are on by default from Kubernetes 1.29.
+fn supports_native_sidecars(major: &str, minor: &str) -> bool {
+    let number = |s: &str| s.trim_end_matches('+').parse::<u32>().unwrap_or(0);
+    (number(major), number(minor)) >= (1, 29)
+}
+
+/// Issues the serving certificates from the mesh CA whenever it changes, and at half-life.
+async fn keep_serving_certificates(
+    mut mesh: MeshStateRx,
+    namespace: String,
+    control_plane: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    webhook: Arc<ArcSwapOption<rustls::ServerConfig>>,
+) {
+    let names: Vec<String> = [
+        format!("{OPERATOR_NAME}.{namespace}.svc"),
+        format!("{OPERATOR_NAME}.{namespace}.svc.cluster.local"),
+        format!("{OPERATOR_NAME}.{namespace}"),
+        OPERATOR_NAME.to_owned(),
+    ]
+    .into();
+    loop {
+        let state = mesh.borrow_and_update().clone();
+        if let Some(state) = state {
+            let issued = state
+                .ca
+                .issue_serving(&names, SERVING_CERT_TTL)
+                .map_err(anyhow::Error::from)
+                .and_then(|(chain, key)| {
+                    let roots = state.ca.trust_bundle();
+                    Ok((
+                        https::server_config(&chain, &key, Some(&roots))?,
+                        https::server_config(&chain, &key, None)?,
+                    ))
+                });
+            match issued {
+                Ok((cp, wh)) => {
+                    control_plane.store(Some(Arc::new(cp)));
+                    webhook.store(Some(Arc::new(wh)));
+                    info!("serving certificates issued");
+                }
+                Err(e) => warn!(error = %e, "could not issue serving certificates"),
+            }
+        }
+        tokio::select! {
+            changed = mesh.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(SERVING_CERT_TTL / 2) => {}
+        }
+    }
+}
+
+/// `/healthz` (alive), `/readyz` (discovery synced) and `/metrics` on plain HTTP.
+async fn serve_health(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let (status, body) = match request.uri().path() {
+                        "/healthz" => (StatusCode::OK, "ok".to_owned()),
+                        "/readyz" if metrics.is_ready() => (StatusCode::OK, "ready".to_owned()),
+                        "/readyz" => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "discovery not synced".to_owned(),
+                        ),
+                        "/metrics" => (StatusCode::OK, metrics.encode()),
+                        _ => (StatusCode::NOT_FOUND, "not found".to_owned()),
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                            .expect("valid response"),
+                    )
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,339 @@
+//! Compiles cluster state into the proxy config model. Pure: inputs are plain Kubernetes objects
+//! and the Mesh spec, output is a [`ProxyConfig`], so every rule is table-tested without a
+//! cluster (the way Linkerd's policy controller keeps its index).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use trellis_api::SpiffeId;
+use trellis_api::config::{Endpoint, InboundPolicy, Protocol, ProxyConfig, Service, ServicePort};
+use trellis_api::mesh::MeshSpec;
+
+use crate::injector::TLS_MODE_LABEL;
+
+/// Everything discovery knows, as plain objects.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    pub services: Vec<KubeService>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub pods: Vec<Pod>,
+}
+
+/// Label an EndpointSlice carries naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+fn pod_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The configuration every proxy of the mesh receives. Services are sorted so that the same
+/// cluster state always compiles to the same snapshot (equal snapshots are not re-sent).
+pub fn compile(state: &ClusterState, mesh: &MeshSpec, trust_bundle: &[String]) -> ProxyConfig {
+    let pods: BTreeMap<String, &Pod> = state
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let ns = p.metadata.namespace.as_deref()?;
+            let name = p.metadata.name.as_deref()?;
+            Some((pod_key(ns, name), p))
+        })
+        .collect();
+    let mut services: Vec<Service> = state
+        .services
+        .iter()
+        .filter_map(|svc| compile_service(svc, state, &pods, mesh))
+        .collect();
+    services.sort_by(|a, b| a.hostnames.cmp(&b.hostnames));
+    let mut config = ProxyConfig {
+        version: String::new(),
+        services,
+        inbound: InboundPolicy {
+            mtls_mode: mesh.mtls.mode,
+        },
+        outbound_traffic_policy: mesh.outbound_traffic_policy.mode,
+        trust_bundle: trust_bundle.to_vec(),
+    };
+    config.version = content_version(&config);
+    config
+}
+
+/// A version derived from the content, so every replica and every restart agree on it.
+fn content_version(config: &ProxyConfig) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(config)
+        .expect("the config model always serializes")
+        .hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+fn compile_service(
+    svc: &KubeService,
+    state: &ClusterState,
+    pods: &BTreeMap<String, &Pod>,
+    mesh: &MeshSpec,
+) -> Option<Service> {
+    let name = svc.metadata.name.as_deref()?;
+    let namespace = svc.metadata.namespace.as_deref()?;
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let vips: Vec<IpAddr> = spec
+        .cluster_ips
+        .clone()
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let slices: Vec<&EndpointSlice> = state
+        .endpoint_slices
+        .iter()
+        .filter(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace)
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .map(String::as_str)
+                    == Some(name)
+        })
+        .collect();
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .map(|p| {
+            let port_name = p.name.clone().unwrap_or_default();
+            // The slice's port of the same name is authoritative (it resolves named targetPorts).
+            let target_port = slices
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .find(|sp| sp.name.clone().unwrap_or_default() == port_name)
+                .and_then(|sp| sp.port)
+                .or(match &p.target_port {
+                    Some(IntOrString::Int(n)) => Some(*n),
+                    _ => None,
+                })
+                .unwrap_or(p.port);
+            ServicePort {
+                name: port_name.clone(),
+                port: u16::try_from(p.port).unwrap_or(0),
+                target_port: u16::try_from(target_port).unwrap_or(0),
+                protocol: Protocol::from_port(&port_name, p.app_protocol.as_deref()),
+            }
+        })
+        .filter(|p| p.port != 0)
+        .collect();
+    let mut endpoints = Vec::new();
+    for slice in &slices {
+        for ep in slice.endpoints.iter().flatten() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    pods.get(&pod_key(
+                        r.namespace.as_deref().unwrap_or(namespace),
+                        r.name.as_deref()?,
+                    ))
+                })
+                .copied();
+            let meshed = pod.is_some_and(is_meshed);
+            let identity = pod.filter(|_| meshed).map(|p| {
+                let sa = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.as_deref())
+                    .unwrap_or("default");
+                SpiffeId::new(&mesh.trust_domain, namespace, sa).to_string()
+            });
+            let labels = pod
+                .and_then(|p| p.metadata.labels.clone())
+                .unwrap_or_default();
+            for address in &ep.addresses {
+                let Ok(address) = address.parse() else {
+                    continue;
+                };
+                endpoints.push(Endpoint {
+                    address,
+                    ready,
+                    meshed,
+                    identity: identity.clone(),
+                    labels: labels.clone(),
+                });
+            }
+        }
+    }
+    endpoints.sort_by_key(|e| e.address);
+    endpoints.dedup_by(|a, b| a.address == b.address);
+    Some(Service {
+        hostnames: vec![
+            format!("{name}.{namespace}.svc.cluster.local"),
+            format!("{name}.{namespace}.svc"),
+            format!("{name}.{namespace}"),
+        ],
+        namespace: namespace.to_owned(),
+        vips,
+        ports,
+        endpoints,
+    })
+}
+
+/// A pod is meshed when the injector marked it and its proxy container exists.
+pub fn is_meshed(pod: &Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(TLS_MODE_LABEL))
+        .map(String::as_str)
+        == Some("istio")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mesh() -> MeshSpec {
+        serde_json::from_value(json!({"version": "1"})).unwrap()
+    }
+
+    fn service(name: &str, ns: &str, ip: &str, ports: serde_json::Value) -> KubeService {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": ip, "ports": ports}
+        }))
+        .unwrap()
+    }
+
+    fn slice(
+        svc: &str,
+        ns: &str,
+        endpoints: serde_json::Value,
+        ports: serde_json::Value,
+    ) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{svc}-abc"), "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": ports
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, ns: &str, sa: &str, meshed: bool) -> Pod {
+        let mut labels = json!({"app": name});
+        if meshed {
+            labels["security.istio.io/tlsMode"] = json!("istio");
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {"serviceAccountName": sa, "containers": []}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn compiles_services_ports_and_endpoints() {
+        let state = ClusterState {
+            services: vec![
+                service("web", "demo", "10.96.0.20", json!([
+                    {"name": "http", "port": 80, "targetPort": "http-alt"},
+                    {"name": "grpc-api", "port": 9000, "targetPort": 9000},
+                    {"name": "dns", "port": 53, "protocol": "UDP"}
+                ])),
+                service("headless", "demo", "None", json!([{"name": "tcp", "port": 5432}])),
+                serde_json::from_value(json!({"metadata": {"name": "ext", "namespace": "demo"}, "spec": {"type": "ExternalName", "externalName": "example.org"}})).unwrap(),
+            ],
+            endpoint_slices: vec![slice(
+                "web",
+                "demo",
+                json!([
+                    {"addresses": ["10.244.0.7"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "demo"}},
+                    {"addresses": ["10.244.0.8"], "conditions": {"ready": false}, "targetRef": {"kind": "Pod", "name": "web-2", "namespace": "demo"}},
+                    {"addresses": ["10.244.0.9"], "targetRef": {"kind": "Pod", "name": "gone", "namespace": "demo"}}
+                ]),
+                json!([{"name": "http", "port": 8080}, {"name": "grpc-api", "port": 9000}]),
+            )],
+            pods: vec![pod("web-1", "demo", "web", true), pod("web-2", "demo", "web", false)],
+        };
+        let config = compile(&state, &mesh(), &["ROOT".into()]);
+        assert_eq!(
+            config.services.len(),
+            2,
+            "ExternalName is not a mesh service"
+        );
+        let web = config
+            .services
+            .iter()
+            .find(|s| s.hostnames[0] == "web.demo.svc.cluster.local")
+            .unwrap();
+        assert_eq!(web.vips, ["10.96.0.20".parse::<IpAddr>().unwrap()]);
+        let ports: Vec<_> = web
+            .ports
+            .iter()
+            .map(|p| (p.port, p.target_port, p.protocol))
+            .collect();
+        assert_eq!(
+            ports,
+            [(80, 8080, Protocol::Http), (9000, 9000, Protocol::Grpc)],
+            "UDP dropped, named target resolved"
+        );
+        let eps: Vec<_> = web
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.ready, e.meshed, e.identity.clone()))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                (
+                    "10.244.0.7".into(),
+                    true,
+                    true,
+                    Some("spiffe://cluster.local/ns/demo/sa/web".into())
+                ),
+                ("10.244.0.8".into(), false, false, None),
+                ("10.244.0.9".into(), true, false, None),
+            ]
+        );
+        let headless = config
+            .services
+            .iter()
+            .find(|s| s.hostnames[0].starts_with("headless"))
+            .unwrap();
+        assert!(headless.vips.is_empty(), "clusterIP None has no VIP");
+        assert_eq!(config.trust_bundle, ["ROOT"]);
+    }
+
+    #[test]
+    fn version_is_a_pure_function_of_content() {
+        let state = ClusterState {
+            services: vec![service(
+                "a",
+                "x",
+                "10.96.0.1",
+                json!([{"name": "http", "port": 80}]),
+            )],
+            ..ClusterState::default()
+        };
+        let one = compile(&state, &mesh(), &[]);
+        let two = compile(&state, &mesh(), &[]);
+        assert_eq!(one.version, two.version);
+        let mut changed = state.clone();
+        changed.services.push(service(
+            "b",
+            "x",
+            "10.96.0.2",
+            json!([{"name": "http", "port": 80}]),
+        ));
+        assert_ne!(compile(&changed, &mesh(), &[]).version, one.version);
+    }
+}

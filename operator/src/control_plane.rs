@@ -1,0 +1,333 @@
+//! The control-plane endpoint on 15012 (HTTP/2 over TLS), served by every replica:
+//! `POST /v1/certificate` signs a workload CSR after a TokenReview of the caller's projected
+//! ServiceAccount token, and `GET /v1/config` streams config snapshots to a proxy authenticated
+//! by its workload certificate. Wire format: `trellis_api::protocol`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tokio::sync::{Semaphore, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+use trellis_api::SpiffeId;
+use trellis_api::config::ProxyConfig;
+use trellis_api::protocol::{
+    CertificateRequest, CertificateResponse, ControlMessage, MAX_REQUEST_BYTES, POD_NAME_HEADER,
+    PROXY_VERSION_HEADER,
+};
+use trellis_api::wellknown::{CERTIFICATE_PATH, CONFIG_STREAM_PATH, TOKEN_AUDIENCE};
+
+use crate::compile::compile;
+use crate::controller::MeshStateRx;
+use crate::discovery::Discovery;
+use crate::https::{self, Body, Peer};
+use crate::injector::PROXY_CONTAINER;
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::proxies::ConnectedProxies;
+
+/// Bursts of cluster changes within this window produce one snapshot.
+const COALESCE: Duration = Duration::from_millis(50);
+/// Concurrent CSR signings (each costs a TokenReview round trip and an ECDSA signature).
+pub const MAX_CONCURRENT_SIGNINGS: usize = 32;
+
+pub type SnapshotRx = watch::Receiver<Option<Arc<ProxyConfig>>>;
+
+pub struct ControlPlane {
+    pub client: Client,
+    pub mesh: MeshStateRx,
+    pub discovery: Discovery,
+    pub snapshots: SnapshotRx,
+    pub proxies: Arc<ConnectedProxies>,
+    pub metrics: Arc<Metrics>,
+    pub signing_permits: Semaphore,
+}
+
+/// Recompiles the mesh-wide snapshot whenever discovery or the Mesh changes.
+pub fn publish_snapshots(discovery: Discovery, mut mesh: MeshStateRx) -> SnapshotRx {
+    let (tx, rx) = watch::channel(None);
+    let mut changes = discovery.changes();
+    tokio::spawn(async move {
+        discovery.ready().await;
+        loop {
+            let state = mesh.borrow_and_update().clone();
+            if let Some(state) = state {
+                let config = compile(&discovery.snapshot(), &state.spec, &state.ca.trust_bundle());
+                tx.send_if_modified(|current: &mut Option<Arc<ProxyConfig>>| {
+                    if current
+                        .as_ref()
+                        .is_some_and(|c| c.version == config.version)
+                    {
+                        false
+                    } else {
+                        *current = Some(Arc::new(config));
+                        true
+                    }
+                });
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                changed = mesh.changed() => if changed.is_err() { return },
+            }
+            tokio::time::sleep(COALESCE).await;
+        }
+    });
+    rx
+}
+
+impl ControlPlane {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Response<Body> {
+        match (request.method(), request.uri().path()) {
+            (&Method::POST, CERTIFICATE_PATH) => self.certificate(request).await,
+            (&Method::GET, CONFIG_STREAM_PATH) => self.config_stream(request, &peer),
+            _ => https::error(StatusCode::NOT_FOUND, "no such endpoint"),
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .certificates_signed
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    async fn certificate(&self, request: Request<Incoming>) -> Response<Body> {
+        let Ok(_permit) = self.signing_permits.try_acquire() else {
+            self.count("throttled");
+            return https::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many concurrent certificate requests",
+            );
+        };
+        let token = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
+        let Some(token) = token else {
+            self.count("unauthenticated");
+            return https::error(StatusCode::UNAUTHORIZED, "missing bearer token");
+        };
+        let body = match https::read_body(request.into_body(), MAX_REQUEST_BYTES).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        let csr: CertificateRequest = match serde_json::from_slice(&body) {
+            Ok(csr) => csr,
+            Err(e) => {
+                self.count("malformed");
+                return https::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("body is not a certificate request: {e}"),
+                );
+            }
+        };
+        let Some(state) = self.mesh.borrow().clone() else {
+            return https::error(StatusCode::SERVICE_UNAVAILABLE, "the mesh is not ready yet");
+        };
+        let (namespace, service_account) = match self.review_token(&token).await {
+            Ok(identity) => identity,
+            Err(response) => {
+                self.count("unauthenticated");
+                return response;
+            }
+        };
+        let identity = SpiffeId::new(&state.spec.trust_domain, &namespace, &service_account);
+        match state
+            .ca
+            .sign_workload(&csr.csr, &identity, state.workload_ttl)
+        {
+            Ok(cert_chain) => {
+                self.count("signed");
+                info!(%identity, "signed workload certificate");
+                let response = CertificateResponse {
+                    cert_chain,
+                    trust_bundle: state.ca.trust_bundle(),
+                };
+                https::full(
+                    StatusCode::OK,
+                    serde_json::to_vec(&response).unwrap_or_default(),
+                )
+            }
+            Err(e) => {
+                self.count("refused");
+                warn!(%identity, error = %e, "refused CSR");
+                https::error(StatusCode::FORBIDDEN, e)
+            }
+        }
+    }
+
+    /// Authenticates a projected ServiceAccount token for our audience; returns its namespace
+    /// and ServiceAccount.
+    async fn review_token(&self, token: &str) -> Result<(String, String), Response<Body>> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                https::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("TokenReview failed: {e}"),
+                )
+            })?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(https::error(
+                StatusCode::UNAUTHORIZED,
+                format!("token rejected: {}", status.error.unwrap_or_default()),
+            ));
+        }
+        if !status
+            .audiences
+            .unwrap_or_default()
+            .iter()
+            .any(|a| a == TOKEN_AUDIENCE)
+        {
+            return Err(https::error(
+                StatusCode::UNAUTHORIZED,
+                "token is not for the trellis audience",
+            ));
+        }
+        let username = status.user.and_then(|u| u.username).unwrap_or_default();
+        match username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+        {
+            Some((namespace, sa)) if !namespace.is_empty() && !sa.is_empty() => {
+                Ok((namespace.to_owned(), sa.to_owned()))
+            }
+            _ => Err(https::error(
+                StatusCode::FORBIDDEN,
+                format!("{username:?} is not a ServiceAccount"),
+            )),
+        }
+    }
+
+    fn config_stream(self: Arc<Self>, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let Some(identity) = peer
+            .certificates
+            .first()
+            .and_then(|leaf| spiffe_id_of(leaf))
+        else {
+            return https::error(
+                StatusCode::UNAUTHORIZED,
+                "a workload certificate is required",
+            );
+        };
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let pod_name = header(POD_NAME_HEADER);
+        let version = header(PROXY_VERSION_HEADER);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        tokio::spawn(async move {
+            let _connection = self.proxies.connect(if version.is_empty() {
+                "unknown"
+            } else {
+                &version
+            });
+            info!(%identity, pod = %pod_name, %version, "proxy connected");
+            self.stream_to(&identity, &pod_name, tx).await;
+            info!(%identity, pod = %pod_name, "proxy disconnected");
+        });
+        let body = StreamBody::new(ReceiverStream::new(rx)).boxed();
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(body)
+            .expect("static response parts are valid")
+    }
+
+    async fn stream_to(
+        &self,
+        identity: &SpiffeId,
+        pod_name: &str,
+        tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    ) {
+        let mut snapshots = self.snapshots.clone();
+        let mut changes = self.discovery.changes();
+        let mut sent_version = String::new();
+        loop {
+            let snapshot = snapshots.borrow_and_update().clone();
+            let mut messages = Vec::new();
+            if let Some(config) = snapshot.filter(|c| c.version != sent_version) {
+                sent_version = config.version.clone();
+                messages.push(ControlMessage::Config(Box::new((*config).clone())));
+            }
+            if let Some(reason) = self.workload_finished(&identity.namespace, pod_name) {
+                messages.push(ControlMessage::Exit { reason });
+            }
+            for message in messages {
+                let mut line = serde_json::to_vec(&message).unwrap_or_default();
+                line.push(b'\n');
+                if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = snapshots.changed() => if changed.is_err() { return },
+                changed = changes.changed() => if changed.is_err() { return },
+                () = tx.closed() => return,
+            }
+        }
+    }
+
+    /// `Some(reason)` once every application container of the pod has terminated and the pod
+    /// will not restart them — then the classic sidecar must exit so the pod can complete.
+    fn workload_finished(&self, namespace: &str, pod_name: &str) -> Option<String> {
+        let pod = self.discovery.pod(namespace, pod_name)?;
+        let spec = pod.spec.as_ref()?;
+        let restart_policy = spec.restart_policy.as_deref().unwrap_or("Always");
+        if restart_policy == "Always" {
+            return None;
+        }
+        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+        let apps: Vec<_> = statuses
+            .iter()
+            .filter(|s| s.name != PROXY_CONTAINER)
+            .collect();
+        let all_done = !apps.is_empty()
+            && apps.iter().all(|s| {
+                s.state
+                    .as_ref()
+                    .and_then(|st| st.terminated.as_ref())
+                    // Under OnFailure a failed container is restarted, so only success ends it.
+                    .is_some_and(|t| restart_policy == "Never" || t.exit_code == 0)
+            });
+        all_done.then(|| "application containers terminated".to_owned())
+    }
+}
+
+/// The SPIFFE identity in a leaf certificate's URI SAN.
+pub fn spiffe_id_of(leaf: &rustls::pki_types::CertificateDer<'_>) -> Option<SpiffeId> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
+        _ => None,
+    })
+}

@@ -1,0 +1,389 @@
+//! The `Mesh` reconcile loop, in the shape of kube-rs's controller-rs: a [`Context`], one error
+//! type with a metric label, an `error_policy` that requeues, server-side apply for everything
+//! the operator owns, `ownerReferences` to the Mesh for its children, and events on the Mesh.
+//!
+//! Only the Mesh named `default` is active; any other Mesh is reported as inactive in its status
+//! and left alone, so a second Mesh can never half-apply over the first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use trellis_api::Mesh;
+use trellis_api::mesh::{MeshCondition, MeshSpec, MeshStatus, parse_duration};
+use trellis_api::wellknown::{
+    INJECT_LABEL, ISTIO_INJECTION_LABEL, MESH_NAME, OPERATOR_NAME, ROOT_CERT_CONFIGMAP,
+};
+
+use crate::ca::{CaMaterial, CertificateAuthority};
+use crate::error::{Error, Result};
+use crate::injector;
+use crate::metrics::Metrics;
+use crate::proxies::ConnectedProxies;
+
+/// Field manager name for server-side apply.
+pub const MANAGER: &str = "trellis-operator";
+/// Secret holding the CA the operator generated.
+pub const CA_SECRET: &str = "trellis-ca";
+
+/// What the active Mesh resolves to; read by the CA endpoint, injector and discovery.
+#[derive(Debug)]
+pub struct MeshState {
+    pub spec: MeshSpec,
+    pub ca: CertificateAuthority,
+    pub workload_ttl: Duration,
+}
+
+pub type MeshStateRx = watch::Receiver<Option<Arc<MeshState>>>;
+
+/// Shared inputs of the reconcile loop.
+pub struct Context {
+    pub client: Client,
+    pub namespace: String,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub mesh_state: watch::Sender<Option<Arc<MeshState>>>,
+    pub proxies: Arc<ConnectedProxies>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        namespace: String,
+        pod_name: String,
+        metrics: Arc<Metrics>,
+        proxies: Arc<ConnectedProxies>,
+    ) -> (Arc<Self>, MeshStateRx) {
+        let (mesh_state, rx) = watch::channel(None);
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: OPERATOR_NAME.to_owned(),
+                instance: Some(pod_name),
+            },
+        );
+        let context = Self {
+            client,
+            namespace,
+            recorder,
+            metrics,
+            mesh_state,
+            proxies,
+        };
+        (Arc::new(context), rx)
+    }
+}
+
+/// Runs the Mesh controller until the process stops.
+pub async fn run(ctx: Arc<Context>) {
+    let meshes = Api::<Mesh>::all(ctx.client.clone());
+    if let Err(e) = meshes.list(&ListParams::default().limit(1)).await {
+        // Without the CRD nothing can work; say so plainly instead of retrying silently.
+        panic!("the Mesh CRD is not installed (apply manifests/operator.yaml first): {e}");
+    }
+    let namespaces = Api::<Namespace>::all(ctx.client.clone());
+    Controller::new(meshes, watcher::Config::default())
+        // Namespaces gaining the injection label need the trust-bundle ConfigMap.
+        .watches(namespaces, watcher::Config::default(), |_| {
+            Some(ObjectRef::<Mesh>::new(MESH_NAME))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_mesh: Arc<Mesh>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(%error, "reconcile error, requeueing");
+    ctx.metrics.reconcile_failure(error);
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_timer();
+    let name = mesh.name_any();
+    if name != MESH_NAME {
+        let message =
+            format!("only the Mesh named {MESH_NAME:?} is active; {name:?} is ignored (delete it)");
+        publish_status(&ctx, &mesh, false, "NotTheActiveMesh", &message).await?;
+        publish_event(
+            &ctx,
+            &mesh,
+            EventType::Warning,
+            "NotTheActiveMesh",
+            &message,
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    match reconcile_active(&mesh, &ctx).await {
+        Ok(()) => {
+            publish_status(&ctx, &mesh, true, "Reconciled", "mesh is ready").await?;
+            Ok(Action::requeue(Duration::from_secs(15)))
+        }
+        Err(error) => {
+            let message = error.to_string();
+            publish_status(&ctx, &mesh, false, error_reason(&error), &message).await?;
+            publish_event(
+                &ctx,
+                &mesh,
+                EventType::Warning,
+                error_reason(&error),
+                &message,
+            )
+            .await;
+            Err(error)
+        }
+    }
+}
+
+fn error_reason(error: &Error) -> &'static str {
+    match error {
+        Error::InvalidSpec(_) => "InvalidSpec",
+        Error::Ca(_) => "CertificateAuthorityFailed",
+        _ => "ReconcileFailed",
+    }
+}
+
+async fn reconcile_active(mesh: &Mesh, ctx: &Context) -> Result<()> {
+    let spec = &mesh.spec;
+    let workload_ttl = duration_field(
+        &spec.certificates.workload_ttl,
+        "spec.certificates.workloadTtl",
+    )?;
+    let root_ttl = duration_field(&spec.certificates.root_ttl, "spec.certificates.rootTtl")?;
+    let ca = ensure_ca(ctx, spec, root_ttl).await?;
+    let state = Arc::new(MeshState {
+        spec: spec.clone(),
+        ca,
+        workload_ttl,
+    });
+    ensure_root_cert_configmaps(ctx, mesh, &state).await?;
+    injector::apply_webhook_configuration(ctx, mesh, &state).await?;
+    if ctx
+        .mesh_state
+        .borrow()
+        .as_ref()
+        .is_none_or(|old| old.spec != state.spec || old.ca.material() != state.ca.material())
+    {
+        info!(version = %spec.version, "mesh state updated");
+        ctx.mesh_state.send_replace(Some(state));
+    }
+    Ok(())
+}
+
+fn duration_field(text: &str, field: &str) -> Result<Duration> {
+    parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| Error::InvalidSpec(format!("{field}: {text:?} is not a positive duration")))
+}
+
+/// Loads the CA from the user's Secret or from ours, creating ours once. Creation races between
+/// replicas resolve through the API server: the loser of `create` reads the winner's Secret.
+async fn ensure_ca(
+    ctx: &Context,
+    spec: &MeshSpec,
+    root_ttl: Duration,
+) -> Result<CertificateAuthority> {
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.namespace);
+    let name = spec.certificates.ca_secret.as_deref().unwrap_or(CA_SECRET);
+    let existing = secrets.get_opt(name).await?;
+    let material = match existing {
+        Some(secret) => material_from_secret(&secret)?,
+        None if spec.certificates.ca_secret.is_some() => {
+            return Err(Error::InvalidSpec(format!(
+                "spec.certificates.caSecret: Secret {}/{name} does not exist",
+                ctx.namespace
+            )));
+        }
+        None => {
+            let material = CaMaterial::generate_root(&spec.trust_domain, root_ttl)?;
+            let secret = Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(CA_SECRET.to_owned()),
+                    namespace: Some(ctx.namespace.clone()),
+                    ..Default::default()
+                },
+                string_data: Some(
+                    material
+                        .to_secret_data()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    info!("created the mesh root CA");
+                    material
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    material_from_secret(&secrets.get(CA_SECRET).await?)?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    Ok(CertificateAuthority::load(material)?)
+}
+
+fn material_from_secret(secret: &Secret) -> Result<CaMaterial> {
+    let data = secret.data.clone().unwrap_or_default();
+    let get = |key: &'static str| {
+        data.get(key)
+            .map(|ByteString(bytes)| String::from_utf8_lossy(bytes).into_owned())
+            .filter(|text| !text.trim().is_empty())
+    };
+    Ok(CaMaterial::from_secret_data(get)?)
+}
+
+/// Namespaces whose pods get sidecars: ours or Istio's label.
+pub fn injection_enabled(labels: &std::collections::BTreeMap<String, String>) -> bool {
+    labels.get(INJECT_LABEL).map(String::as_str) == Some("enabled")
+        || labels.get(ISTIO_INJECTION_LABEL).map(String::as_str) == Some("enabled")
+}
+
+async fn ensure_root_cert_configmaps(ctx: &Context, mesh: &Mesh, state: &MeshState) -> Result<()> {
+    let namespaces = Api::<Namespace>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?;
+    let owner = mesh
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("Mesh"))?;
+    for ns in namespaces
+        .items
+        .iter()
+        .filter(|ns| injection_enabled(ns.labels()))
+    {
+        let ns_name = ns.name_any();
+        let configmap = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": ROOT_CERT_CONFIGMAP,
+                "namespace": ns_name,
+                "ownerReferences": [owner],
+                "labels": {"app.kubernetes.io/part-of": "trellis"},
+            },
+            "data": {"root-cert.pem": state.ca.trust_bundle().concat()},
+        });
+        Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns_name)
+            .patch(
+                ROOT_CERT_CONFIGMAP,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&configmap),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes the Mesh's status with server-side apply, keeping `lastTransitionTime` of a condition
+/// whose status did not change.
+async fn publish_status(
+    ctx: &Context,
+    mesh: &Mesh,
+    ready: bool,
+    reason: &str,
+    message: &str,
+) -> Result<()> {
+    let now = jiff::Timestamp::now().to_string();
+    let previous = mesh.status.clone().unwrap_or_default();
+    let condition = |type_: &str, status: bool, reason: &str, message: &str| {
+        let status = if status { "True" } else { "False" }.to_owned();
+        let last_transition_time = previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        MeshCondition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            last_transition_time,
+            observed_generation: mesh.metadata.generation,
+        }
+    };
+    let active = mesh.name_any() == MESH_NAME;
+    let state = ctx.mesh_state.borrow().clone().filter(|_| active);
+    let (connected_proxies, proxies_by_version) = if active {
+        ctx.proxies.counts()
+    } else {
+        Default::default()
+    };
+    let status = MeshStatus {
+        observed_generation: mesh.metadata.generation,
+        conditions: vec![
+            condition("Ready", ready, reason, message),
+            condition("Progressing", false, reason, ""),
+            condition(
+                "Degraded",
+                !ready && active,
+                reason,
+                if ready { "" } else { message },
+            ),
+        ],
+        root_cert_expiry: state.map(|s| {
+            s.ca.not_after()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        }),
+        connected_proxies,
+        proxies_by_version,
+    };
+    if mesh
+        .status
+        .as_ref()
+        .is_some_and(|old| same_status(old, &status))
+    {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": Mesh::api_version(&()),
+        "kind": Mesh::kind(&()),
+        "status": status,
+    });
+    Api::<Mesh>::all(ctx.client.clone())
+        .patch_status(
+            &mesh.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+fn same_status(a: &MeshStatus, b: &MeshStatus) -> bool {
+    a == b
+}
+
+async fn publish_event(ctx: &Context, mesh: &Mesh, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.to_owned()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &mesh.object_ref(&())).await {
+        warn!(error = %e, "could not publish event");
+    }
+}

@@ -1,0 +1,619 @@
+//! The sidecar injector: a mutating admission webhook for Pods. The pure part, [`inject`], turns
+//! a Pod and the active Mesh into the injected Pod; the webhook answers with the JSON patch
+//! between the two. The MutatingWebhookConfiguration (its caBundle is the mesh root) is applied
+//! by the Mesh controller.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+    WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe,
+    ProjectedVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource};
+use trellis_api::Mesh;
+use trellis_api::mesh::{Interception, MeshSpec};
+use trellis_api::wellknown::{
+    CONTROL_PLANE_PORT, INJECT_LABEL, ISTIO_INJECT_ANNOTATION, ISTIO_INJECTION_LABEL, METRICS_PORT,
+    OPERATOR_NAME, PROXY_GID, PROXY_UID, READINESS_PORT, ROOT_CERT_CONFIGMAP, TOKEN_AUDIENCE,
+};
+
+use crate::controller::{Context, MANAGER, MeshState};
+use crate::error::{Error, Result};
+
+pub const WEBHOOK_CONFIGURATION: &str = "trellis-sidecar-injector";
+pub const INJECT_PATH: &str = "/inject";
+pub const PROXY_CONTAINER: &str = "trellis-proxy";
+pub const INIT_CONTAINER: &str = "trellis-init";
+/// Annotation recording what was injected; its presence makes injection idempotent.
+pub const STATUS_ANNOTATION: &str = "trellis.dev/status";
+/// Label carrying the data-plane version, counted by the operator.
+pub const PROXY_VERSION_LABEL: &str = "trellis.dev/proxy-version";
+/// Istio's label saying the pod accepts mutual TLS from sidecars; discovery reads it.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+pub const TOKEN_VOLUME: &str = "trellis-token";
+pub const ROOT_CERT_VOLUME: &str = "trellis-root-cert";
+pub const TOKEN_DIR: &str = "/var/run/secrets/trellis/token";
+pub const ROOT_CERT_DIR: &str = "/var/run/secrets/trellis/root";
+
+/// Istio's capture annotations, mapped to `trellis-init` flags.
+const CAPTURE_ANNOTATIONS: &[(&str, &str)] = &[
+    (
+        "traffic.sidecar.istio.io/includeInboundPorts",
+        "--include-inbound-ports",
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeInboundPorts",
+        "--exclude-inbound-ports",
+    ),
+    (
+        "traffic.sidecar.istio.io/includeOutboundPorts",
+        "--include-outbound-ports",
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        "--exclude-outbound-ports",
+    ),
+    (
+        "traffic.sidecar.istio.io/includeOutboundIPRanges",
+        "--include-outbound-ip-ranges",
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        "--exclude-outbound-ip-ranges",
+    ),
+];
+
+/// Namespaces the injector never touches, whatever their labels say.
+pub fn is_protected_namespace(namespace: &str, operator_namespace: &str) -> bool {
+    namespace == operator_namespace || namespace == "kube-system" || namespace == "kube-public"
+}
+
+/// What injection needs besides the Pod.
+#[derive(Clone, Debug)]
+pub struct InjectionParams {
+    pub mesh: MeshSpec,
+    pub operator_namespace: String,
+    /// Kubernetes ≥ 1.29 runs the proxy as a native sidecar (restartable init container).
+    pub native_sidecars: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Inject,
+    Skip(&'static str),
+}
+
+/// Whether a pod in `namespace` (with `namespace_labels`) gets a sidecar.
+pub fn decide(
+    pod: &Pod,
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    params: &InjectionParams,
+) -> Decision {
+    let meta = &pod.metadata;
+    if is_protected_namespace(namespace, &params.operator_namespace) {
+        return Decision::Skip("protected namespace");
+    }
+    if lookup(&meta.annotations, STATUS_ANNOTATION).is_some() {
+        return Decision::Skip("already injected");
+    }
+    if pod
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.host_network == Some(true))
+    {
+        return Decision::Skip("host network pod");
+    }
+    // Istio honours the opt-out as an annotation or a label.
+    let pod_choice = lookup(&meta.annotations, ISTIO_INJECT_ANNOTATION)
+        .or_else(|| lookup(&meta.labels, ISTIO_INJECT_ANNOTATION));
+    match pod_choice {
+        Some("false") => return Decision::Skip("pod opted out"),
+        Some("true") => return Decision::Inject,
+        _ => {}
+    }
+    if crate::controller::injection_enabled(namespace_labels) {
+        Decision::Inject
+    } else {
+        Decision::Skip("namespace not labelled for injection")
+    }
+}
+
+fn lookup<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    map.as_ref().and_then(|m| m.get(key)).map(String::as_str)
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..EnvVar::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn image(mesh: &MeshSpec, component: &str) -> String {
+    format!("{}/{component}:{}", mesh.proxy.image_registry, mesh.version)
+}
+
+fn init_container(pod: &Pod, mesh: &MeshSpec) -> Container {
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let mut args = vec![
+        "--proxy-uid".to_owned(),
+        PROXY_UID.to_string(),
+        "--proxy-gid".to_owned(),
+        PROXY_GID.to_string(),
+    ];
+    for (annotation, flag) in CAPTURE_ANNOTATIONS {
+        if let Some(value) = annotations.get(*annotation) {
+            args.push((*flag).to_owned());
+            args.push(value.clone());
+        }
+    }
+    Container {
+        name: INIT_CONTAINER.to_owned(),
+        image: Some(image(mesh, "init")),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        args: Some(args),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+fn proxy_container(pod: &Pod, params: &InjectionParams) -> Container {
+    let mesh = &params.mesh;
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let control_plane = format!(
+        "https://{OPERATOR_NAME}.{}.svc:{CONTROL_PLANE_PORT}",
+        params.operator_namespace
+    );
+    let mut resources = k8s_openapi::api::core::v1::ResourceRequirements::default();
+    if let Some(r) = &mesh.proxy.resources {
+        let quantities = |cpu: &Option<String>, memory: &Option<String>| {
+            let map: BTreeMap<_, _> = [("cpu", cpu), ("memory", memory)]
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    v.clone().map(|v| {
+                        (
+                            k.to_owned(),
+                            k8s_openapi::apimachinery::pkg::api::resource::Quantity(v),
+                        )
+                    })
+                })
+                .collect();
+            (!map.is_empty()).then_some(map)
+        };
+        resources.requests = quantities(&r.cpu_request, &r.memory_request);
+        resources.limits = quantities(&r.cpu_limit, &r.memory_limit);
+    }
+    let port = |name: &str, port: u16| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port.into(),
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    };
+    Container {
+        name: PROXY_CONTAINER.to_owned(),
+        image: Some(image(mesh, "proxy")),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        args: Some(vec!["sidecar".to_owned()]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            env("SERVICE_ACCOUNT", &service_account),
+            env("TRUST_DOMAIN", &mesh.trust_domain),
+            env("TRELLIS_CONTROL_PLANE", &control_plane),
+            env("TRELLIS_VERSION", &mesh.version),
+            env("TRELLIS_CONCURRENCY", &mesh.proxy.concurrency.to_string()),
+            env(
+                "TRELLIS_LOG_LEVEL",
+                &format!("{:?}", mesh.proxy.log_level).to_lowercase(),
+            ),
+        ]),
+        ports: Some(vec![
+            port("http-envoy-prom", METRICS_PORT),
+            port("http-health", READINESS_PORT),
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz/ready".to_owned()),
+                port: IntOrString::Int(READINESS_PORT.into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(2),
+            failure_threshold: Some(30),
+            ..Probe::default()
+        }),
+        // Hold the application containers until the proxy is ready (the kubelet starts the next
+        // container only after this hook returns), as Istio's holdApplicationUntilProxyStarts.
+        lifecycle: (!params.native_sidecars).then(|| Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        "/trellis-proxy".to_owned(),
+                        "wait-ready".to_owned(),
+                        "--timeout-seconds".to_owned(),
+                        "120".to_owned(),
+                    ]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        restart_policy: params.native_sidecars.then(|| "Always".to_owned()),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(PROXY_UID.into()),
+            run_as_group: Some(PROXY_GID.into()),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: TOKEN_VOLUME.to_owned(),
+                mount_path: TOKEN_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: ROOT_CERT_VOLUME.to_owned(),
+                mount_path: ROOT_CERT_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    }
+}
+
+fn volumes() -> [Volume; 2] {
+    [
+        Volume {
+            name: TOKEN_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.to_owned()),
+                        expiration_seconds: Some(43_200),
+                        path: "token".to_owned(),
+                        ..ServiceAccountTokenProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: ROOT_CERT_VOLUME.to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ROOT_CERT_CONFIGMAP.to_owned(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ]
+}
+
+/// The injected form of `pod`. Pure: no I/O, so every rule is unit-tested.
+pub fn inject(pod: &Pod, params: &InjectionParams) -> Pod {
+    let mut injected = pod.clone();
+    let proxy = proxy_container(pod, params);
+    let spec = injected.spec.get_or_insert_with(Default::default);
+    let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
+    let mut prepend = Vec::new();
+    if params.mesh.interception == Interception::InitContainer {
+        prepend.push(init_container(pod, &params.mesh));
+    }
+    if params.native_sidecars {
+        prepend.push(proxy);
+    } else {
+        spec.containers.insert(0, proxy);
+    }
+    init_containers.splice(0..0, prepend);
+    if init_containers.is_empty() {
+        spec.init_containers = None;
+    }
+    spec.volumes.get_or_insert_with(Vec::new).extend(volumes());
+    let meta = &mut injected.metadata;
+    meta.annotations.get_or_insert_with(BTreeMap::new).insert(
+        STATUS_ANNOTATION.to_owned(),
+        format!(
+            r#"{{"version":"{}","interception":"{}"}}"#,
+            params.mesh.version,
+            match params.mesh.interception {
+                Interception::InitContainer => "initContainer",
+                Interception::Cni => "cni",
+            }
+        ),
+    );
+    let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(PROXY_VERSION_LABEL.to_owned(), params.mesh.version.clone());
+    labels.insert(TLS_MODE_LABEL.to_owned(), "istio".to_owned());
+    injected
+}
+
+/// Applies the webhook configuration that sends Pod creations in labelled namespaces to us.
+pub async fn apply_webhook_configuration(
+    ctx: &Context,
+    mesh: &Mesh,
+    state: &MeshState,
+) -> Result<()> {
+    let owner = mesh
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("Mesh"))?;
+    let webhook = |name: &str, label: &str| MutatingWebhook {
+        name: name.to_owned(),
+        admission_review_versions: vec!["v1".to_owned(), "v1beta1".to_owned()],
+        client_config: WebhookClientConfig {
+            ca_bundle: Some(ByteString(state.ca.trust_bundle().concat().into_bytes())),
+            service: Some(ServiceReference {
+                name: OPERATOR_NAME.to_owned(),
+                namespace: ctx.namespace.clone(),
+                path: Some(INJECT_PATH.to_owned()),
+                port: Some(443),
+            }),
+            ..WebhookClientConfig::default()
+        },
+        // Istio's choice: a pod that should be meshed is never started without its sidecar.
+        // Only labelled namespaces are sent here, so kube-system and our own are never blocked.
+        failure_policy: Some("Fail".to_owned()),
+        namespace_selector: Some(LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: label.to_owned(),
+                operator: "In".to_owned(),
+                values: Some(vec!["enabled".to_owned()]),
+            }]),
+            ..LabelSelector::default()
+        }),
+        reinvocation_policy: Some("Never".to_owned()),
+        rules: Some(vec![RuleWithOperations {
+            api_groups: Some(vec![String::new()]),
+            api_versions: Some(vec!["v1".to_owned()]),
+            operations: Some(vec!["CREATE".to_owned()]),
+            resources: Some(vec!["pods".to_owned()]),
+            scope: Some("Namespaced".to_owned()),
+        }]),
+        side_effects: "None".to_owned(),
+        timeout_seconds: Some(10),
+        ..MutatingWebhook::default()
+    };
+    let configuration = MutatingWebhookConfiguration {
+        metadata: kube::api::ObjectMeta {
+            name: Some(WEBHOOK_CONFIGURATION.to_owned()),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        webhooks: Some(vec![
+            webhook("namespace.sidecar-injector.trellis.dev", INJECT_LABEL),
+            webhook(
+                "istio-namespace.sidecar-injector.trellis.dev",
+                ISTIO_INJECTION_LABEL,
+            ),
+        ]),
+    };
+    let mut value = serde_json::to_value(&configuration)?;
+    value["apiVersion"] = "admissionregistration.k8s.io/v1".into();
+    value["kind"] = "MutatingWebhookConfiguration".into();
+    Api::<MutatingWebhookConfiguration>::all(ctx.client.clone())
+        .patch(
+            WEBHOOK_CONFIGURATION,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&value),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params(interception: Interception, native: bool) -> InjectionParams {
+        let mut mesh: MeshSpec = serde_json::from_value(json!({"version": "1.2.3"})).unwrap();
+        mesh.interception = interception;
+        InjectionParams {
+            mesh,
+            operator_namespace: "trellis-system".into(),
+            native_sidecars: native,
+        }
+    }
+
+    fn pod(annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "annotations": annotations},
+            "spec": {"serviceAccountName": "client", "containers": [{"name": "app", "image": "app:1"}]}
+        }))
+        .unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn decides_like_istio() {
+        let p = params(Interception::InitContainer, false);
+        let on = labels(&[("trellis.dev/inject", "enabled")]);
+        let istio_on = labels(&[("istio-injection", "enabled")]);
+        let off = labels(&[]);
+        let cases = [
+            (pod(json!({})), "demo", &on, Decision::Inject),
+            (pod(json!({})), "demo", &istio_on, Decision::Inject),
+            (
+                pod(json!({})),
+                "demo",
+                &off,
+                Decision::Skip("namespace not labelled for injection"),
+            ),
+            (
+                pod(json!({"sidecar.istio.io/inject": "false"})),
+                "demo",
+                &on,
+                Decision::Skip("pod opted out"),
+            ),
+            (
+                pod(json!({"sidecar.istio.io/inject": "true"})),
+                "demo",
+                &off,
+                Decision::Inject,
+            ),
+            (
+                pod(json!({"trellis.dev/status": "{}"})),
+                "demo",
+                &on,
+                Decision::Skip("already injected"),
+            ),
+            (
+                pod(json!({})),
+                "kube-system",
+                &on,
+                Decision::Skip("protected namespace"),
+            ),
+            (
+                pod(json!({"sidecar.istio.io/inject": "true"})),
+                "trellis-system",
+                &on,
+                Decision::Skip("protected namespace"),
+            ),
+        ];
+        for (pod, ns, ns_labels, expected) in cases {
+            assert_eq!(
+                decide(&pod, ns, ns_labels, &p),
+                expected,
+                "{ns} {:?}",
+                pod.metadata.annotations
+            );
+        }
+    }
+
+    #[test]
+    fn classic_sidecar_goes_first_with_init_container_and_hold() {
+        let pod = pod(json!({"traffic.sidecar.istio.io/excludeInboundPorts": "9090"}));
+        let injected = inject(&pod, &params(Interception::InitContainer, false));
+        let spec = injected.spec.unwrap();
+        let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["trellis-proxy", "app"]);
+        let init = spec.init_containers.unwrap();
+        assert_eq!(init.len(), 1);
+        assert_eq!(init[0].image.as_deref(), Some("trellis.local/init:1.2.3"));
+        let args = init[0].args.clone().unwrap();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--exclude-inbound-ports", "9090"]),
+            "{args:?}"
+        );
+        let caps = init[0]
+            .security_context
+            .clone()
+            .unwrap()
+            .capabilities
+            .unwrap()
+            .add
+            .unwrap();
+        assert_eq!(caps, ["NET_ADMIN", "NET_RAW"]);
+        let proxy = &spec.containers[0];
+        assert_eq!(proxy.image.as_deref(), Some("trellis.local/proxy:1.2.3"));
+        assert!(proxy.lifecycle.as_ref().unwrap().post_start.is_some());
+        assert_eq!(
+            proxy.security_context.as_ref().unwrap().run_as_user,
+            Some(1337)
+        );
+        assert_eq!(
+            proxy
+                .security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(true)
+        );
+        let env: BTreeMap<_, _> = proxy
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| e.value.map(|v| (e.name, v)))
+            .collect();
+        assert_eq!(env["SERVICE_ACCOUNT"], "client");
+        assert_eq!(
+            env["TRELLIS_CONTROL_PLANE"],
+            "https://trellis-operator.trellis-system.svc:15012"
+        );
+        let volumes = spec.volumes.unwrap();
+        let token = volumes.iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
+        let projection = token.projected.clone().unwrap().sources.unwrap()[0]
+            .service_account_token
+            .clone()
+            .unwrap();
+        assert_eq!(projection.audience.as_deref(), Some("trellis"));
+        let labels = injected.metadata.labels.unwrap();
+        assert_eq!(labels[PROXY_VERSION_LABEL], "1.2.3");
+        assert!(
+            injected
+                .metadata
+                .annotations
+                .unwrap()
+                .contains_key(STATUS_ANNOTATION)
+        );
+    }
+
+    #[test]
+    fn native_sidecar_and_cni_mode() {
+        let injected = inject(&pod(json!({})), &params(Interception::Cni, true));
+        let spec = injected.spec.unwrap();
+        let init = spec.init_containers.unwrap();
+        assert_eq!(init.len(), 1, "cni mode has no capture init container");
+        assert_eq!(init[0].name, PROXY_CONTAINER);
+        assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
+        assert!(init[0].lifecycle.is_none());
+        assert_eq!(spec.containers.len(), 1);
+    }
+}

@@ -1,0 +1,311 @@
+//! The single install manifest (`manifests/operator.yaml`), generated from the Rust types so the
+//! CRD schemas can never drift from the code: Namespace, CRDs, ServiceAccount, RBAC, Service and
+//! the operator Deployment. `make manifests` writes it; CI diffs it.
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResourceExt;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use trellis_api::Mesh;
+use trellis_api::wellknown::{
+    CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT,
+};
+
+/// Port of the operator's own `/metrics`, `/healthz` and `/readyz`.
+pub const HEALTH_PORT: u16 = 8080;
+
+/// Version of this operator build; also the default data-plane version it installs.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            OPERATOR_NAME.to_owned(),
+        ),
+        ("app.kubernetes.io/part-of".to_owned(), "trellis".to_owned()),
+    ])
+}
+
+fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        labels: Some(labels()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    let strings = |items: &[&str]| Some(items.iter().map(|s| (*s).to_owned()).collect());
+    PolicyRule {
+        api_groups: strings(groups),
+        resources: strings(resources).unwrap_or_default().into(),
+        verbs: strings(verbs).unwrap_or_default(),
+        ..PolicyRule::default()
+    }
+}
+
+const READ: &[&str] = &["get", "list", "watch"];
+const WRITE: &[&str] = &[
+    "get", "list", "watch", "create", "update", "patch", "delete",
+];
+
+fn cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(OPERATOR_NAME, None),
+        rules: Some(vec![
+            rule(&["trellis.dev"], &["meshes", "meshes/status"], WRITE),
+            rule(
+                &[""],
+                &["services", "endpoints", "namespaces", "pods"],
+                READ,
+            ),
+            rule(&["discovery.k8s.io"], &["endpointslices"], READ),
+            // Published in every meshed namespace: the trust bundle proxies bootstrap with.
+            rule(&[""], &["configmaps"], WRITE),
+            rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+            rule(
+                &["admissionregistration.k8s.io"],
+                &[
+                    "mutatingwebhookconfigurations",
+                    "validatingwebhookconfigurations",
+                ],
+                WRITE,
+            ),
+            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
+        ]),
+        ..ClusterRole::default()
+    }
+}
+
+/// Secrets and Leases only in the operator's own namespace.
+fn namespace_role() -> Role {
+    Role {
+        metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
+        rules: Some(vec![
+            rule(&[""], &["secrets"], WRITE),
+            rule(&["coordination.k8s.io"], &["leases"], WRITE),
+        ]),
+    }
+}
+
+fn subject() -> Subject {
+    Subject {
+        kind: "ServiceAccount".to_owned(),
+        name: OPERATOR_NAME.to_owned(),
+        namespace: Some(OPERATOR_NAMESPACE.to_owned()),
+        ..Subject::default()
+    }
+}
+
+fn service() -> Service {
+    let port = |name: &str, port: u16, target: u16| ServicePort {
+        name: Some(name.to_owned()),
+        port: port.into(),
+        target_port: Some(IntOrString::Int(target.into())),
+        ..ServicePort::default()
+    };
+    Service {
+        metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
+        spec: Some(ServiceSpec {
+            selector: Some(labels()),
+            ports: Some(vec![
+                port("https-discovery", CONTROL_PLANE_PORT, CONTROL_PLANE_PORT),
+                port("https-webhook", 443, WEBHOOK_PORT),
+                port("http-metrics", HEALTH_PORT, HEALTH_PORT),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn deployment() -> Deployment {
+    let http_probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(HEALTH_PORT.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        ..Probe::default()
+    };
+    let container_port = |name: &str, port: u16| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port.into(),
+        ..ContainerPort::default()
+    };
+    Deployment {
+        metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
+        spec: DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(labels()),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels()),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(OPERATOR_NAME.to_owned()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![Container {
+                        name: "operator".to_owned(),
+                        image: Some(format!("{DEFAULT_IMAGE_REGISTRY}/operator:{VERSION}")),
+                        image_pull_policy: Some("IfNotPresent".to_owned()),
+                        args: Some(vec!["run".to_owned()]),
+                        env: Some(vec![
+                            field_env("POD_NAME", "metadata.name"),
+                            field_env("POD_NAMESPACE", "metadata.namespace"),
+                            EnvVar {
+                                name: "RUST_LOG".to_owned(),
+                                value: Some("info".to_owned()),
+                                ..EnvVar::default()
+                            },
+                        ]),
+                        ports: Some(vec![
+                            container_port("https-discovery", CONTROL_PLANE_PORT),
+                            container_port("https-webhook", WEBHOOK_PORT),
+                            container_port("http-metrics", HEALTH_PORT),
+                        ]),
+                        readiness_probe: Some(http_probe("/readyz")),
+                        liveness_probe: Some(Probe {
+                            initial_delay_seconds: Some(10),
+                            ..http_probe("/healthz")
+                        }),
+                        security_context: Some(SecurityContext {
+                            allow_privilege_escalation: Some(false),
+                            read_only_root_filesystem: Some(true),
+                            capabilities: Some(Capabilities {
+                                drop: Some(vec!["ALL".to_owned()]),
+                                ..Capabilities::default()
+                            }),
+                            ..SecurityContext::default()
+                        }),
+                        ..Container::default()
+                    }],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    }
+}
+
+/// Every object of the install manifest, in apply order.
+pub fn objects() -> Vec<serde_json::Value> {
+    fn value(object: impl Serialize) -> serde_json::Value {
+        serde_json::to_value(object).expect("manifest objects always serialize")
+    }
+    vec![
+        value(Namespace {
+            metadata: meta(OPERATOR_NAMESPACE, None),
+            ..Namespace::default()
+        }),
+        value(Mesh::crd()),
+        value(ServiceAccount {
+            metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
+            ..ServiceAccount::default()
+        }),
+        value(cluster_role()),
+        value(ClusterRoleBinding {
+            metadata: meta(OPERATOR_NAME, None),
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".to_owned()),
+                kind: "ClusterRole".to_owned(),
+                name: OPERATOR_NAME.to_owned(),
+            },
+            subjects: Some(vec![subject()]),
+        }),
+        value(namespace_role()),
+        value(RoleBinding {
+            metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".to_owned()),
+                kind: "Role".to_owned(),
+                name: OPERATOR_NAME.to_owned(),
+            },
+            subjects: Some(vec![subject()]),
+        }),
+        value(service()),
+        value(deployment()),
+    ]
+}
+
+/// The manifest as multi-document YAML.
+pub fn render() -> String {
+    let mut out = String::from(
+        "# Generated by `trellis-operator manifests` (make manifests). Do not edit by hand.\n",
+    );
+    for object in objects() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&object).expect("JSON values always render as YAML"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_holds_every_install_object_once() {
+        let kinds: Vec<String> = objects()
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "Namespace",
+                "CustomResourceDefinition",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "Service",
+                "Deployment"
+            ]
+        );
+        let rendered = render();
+        assert!(rendered.contains(&format!("image: trellis.local/operator:{VERSION}")));
+        assert_eq!(
+            rendered.lines().filter(|l| *l == "---").count(),
+            kinds.len()
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! The injector's admission endpoint on 15017 (`POST /inject`): decodes an AdmissionReview,
+//! decides and injects with the pure functions of [`crate::injector`], and answers with the JSON
+//! patch between the original and the injected Pod.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::{Api, Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::controller::MeshStateRx;
+use crate::https::{self, Body, Peer};
+use crate::injector::{self, Decision, INJECT_PATH, InjectionParams};
+use crate::metrics::{Metrics, OutcomeLabels};
+
+/// AdmissionReviews of Pods are far smaller; anything larger is refused unread.
+const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
+
+pub struct Webhook {
+    pub client: Client,
+    pub mesh: MeshStateRx,
+    pub operator_namespace: String,
+    pub native_sidecars: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Webhook {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        _peer: Arc<Peer>,
+    ) -> Response<Body> {
+        if request.method() != Method::POST || request.uri().path() != INJECT_PATH {
+            return https::error(StatusCode::NOT_FOUND, "no such endpoint");
+        }
+        let body = match https::read_body(request.into_body(), MAX_REVIEW_BYTES).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
+            Ok(review) => review,
+            Err(e) => {
+                return https::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("not an AdmissionReview: {e}"),
+                );
+            }
+        };
+        let admission: AdmissionRequest<DynamicObject> = match review.try_into() {
+            Ok(request) => request,
+            Err(e) => {
+                return https::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("AdmissionReview without request: {e}"),
+                );
+            }
+        };
+        let response = self.review(&admission).await;
+        let outcome = if !response.allowed {
+            "denied"
+        } else if response.patch.is_some() {
+            "injected"
+        } else {
+            "skipped"
+        };
+        self.metrics
+            .injections
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        https::full(
+            StatusCode::OK,
+            serde_json::to_vec(&response.into_review()).unwrap_or_default(),
+        )
+    }
+
+    async fn review(&self, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+        let allow = AdmissionResponse::from(request);
+        let Some(object) = &request.object else {
+            return allow;
+        };
+        let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+            Ok(pod) => pod,
+            Err(e) => return allow.deny(format!("trellis injector: object is not a Pod: {e}")),
+        };
+        let namespace = request.namespace.clone().unwrap_or_default();
+        let namespace_labels = match Api::<Namespace>::all(self.client.clone())
+            .get(&namespace)
+            .await
+        {
+            Ok(ns) => ns.labels().clone(),
+            Err(e) => {
+                return allow.deny(format!(
+                    "trellis injector: reading namespace {namespace}: {e}"
+                ));
+            }
+        };
+        let Some(state) = self.mesh.borrow().clone() else {
+            // Pods of a meshed namespace must not start unmeshed; the API server retries.
+            return allow.deny("trellis injector: the mesh is not ready yet (no active Mesh)");
+        };
+        let params = InjectionParams {
+            mesh: state.spec.clone(),
+            operator_namespace: self.operator_namespace.clone(),
+            native_sidecars: self.native_sidecars,
+        };
+        let name = pod
+            .metadata
+            .name
+            .clone()
+            .or(pod.metadata.generate_name.clone())
+            .unwrap_or_default();
+        match injector::decide(&pod, &namespace, &namespace_labels, &params) {
+            Decision::Skip(reason) => {
+                info!(pod = %name, %namespace, reason, "not injecting");
+                allow
+            }
+            Decision::Inject => {
+                let injected = injector::inject(&pod, &params);
+                let (Ok(before), Ok(after)) =
+                    (serde_json::to_value(&pod), serde_json::to_value(&injected))
+                else {
+                    return allow.deny("trellis injector: could not encode the pod");
+                };
+                let patch = json_patch::diff(&before, &after);
+                match allow.clone().with_patch(patch) {
+                    Ok(response) => {
+                        info!(pod = %name, %namespace, "injected sidecar");
+                        response
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "could not encode patch");
+                        allow.deny(format!("trellis injector: could not encode patch: {e}"))
+                    }
+                }
+            }
+        }
+    }
+}
