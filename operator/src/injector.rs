@@ -155,6 +155,35 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// The workload a pod belongs to, as Istio's telemetry names it: the Deployment behind a
+/// ReplicaSet, the owning controller otherwise, the pod's own (generate) name when unowned.
+pub fn workload_name(pod: &Pod) -> String {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    match owner {
+        Some(o) if o.kind == "ReplicaSet" => match o.name.rsplit_once('-') {
+            Some((deployment, _hash)) => deployment.to_owned(),
+            None => o.name.clone(),
+        },
+        Some(o) => o.name.clone(),
+        None => pod
+            .metadata
+            .name
+            .clone()
+            .or_else(|| {
+                pod.metadata
+                    .generate_name
+                    .as_ref()
+                    .map(|g| g.trim_end_matches('-').to_owned())
+            })
+            .unwrap_or_default(),
+    }
+}
+
 fn image(mesh: &MeshSpec, component: &str) -> String {
     format!("{}/{component}:{}", mesh.proxy.image_registry, mesh.version)
 }
@@ -603,6 +632,25 @@ mod tests {
                 .unwrap()
                 .contains_key(STATUS_ANNOTATION)
         );
+    }
+
+    #[test]
+    fn workload_names_follow_the_owning_controller() {
+        let with_owner = |kind: &str, name: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p-1", "ownerReferences": [
+                {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u", "controller": true}
+            ]}}))
+            .unwrap()
+        };
+        assert_eq!(
+            workload_name(&with_owner("ReplicaSet", "web-v1-5d8f7c9b")),
+            "web-v1"
+        );
+        assert_eq!(workload_name(&with_owner("Job", "backup")), "backup");
+        assert_eq!(workload_name(&pod(json!({}))), "p");
+        let generated: Pod =
+            serde_json::from_value(json!({"metadata": {"generateName": "batch-"}})).unwrap();
+        assert_eq!(workload_name(&generated), "batch");
     }
 
     #[test]

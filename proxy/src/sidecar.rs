@@ -1,0 +1,142 @@
+//! `trellis-proxy sidecar`: wires the config source, the identity, the listeners and the HTTP
+//! endpoints together, and drains on SIGTERM, `/quitquitquit` or the control plane's `exit`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+use crate::cli::SidecarArgs;
+use crate::control_plane::{ControlPlane, certificate, config_stream};
+use crate::http_server::{self, respond, text};
+use crate::inbound::Inbound;
+use crate::logging::LogControl;
+use crate::outbound::Outbound;
+use crate::state::ProxyState;
+use crate::{admin, config_file, readiness};
+
+const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+pub async fn run(args: SidecarArgs, log: LogControl) -> anyhow::Result<()> {
+    let control_plane = match (&args.config, &args.control_plane) {
+        (Some(_), _) => None,
+        (None, Some(url)) => Some(Arc::new(ControlPlane::from_args(url, &args)?)),
+        (None, None) => anyhow::bail!("either --config or --control-plane is required"),
+    };
+    let state = Arc::new(ProxyState::new(&args, control_plane.is_some(), log));
+    if let Some(path) = &args.config {
+        let config = config_file::load(path)?;
+        info!(file = %path.display(), version = config.version, "static config loaded");
+        state.config.store(Some(Arc::new(config)));
+    }
+
+    let outbound = Outbound::new(SocketAddr::new(ANY, args.outbound_port), state.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "binding the outbound listener on port {}",
+                args.outbound_port
+            )
+        })?;
+    let inbound = Inbound::new(SocketAddr::new(ANY, args.inbound_port), state.clone())
+        .await
+        .with_context(|| format!("binding the inbound listener on port {}", args.inbound_port))?;
+    let admin = bind(LOCALHOST, args.admin_port, "admin").await?;
+    let metrics = bind(ANY, args.metrics_port, "metrics").await?;
+    let readiness = bind(ANY, args.readiness_port, "readiness").await?;
+    state.listeners_bound.store(true, Ordering::Release);
+    info!(
+        outbound = %outbound.local_addr()?,
+        inbound = %inbound.local_addr()?,
+        admin = args.admin_port,
+        metrics = args.metrics_port,
+        readiness = args.readiness_port,
+        mode = if control_plane.is_some() { "control-plane" } else { "static" },
+        "listening"
+    );
+
+    spawn_endpoints(&state, admin, metrics, readiness);
+    if let Some(control_plane) = control_plane {
+        tokio::spawn(certificate::run(
+            control_plane.clone(),
+            state.clone(),
+            args.rotation_percent,
+        ));
+        tokio::spawn(config_stream::run(control_plane, state.clone()));
+    }
+    tokio::spawn(drain_on_signals(state.clone()));
+
+    tokio::join!(outbound.run(), inbound.run());
+    let left = state
+        .drain
+        .wait_connections(Duration::from_secs(args.drain_seconds))
+        .await;
+    info!(connections_cut = left, "drained, exiting");
+    Ok(())
+}
+
+async fn bind(ip: IpAddr, port: u16, name: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((ip, port))
+        .await
+        .with_context(|| format!("binding the {name} endpoint on {ip}:{port}"))
+}
+
+fn spawn_endpoints(
+    state: &Arc<ProxyState>,
+    admin: TcpListener,
+    metrics: TcpListener,
+    readiness: TcpListener,
+) {
+    let admin_state = state.clone();
+    tokio::spawn(http_server::serve(admin, "admin", move |req| {
+        admin::handle(admin_state.clone(), req)
+    }));
+    let metrics_state = state.clone();
+    tokio::spawn(http_server::serve(metrics, "metrics", move |req| {
+        let state = metrics_state.clone();
+        async move {
+            if req.uri().path() == "/stats/prometheus" {
+                respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    state.metrics.encode(),
+                )
+            } else {
+                text(StatusCode::NOT_FOUND, "not found\n")
+            }
+        }
+    }));
+    let readiness_state = state.clone();
+    tokio::spawn(http_server::serve(readiness, "readiness", move |req| {
+        let state = readiness_state.clone();
+        async move {
+            if req.uri().path() == "/healthz/ready" {
+                readiness::response(&state)
+            } else {
+                text(StatusCode::NOT_FOUND, "not found\n")
+            }
+        }
+    }));
+}
+
+async fn drain_on_signals(state: Arc<ProxyState>) {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will not drain");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => state.drain.start("SIGTERM"),
+        _ = int.recv() => state.drain.start("SIGINT"),
+        () = state.drain.started() => {}
+    }
+}

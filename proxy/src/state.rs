@@ -1,0 +1,85 @@
+//! Inputs shared by every listener and task of the proxy, held in one `Arc`.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::watch;
+use trellis_api::SpiffeId;
+use trellis_api::config::ProxyConfig;
+
+use crate::cli::SidecarArgs;
+use crate::drain::Drain;
+use crate::identity::Identity;
+use crate::logging::LogControl;
+use crate::metrics::Metrics;
+
+/// The pod this proxy runs beside, as told by the injector through the environment.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub pod_name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub name: String,
+    pub trust_domain: String,
+}
+
+impl Workload {
+    pub fn from_args(args: &SidecarArgs) -> Self {
+        Self {
+            pod_name: args.pod_name.clone(),
+            namespace: args.pod_namespace.clone(),
+            service_account: args.service_account.clone(),
+            name: args
+                .workload_name
+                .clone()
+                .unwrap_or_else(|| args.pod_name.clone()),
+            trust_domain: args.trust_domain.clone(),
+        }
+    }
+
+    pub fn spiffe_id(&self) -> SpiffeId {
+        SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+pub struct ProxyState {
+    pub workload: Workload,
+    /// The last good config; `None` until the first snapshot arrives.
+    pub config: ArcSwapOption<ProxyConfig>,
+    /// The current workload certificate; `None` until the first one is signed.
+    pub identity: watch::Sender<Option<Arc<Identity>>>,
+    /// Whether readiness waits for an identity and a config from the control plane.
+    pub control_plane_mode: bool,
+    pub listeners_bound: AtomicBool,
+    pub metrics: Metrics,
+    pub drain: Drain,
+    pub log: LogControl,
+    pub connect_timeout: Duration,
+}
+
+impl ProxyState {
+    pub fn new(args: &SidecarArgs, control_plane_mode: bool, log: LogControl) -> Self {
+        Self {
+            workload: Workload::from_args(args),
+            config: ArcSwapOption::empty(),
+            identity: watch::Sender::new(None),
+            control_plane_mode,
+            listeners_bound: AtomicBool::new(false),
+            metrics: Metrics::new(),
+            drain: Drain::new(),
+            log,
+            connect_timeout: Duration::from_secs(args.connect_timeout_seconds),
+        }
+    }
+
+    /// The current config, or an empty one (pass-through everything) before the first snapshot.
+    pub fn current_config(&self) -> Arc<ProxyConfig> {
+        self.config.load_full().unwrap_or_default()
+    }
+
+    pub fn current_identity(&self) -> Option<Arc<Identity>> {
+        self.identity.borrow().clone()
+    }
+}

@@ -1,0 +1,242 @@
+//! Helpers shared by the integration tests: start the real `trellis-proxy` binary on free ports
+//! and talk HTTP/1.1 to its endpoints over real sockets.
+
+#![allow(dead_code)] // each test crate uses a different part of this module
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique path in the temp dir for this test process.
+pub fn temp_path(name: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    std::env::temp_dir().join(format!(
+        "trellis-proxy-test-{}-{n}-{name}",
+        std::process::id()
+    ))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound: u16,
+    pub admin: u16,
+    pub metrics: u16,
+    pub readiness: u16,
+}
+
+impl Ports {
+    pub fn free() -> Self {
+        Self {
+            outbound: free_port(),
+            inbound: free_port(),
+            admin: free_port(),
+            metrics: free_port(),
+            readiness: free_port(),
+        }
+    }
+
+    pub fn well_known() -> Self {
+        Self {
+            outbound: 15001,
+            inbound: 15006,
+            admin: 15000,
+            metrics: 15020,
+            readiness: 15021,
+        }
+    }
+}
+
+/// A running `trellis-proxy sidecar`, killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub ports: Ports,
+    pub log: PathBuf,
+    /// Files removed on drop (kept when the test failed, for a look).
+    pub files: Vec<PathBuf>,
+}
+
+impl Proxy {
+    /// Starts the proxy with `args` after `sidecar` plus the port flags and test identity env.
+    pub fn start(ports: Ports, args: &[&str]) -> Self {
+        let log = temp_path("proxy.log");
+        let mut command = Command::new(BIN);
+        command
+            .arg("sidecar")
+            .args(args)
+            .args(["--outbound-port", &ports.outbound.to_string()])
+            .args(["--inbound-port", &ports.inbound.to_string()])
+            .args(["--admin-port", &ports.admin.to_string()])
+            .args(["--metrics-port", &ports.metrics.to_string()])
+            .args(["--readiness-port", &ports.readiness.to_string()])
+            .env("POD_NAME", "client-7d9f-abcde")
+            .env("POD_NAMESPACE", "demo")
+            .env("SERVICE_ACCOUNT", "client")
+            .env("WORKLOAD_NAME", "client")
+            .env_remove("TRELLIS_CONTROL_PLANE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = command.spawn().expect("start trellis-proxy");
+        Self {
+            child,
+            ports,
+            files: vec![log.clone()],
+            log,
+        }
+    }
+
+    /// Starts the proxy from a static config given as JSON text.
+    pub fn with_config(ports: Ports, config: &str, extra: &[&str]) -> Self {
+        let path = temp_path("config.json");
+        std::fs::write(&path, config).unwrap();
+        let mut args = vec!["--config", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut proxy = Self::start(ports, &args);
+        proxy.files.push(path);
+        proxy
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `/healthz/ready` answers 200.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("proxy exited early with {status}:\n{}", self.logs());
+            }
+            if let Ok((200, _)) = try_http("GET", self.ports.readiness, "/healthz/ready") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("proxy not ready in time:\n{}", self.logs());
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("proxy did not exit within {within:?}:\n{}", self.logs());
+    }
+
+    pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        http(method, self.ports.admin, path)
+    }
+
+    pub fn scrape(&self) -> String {
+        let (status, body) = http("GET", self.ports.metrics, "/stats/prometheus");
+        assert_eq!(status, 200);
+        body
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            for file in &self.files {
+                let _ = std::fs::remove_file(file);
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`; returns status and body.
+pub fn try_http(method: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+pub fn http(method: &str, port: u16, path: &str) -> (u16, String) {
+    try_http(method, port, path).unwrap_or_else(|e| panic!("{method} :{port}{path}: {e}"))
+}
+
+/// The value of the sample of `metric` whose labels contain every `label="value"` in `labels`.
+pub fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<u64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
+        let (label_text, value) = rest.rsplit_once("} ")?;
+        labels
+            .iter()
+            .all(|l| label_text.split(',').any(|have| have == *l))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+/// An echo server: echoes every chunk at once; after the peer's FIN, sends `|bye` and closes.
+/// Returns its address and the peers it saw.
+pub fn echo_server(
+    addr: &str,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+) {
+    let listener = TcpListener::bind(addr).unwrap();
+    let local = listener.local_addr().unwrap();
+    let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            seen.lock().unwrap().push(stream.peer_addr().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => {
+                            let _ = stream.write_all(b"|bye");
+                            return;
+                        }
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    (local, peers)
+}
