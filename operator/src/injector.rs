@@ -276,6 +276,11 @@ fn proxy_container(pod: &Pod, params: &InjectionParams) -> Container {
                 "TRELLIS_LOG_LEVEL",
                 &format!("{:?}", mesh.proxy.log_level).to_lowercase(),
             ),
+            env(
+                "TRELLIS_ROTATION_PERCENT",
+                &mesh.certificates.rotation_percent.to_string(),
+            ),
+            env("WORKLOAD_NAME", &workload_name(pod)),
         ]),
         ports: Some(vec![
             port("http-envoy-prom", METRICS_PORT),
