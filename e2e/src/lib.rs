@@ -1,1 +1,377 @@
-//! placeholder
+//! Helpers for the end-to-end tests: a client for the cluster named by `KUBECONFIG` (the local
+//! cluster of `e2e/cluster.sh`, or any other), throw-away namespaces, bounded waits with clear
+//! timeout messages, and the demo apps run as pods whose JSON summaries the tests assert on.
+
+use std::future::Future;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, LogParams};
+use kube::{Api, Client};
+use serde::Deserialize;
+
+/// Version of the images under test (`make e2e` passes the workspace version).
+pub fn version() -> String {
+    std::env::var("TRELLIS_VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_owned())
+}
+
+pub fn demo_image() -> String {
+    format!("trellis.local/demo:{}", version())
+}
+
+pub async fn client() -> Result<Client> {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        bail!("KUBECONFIG is not set: run the e2e tests through `make e2e` (or `make up` first)");
+    }
+    Client::try_default()
+        .await
+        .context("connecting to the cluster named by KUBECONFIG")
+}
+
+/// Polls `check` every 250 ms until it yields a value or `timeout` passes; the error names
+/// `what` and the last observation.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last = String::from("no observation yet");
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `kubectl` against `KUBECONFIG`, with `stdin` piped in; fails with kubectl's stderr.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let kubectl =
+        std::env::var("KUBECTL").unwrap_or_else(|_| "/var/cache/local-kube/bin/kubectl".to_owned());
+    let mut child = Command::new(&kubectl)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {kubectl}"))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(input.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Applies YAML with `kubectl apply` (server-side validation included).
+pub fn apply(yaml: &str) -> Result<String> {
+    kubectl(&["apply", "-f", "-"], Some(yaml))
+}
+
+/// A namespace for one test, deleted when dropped (without waiting, so tests stay fast).
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn create(prefix: &str, labels: &[(&str, &str)]) -> Result<Self> {
+        let name = format!("{prefix}-{:04x}", rand::random::<u16>());
+        let labels: String = labels
+            .iter()
+            .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+            .collect();
+        apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels:\n    trellis-e2e: \"true\"\n{labels}"
+        ))?;
+        Ok(Self { name })
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::env::var_os("TRELLIS_E2E_KEEP").is_none() {
+            let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"], None);
+        }
+    }
+}
+
+/// An echo server Deployment (`app: <name>`, version label) and its Service on port 80.
+pub fn echo_server_yaml(namespace: &str, name: &str, version: &str, replicas: u32) -> String {
+    let image = demo_image();
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}-{version}, namespace: {namespace}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}, version: {version}}}}}
+  template:
+    metadata: {{labels: {{app: {name}, version: {version}}}}}
+    spec:
+      containers:
+      - name: server
+        image: {image}
+        imagePullPolicy: IfNotPresent
+        args: [--port, "8080"]
+        env:
+        - {{name: VERSION, value: {version}}}
+        - {{name: NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+        - {{name: NAMESPACE, value: {namespace}}}
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  selector: {{app: {name}}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"#
+    )
+}
+
+/// Waits until `count` pods matching `selector` are Ready.
+pub async fn wait_pods_ready(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let what = format!("{count} ready pod(s) {selector} in {namespace}");
+    wait_for(&what, timeout, || {
+        let pods = pods.clone();
+        let selector = selector.to_owned();
+        async move {
+            let list = pods.list(&ListParams::default().labels(&selector)).await?;
+            let ready: Vec<Pod> = list.items.into_iter().filter(is_ready).collect();
+            Ok((ready.len() >= count).then_some(ready))
+        }
+    })
+    .await
+}
+
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The JSON summary printed by `demo-client`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSummary {
+    pub sent: u64,
+    pub ok: u64,
+    pub failed: u64,
+    #[serde(default)]
+    pub dropped: u64,
+    #[serde(default)]
+    pub by_status: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub errors: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub by_version: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub by_name: std::collections::BTreeMap<String, u64>,
+}
+
+/// A pod running `demo-client ARGS` once (restartPolicy Never).
+pub fn client_pod_yaml(
+    namespace: &str,
+    name: &str,
+    args: &[&str],
+    annotations: &[(&str, &str)],
+) -> String {
+    let image = demo_image();
+    let args = serde_json::to_string(args).expect("strings serialize");
+    let annotations: String = annotations
+        .iter()
+        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+        .collect();
+    let annotations = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n{annotations}")
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {namespace}
+  labels: {{app: {name}}}
+{annotations}spec:
+  restartPolicy: Never
+  containers:
+  - name: client
+    image: {image}
+    imagePullPolicy: IfNotPresent
+    command: [/demo-client]
+    args: {args}
+"#
+    )
+}
+
+/// Waits for a pod to finish (Succeeded or Failed) and returns its phase.
+pub async fn wait_pod_finished(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    wait_for(
+        &format!("pod {namespace}/{name} to finish"),
+        timeout,
+        || {
+            let pods = pods.clone();
+            let name = name.to_owned();
+            async move {
+                let pod = pods.get(&name).await?;
+                let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
+                Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until the `client` container of a pod has terminated (the pod itself may still run a
+/// sidecar) and parses the summary it printed.
+pub async fn client_summary(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<ClientSummary> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    wait_for(
+        &format!("client container of {namespace}/{name} to terminate"),
+        timeout,
+        || {
+            let pods = pods.clone();
+            let name = name.to_owned();
+            async move {
+                let pod = pods.get(&name).await?;
+                let done = pod
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| {
+                        c.name == "client"
+                            && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
+                    });
+                Ok(done.then_some(()))
+            }
+        },
+    )
+    .await?;
+    let logs = pods
+        .logs(
+            name,
+            &LogParams {
+                container: Some("client".to_owned()),
+                ..LogParams::default()
+            },
+        )
+        .await?;
+    let line = logs
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("no JSON summary in the client's output:\n{logs}"))?;
+    serde_json::from_str(line).with_context(|| format!("unparsable summary {line:?}"))
+}
+
+/// Runs `demo-client ARGS` as a pod to completion of its client container.
+pub async fn run_client(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<ClientSummary> {
+    apply(&client_pod_yaml(namespace, name, args, &[]))?;
+    client_summary(client, namespace, name, timeout).await
+}
+
+/// GET on a pod's port through the API server's proxy (reaches the pod IP from the control
+/// plane; no port-forward needed).
+pub async fn pod_http_get(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+    path: &str,
+) -> Result<String> {
+    let request = http::Request::get(format!(
+        "/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy{path}"
+    ))
+    .body(Vec::new())?;
+    Ok(client.request_text(request).await?)
+}
+
+/// Sum of a Prometheus counter over the series whose labels contain every `label="value"`.
+pub fn counter_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub async fn delete_pod(client: &Client, namespace: &str, name: &str) -> Result<()> {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .delete(name, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_counters_by_label_subset() {
+        let text = "# TYPE x counter\nx_total{a=\"1\",b=\"2\"} 3\nx_total{a=\"1\",b=\"9\"} 4\nx_total_other{a=\"1\"} 100\nx_total{a=\"2\"} 5\n";
+        assert_eq!(counter_sum(text, "x_total", &[("a", "1")]), 7.0);
+        assert_eq!(counter_sum(text, "x_total", &[]), 12.0);
+        assert_eq!(counter_sum(text, "x_total", &[("b", "9")]), 4.0);
+        assert_eq!(counter_sum(text, "missing", &[]), 0.0);
+    }
+}

@@ -1,0 +1,133 @@
+# Trellis — build, test and run a service mesh on a real local Kubernetes.
+#   make up     cluster + images + operator + Mesh + demo app, then prints how to reach it
+#   make test   fmt, clippy, unit tests, manifest drift check, e2e on the real cluster
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+PROFILE    ?= dev
+BIN_DIR    := $(TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
+CLUSTER    := e2e/cluster.sh
+KUBECTL    := $(CLUSTER) kubectl
+IMAGES_DIR := $(TARGET_DIR)/images
+REGISTRY   := trellis.local
+IMAGE_NAMES := operator proxy init cni cli demo
+DEMO_PORT  ?= 18080
+# Packages the build and the tests need beyond the machine's Rust toolchain.
+APT_PACKAGES := iptables iproute2 util-linux python3 socat curl ca-certificates
+
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: help deps build test unit lint fmt clippy manifests manifests-check images up down e2e \
+        kubeconfig install demo bench
+
+help:
+	@echo "make up          real local cluster + operator + Mesh + demo app"
+	@echo "make test        lint, unit tests, manifests check, e2e on the real cluster"
+	@echo "make down        stop the local cluster and remove every trace of it"
+	@echo "make kubeconfig  print the kubeconfig path of the local cluster"
+	@echo "other targets:   build lint unit manifests manifests-check images e2e"
+
+# Installs missing Debian packages only (a no-op on a prepared machine).
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	fi; \
+	dpkg --configure -a >/dev/null 2>&1 || true
+
+build:
+	cargo build --workspace --bins $(if $(filter dev,$(PROFILE)),,--profile $(PROFILE))
+
+fmt:
+	cargo fmt --all -- --check
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+lint: fmt clippy
+
+# Unit and integration tests that need no cluster (the init netns tests need root and iptables).
+unit: deps
+	cargo test --workspace --exclude trellis-e2e
+
+manifests:
+	cargo run -q -p trellis-operator -- manifests > manifests/operator.yaml
+
+manifests-check:
+	@tmp=$$(mktemp); cargo run -q -p trellis-operator -- manifests > $$tmp; \
+	if ! diff -u manifests/operator.yaml $$tmp; then \
+	  rm -f $$tmp; echo "manifests/operator.yaml is out of date: run 'make manifests' and commit it" >&2; exit 1; \
+	fi; rm -f $$tmp; echo "manifests/operator.yaml is up to date"
+
+# OCI archives of every binary, imported into the local cluster's containerd.
+images: build
+	@mkdir -p $(IMAGES_DIR)
+	@img() { name=$$1; shift; python3 e2e/oci-image.py $(REGISTRY)/$$name:$(VERSION) $(IMAGES_DIR)/$$name.tar "$$@"; }; \
+	img operator --entrypoint '["/trellis-operator"]' --binary $(BIN_DIR)/trellis-operator:/trellis-operator; \
+	img proxy    --entrypoint '["/trellis-proxy"]'    --binary $(BIN_DIR)/trellis-proxy:/trellis-proxy; \
+	img init     --entrypoint '["/trellis-init"]'     --binary $(BIN_DIR)/trellis-init:/trellis-init --with-iptables; \
+	img cni      --entrypoint '["/trellis-cni"]'      --binary $(BIN_DIR)/trellis-cni:/trellis-cni; \
+	img cli      --entrypoint '["/trellisctl"]'       --binary $(BIN_DIR)/trellisctl:/trellisctl; \
+	img demo     --entrypoint '["/demo-server"]'      --binary $(BIN_DIR)/demo-server:/demo-server \
+	             --binary $(BIN_DIR)/demo-client:/demo-client --binary $(BIN_DIR)/cluster-dns:/cluster-dns
+	@if $(CLUSTER) status >/dev/null 2>&1 && [ -z "$${KUBECONFIG:-}" ]; then \
+	  for n in $(IMAGE_NAMES); do $(CLUSTER) image $(REGISTRY)/$$n:$(VERSION) $(IMAGES_DIR)/$$n.tar; done; \
+	else \
+	  echo "no local cluster to import into: the archives are in $(IMAGES_DIR) (README: existing clusters)"; \
+	fi
+
+# Applies a manifest whose images carry @VERSION@.
+apply_versioned = sed 's/@VERSION@/$(VERSION)/g' $(1) | $(KUBECTL) apply -f -
+
+kubeconfig:
+	@$(CLUSTER) kubeconfig
+
+# The operator, the Mesh and the cluster DNS (the local cluster has no CoreDNS).
+install:
+	$(call apply_versioned,e2e/manifests/cluster-dns.yaml)
+	$(KUBECTL) apply -f manifests/operator.yaml
+	$(KUBECTL) -n trellis-system rollout status deployment/trellis-operator --timeout=180s
+	$(KUBECTL) -n kube-system rollout status deployment/cluster-dns --timeout=180s
+	$(call apply_versioned,e2e/manifests/mesh.yaml)
+	$(KUBECTL) wait mesh/default --for=condition=Ready --timeout=120s
+
+demo:
+	$(call apply_versioned,e2e/manifests/demo.yaml)
+	$(KUBECTL) -n demo rollout status deployment/web-v1 --timeout=180s
+	$(KUBECTL) -n demo rollout status deployment/web-v2 --timeout=180s
+	$(CLUSTER) forward demo $(DEMO_PORT) 10.88.0.1:30080
+
+up: deps
+	$(CLUSTER) build
+	$(CLUSTER) up
+	$(MAKE) --no-print-directory images install demo
+	@echo
+	@echo "Trellis $(VERSION) is up."
+	@echo "  export KUBECONFIG=$$($(CLUSTER) kubeconfig)   # then plain kubectl works, e.g.:"
+	@echo "  kubectl get mesh default; kubectl -n demo get pods"
+	@echo "  curl http://127.0.0.1:$(DEMO_PORT)/          # the demo app, through its sidecar"
+	@echo "  make down                                      # stop everything"
+
+down:
+	$(CLUSTER) down
+
+# End-to-end tests on the real cluster. A cluster started here is torn down afterwards, even on
+# failure; one that was already up (make up) is left running.
+e2e: deps
+	@$(CLUSTER) build
+	@started=0; if ! $(CLUSTER) status >/dev/null 2>&1; then $(CLUSTER) up; started=1; fi; \
+	trap 'rc=$$?; if [ $$rc -ne 0 ]; then $(CLUSTER) logs || true; $(KUBECTL) get pods -A -o wide || true; \
+	  $(KUBECTL) -n trellis-system logs deploy/trellis-operator --tail=80 || true; fi; \
+	  if [ $$started = 1 ]; then $(CLUSTER) down || true; fi; exit $$rc' EXIT; \
+	$(MAKE) --no-print-directory images install; \
+	KUBECONFIG=$$($(CLUSTER) kubeconfig) TRELLIS_VERSION=$(VERSION) \
+	  cargo test -p trellis-e2e -- --test-threads=1
+
+test: lint unit manifests-check e2e
+
+bench:
+	cargo run -q -p trellis-bench
