@@ -1,0 +1,439 @@
+//! Minimal WebSocket support (RFC 6455) for the demo server: the
+//! `Sec-WebSocket-Accept` computation (SHA-1 + base64, implemented here),
+//! a frame parser that unmasks client frames, and an echo loop. No
+//! extensions, no fragmentation reassembly (fragments are echoed as they
+//! come, which is valid).
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The GUID appended to the client key (RFC 6455 section 1.3).
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Largest frame payload the echo accepts.
+pub const MAX_PAYLOAD: usize = 16 * 1024 * 1024;
+
+/// Opcodes.
+pub const OP_CONTINUATION: u8 = 0x0;
+/// Text frame.
+pub const OP_TEXT: u8 = 0x1;
+/// Binary frame.
+pub const OP_BINARY: u8 = 0x2;
+/// Close frame.
+pub const OP_CLOSE: u8 = 0x8;
+/// Ping frame.
+pub const OP_PING: u8 = 0x9;
+/// Pong frame.
+pub const OP_PONG: u8 = 0xA;
+
+/// SHA-1 (FIPS 180-4) digest of `data`.
+pub fn sha1(data: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0];
+    let bit_len = (data.len() as u64).wrapping_mul(8);
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&bit_len.to_be_bytes());
+    for block in msg.chunks_exact(64) {
+        let mut w = [0u32; 80];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A827999),
+                20..=39 => (b ^ c ^ d, 0x6ED9EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1BBCDC),
+                _ => (b ^ c ^ d, 0xCA62C1D6),
+            };
+            let temp = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = temp;
+        }
+        for (hv, v) in h.iter_mut().zip([a, b, c, d, e]) {
+            *hv = hv.wrapping_add(v);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (chunk, v) in out.chunks_exact_mut(4).zip(h) {
+        chunk.copy_from_slice(&v.to_be_bytes());
+    }
+    out
+}
+
+/// Standard base64 with padding.
+pub fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The `Sec-WebSocket-Accept` value for a `Sec-WebSocket-Key`.
+pub fn accept_key(key: &str) -> String {
+    let mut input = key.trim().as_bytes().to_vec();
+    input.extend_from_slice(WS_GUID.as_bytes());
+    base64_encode(&sha1(&input))
+}
+
+/// One WebSocket frame, payload already unmasked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsFrame {
+    /// Final fragment.
+    pub fin: bool,
+    /// Opcode (low 4 bits).
+    pub opcode: u8,
+    /// The frame arrived masked.
+    pub masked: bool,
+    /// Unmasked payload.
+    pub payload: Vec<u8>,
+}
+
+/// Why a frame was rejected; maps to a close code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsError {
+    /// RSV bits set, unknown opcode, or a bad control frame (close 1002).
+    Protocol(&'static str),
+    /// Payload larger than the limit (close 1009).
+    TooLarge(u64),
+}
+
+impl WsError {
+    /// The close status code for this error.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            WsError::Protocol(_) => 1002,
+            WsError::TooLarge(_) => 1009,
+        }
+    }
+}
+
+/// Parses one frame from the start of `buf`. `Ok(None)` means more bytes
+/// are needed; on success returns the frame and the bytes it used.
+pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Option<(WsFrame, usize)>, WsError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let fin = buf[0] & 0x80 != 0;
+    if buf[0] & 0x70 != 0 {
+        return Err(WsError::Protocol("reserved bits set"));
+    }
+    let opcode = buf[0] & 0x0f;
+    if !matches!(opcode, 0x0..=0x2 | 0x8..=0xA) {
+        return Err(WsError::Protocol("unknown opcode"));
+    }
+    let masked = buf[1] & 0x80 != 0;
+    let (len, mut pos) = match buf[1] & 0x7f {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    if opcode >= 0x8 && (len > 125 || !fin) {
+        return Err(WsError::Protocol("bad control frame"));
+    }
+    if len > max_payload as u64 {
+        return Err(WsError::TooLarge(len));
+    }
+    let len = len as usize; // bounded by max_payload above
+    let mut mask = [0u8; 4];
+    if masked {
+        if buf.len() < pos + 4 {
+            return Ok(None);
+        }
+        mask.copy_from_slice(&buf[pos..pos + 4]);
+        pos += 4;
+    }
+    if buf.len() - pos < len {
+        return Ok(None);
+    }
+    let mut payload = buf[pos..pos + len].to_vec();
+    if masked {
+        apply_mask(&mut payload, mask);
+    }
+    Ok(Some((
+        WsFrame {
+            fin,
+            opcode,
+            masked,
+            payload,
+        },
+        pos + len,
+    )))
+}
+
+/// XORs `data` with the masking key (masking and unmasking are the same).
+pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+}
+
+/// Encodes a frame; `mask` is for clients (servers send unmasked frames).
+pub fn encode_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(if fin { 0x80 } else { 0 } | (opcode & 0x0f));
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n <= 125 => out.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            let start = out.len();
+            out.extend_from_slice(payload);
+            apply_mask(&mut out[start..], key);
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// Echoes text, binary and continuation frames back on `io`, answers pings
+/// and close frames, until the peer closes or misbehaves.
+pub async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut read_buf = vec![0u8; 16 * 1024];
+    loop {
+        match parse_frame(&buf, MAX_PAYLOAD) {
+            Ok(Some((frame, used))) => {
+                buf.drain(..used);
+                if !frame.masked {
+                    let close = encode_frame(true, OP_CLOSE, &1002u16.to_be_bytes(), None);
+                    io.write_all(&close).await?;
+                    return io.shutdown().await;
+                }
+                match frame.opcode {
+                    OP_CLOSE => {
+                        let out = encode_frame(true, OP_CLOSE, &frame.payload, None);
+                        io.write_all(&out).await?;
+                        return io.shutdown().await;
+                    }
+                    OP_PING => {
+                        io.write_all(&encode_frame(true, OP_PONG, &frame.payload, None))
+                            .await?;
+                    }
+                    OP_PONG => {}
+                    op => {
+                        io.write_all(&encode_frame(frame.fin, op, &frame.payload, None))
+                            .await?;
+                    }
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let close = encode_frame(true, OP_CLOSE, &e.close_code().to_be_bytes(), None);
+                io.write_all(&close).await?;
+                return io.shutdown().await;
+            }
+        }
+        let n = io.read(&mut read_buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&read_buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha1_vectors() {
+        let hex = |d: [u8; 20]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(hex(sha1(b"")), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+        assert_eq!(
+            hex(sha1(b"abc")),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
+        assert_eq!(
+            hex(sha1(
+                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
+            )),
+            "84983e441c3bd26ebaae4aa1f95129e5e54670f1"
+        );
+        assert_eq!(
+            hex(sha1(&[b'a'; 1000])),
+            "291e9a6c66994949b57ba5e650361e98fc36b1ba"
+        );
+    }
+
+    #[test]
+    fn base64_vectors() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_encode(input.as_bytes()), want);
+        }
+    }
+
+    #[test]
+    fn rfc6455_accept_key() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn parses_rfc_masked_hello() {
+        // RFC 6455 section 5.7: a single-frame masked text message "Hello".
+        let wire = [
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
+        for cut in 0..wire.len() {
+            assert_eq!(parse_frame(&wire[..cut], 100).unwrap(), None, "cut {cut}");
+        }
+        let (frame, used) = parse_frame(&wire, 100).unwrap().unwrap();
+        assert_eq!(used, wire.len());
+        assert!(frame.fin && frame.masked);
+        assert_eq!(frame.opcode, OP_TEXT);
+        assert_eq!(frame.payload, b"Hello");
+        assert_eq!(
+            encode_frame(true, OP_TEXT, b"Hello", Some([0x37, 0xfa, 0x21, 0x3d])),
+            wire
+        );
+        // The unmasked server form.
+        assert_eq!(
+            encode_frame(true, OP_TEXT, b"Hello", None),
+            [0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f]
+        );
+    }
+
+    #[test]
+    fn extended_lengths_round_trip() {
+        for len in [0usize, 125, 126, 65535, 65536, 200_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let wire = encode_frame(false, OP_BINARY, &payload, Some([1, 2, 3, 4]));
+            let (frame, used) = parse_frame(&wire, MAX_PAYLOAD).unwrap().unwrap();
+            assert_eq!(used, wire.len());
+            assert!(!frame.fin);
+            assert_eq!(frame.payload, payload);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert!(matches!(
+            parse_frame(&[0xC1, 0x80, 0, 0, 0, 0], 10),
+            Err(WsError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_frame(&[0x83, 0x80, 0, 0, 0, 0], 10),
+            Err(WsError::Protocol(_))
+        ));
+        // Fragmented ping.
+        assert!(matches!(
+            parse_frame(&[0x09, 0x80, 0, 0, 0, 0], 10),
+            Err(WsError::Protocol(_))
+        ));
+        // Control frame with a 126-byte payload.
+        assert!(matches!(
+            parse_frame(&[0x89, 0xFE, 0, 126], 1000),
+            Err(WsError::Protocol(_))
+        ));
+        // Huge declared length.
+        let huge = [0x82, 0xFF, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            parse_frame(&huge, MAX_PAYLOAD),
+            Err(WsError::TooLarge(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn echo_loop() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let task = tokio::spawn(echo(server));
+        client
+            .write_all(&encode_frame(
+                true,
+                OP_TEXT,
+                b"hi there",
+                Some([9, 8, 7, 6]),
+            ))
+            .await
+            .unwrap();
+        client
+            .write_all(&encode_frame(true, OP_PING, b"p", Some([1, 1, 1, 1])))
+            .await
+            .unwrap();
+        client
+            .write_all(&encode_frame(
+                true,
+                OP_CLOSE,
+                &1000u16.to_be_bytes(),
+                Some([5, 5, 5, 5]),
+            ))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        task.await.unwrap().unwrap();
+        let (f1, n1) = parse_frame(&out, 100).unwrap().unwrap();
+        assert_eq!(
+            (f1.opcode, f1.masked, f1.payload.as_slice()),
+            (OP_TEXT, false, &b"hi there"[..])
+        );
+        let (f2, n2) = parse_frame(&out[n1..], 100).unwrap().unwrap();
+        assert_eq!((f2.opcode, f2.payload.as_slice()), (OP_PONG, &b"p"[..]));
+        let (f3, _) = parse_frame(&out[n1 + n2..], 100).unwrap().unwrap();
+        assert_eq!(
+            (f3.opcode, f3.payload.as_slice()),
+            (OP_CLOSE, &1000u16.to_be_bytes()[..])
+        );
+    }
+}
