@@ -232,6 +232,10 @@ def main():
     entry = jlist(a.entrypoint, "entrypoint")
     if ":" not in a.name.rsplit("/", 1)[-1]:
         die(f"image name needs a tag: {a.name}")
+    first = a.name.split("/", 1)[0]
+    if "/" not in a.name or not ("." in first or ":" in first or first == "localhost"):
+        print(f"oci-image.py: warning: {a.name} has no registry-like first component; the kubelet "
+              f"would look it up on Docker Hub (use e.g. local.test/{a.name})", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="oci-rootfs-") as root:
         os.chmod(root, 0o755)

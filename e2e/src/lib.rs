@@ -264,8 +264,8 @@ pub async fn wait_pod_finished(
     .await
 }
 
-/// Waits until the `client` container of a pod has terminated (the pod itself may still run a
-/// sidecar) and parses the summary it printed.
+/// Waits until the `client` container of a pod has printed its summary (it may linger
+/// afterwards, and the pod may still run a sidecar) and parses it.
 pub async fn client_summary(
     client: &Client,
     namespace: &str,
@@ -273,46 +273,30 @@ pub async fn client_summary(
     timeout: Duration,
 ) -> Result<ClientSummary> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    wait_for(
-        &format!("client container of {namespace}/{name} to terminate"),
+    let line = wait_for(
+        &format!("the summary of {namespace}/{name}"),
         timeout,
         || {
             let pods = pods.clone();
             let name = name.to_owned();
             async move {
-                let pod = pods.get(&name).await?;
-                let done = pod
-                    .status
-                    .and_then(|s| s.container_statuses)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| {
-                        c.name == "client"
-                            && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
-                    });
-                Ok(done.then_some(()))
+                let params = LogParams {
+                    container: Some("client".to_owned()),
+                    ..LogParams::default()
+                };
+                let logs = pods.logs(&name, &params).await?;
+                Ok(logs
+                    .lines()
+                    .find(|l| l.trim_start().starts_with('{') && l.contains("\"sent\""))
+                    .map(str::to_owned))
             }
         },
     )
     .await?;
-    let logs = pods
-        .logs(
-            name,
-            &LogParams {
-                container: Some("client".to_owned()),
-                ..LogParams::default()
-            },
-        )
-        .await?;
-    let line = logs
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .with_context(|| format!("no JSON summary in the client's output:\n{logs}"))?;
-    serde_json::from_str(line).with_context(|| format!("unparsable summary {line:?}"))
+    serde_json::from_str(&line).with_context(|| format!("unparsable summary {line:?}"))
 }
 
-/// Runs `demo-client ARGS` as a pod to completion of its client container.
+/// Runs `demo-client ARGS` as a pod and returns its summary.
 pub async fn run_client(
     client: &Client,
     namespace: &str,
@@ -360,6 +344,83 @@ pub async fn delete_pod(client: &Client, namespace: &str, name: &str) -> Result<
         .delete(name, &DeleteParams::default())
         .await?;
     Ok(())
+}
+
+/// A `kubectl port-forward` to a pod or service port, stopped when dropped. Reaches ports bound
+/// to 127.0.0.1 inside the pod (the proxy's admin endpoint) on any cluster.
+pub struct PortForward {
+    child: std::process::Child,
+    pub local_port: u16,
+}
+
+impl PortForward {
+    pub fn start(namespace: &str, target: &str, remote_port: u16) -> Result<Self> {
+        use std::io::BufRead;
+        let kubectl = std::env::var("KUBECTL")
+            .unwrap_or_else(|_| "/var/cache/local-kube/bin/kubectl".to_owned());
+        let mut child = Command::new(kubectl)
+            .args([
+                "-n",
+                namespace,
+                "port-forward",
+                target,
+                &format!(":{remote_port}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        // "Forwarding from 127.0.0.1:41234 -> 15000"
+        let local_port = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("unexpected port-forward output {line:?}"))?;
+        Ok(Self { child, local_port })
+    }
+
+    /// GET over the forward with plain HTTP/1.1.
+    pub async fn get(&self, path: &str) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.local_port)).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await??;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("no HTTP header end")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+        }
+        // The admin endpoint answers with a length or with chunks; JSON bodies need no more than
+        // stripping chunk framing, which never starts with '{'.
+        Ok(match body.find('{') {
+            Some(start)
+                if head
+                    .to_ascii_lowercase()
+                    .contains("transfer-encoding: chunked") =>
+            {
+                body[start..body.rfind('}').map_or(body.len(), |e| e + 1)].to_owned()
+            }
+            _ => body.to_owned(),
+        })
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The workload identity: a P-256 key, the CSR for the pod's SPIFFE ID, and the certificate
 //! chain the control plane signed for it.
 
+use base64::Engine as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
@@ -96,6 +97,12 @@ impl Identity {
             "notBefore": rfc3339(self.not_before),
             "notAfter": rfc3339(self.not_after),
             "chainLength": self.cert_chain.len(),
+            // Public certificates only (as Envoy's config dump shows them): base64 DER, leaf first.
+            "certChain": self
+                .cert_chain
+                .iter()
+                .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
+                .collect::<Vec<_>>(),
             "trustBundleSize": self.trust_bundle.len(),
         })
     }
