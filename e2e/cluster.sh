@@ -458,7 +458,16 @@ do_down() {
   for n in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
     [ -d "$n" ] && find "$n" -depth -type d -exec rmdir {} + 2> /dev/null || true
   done
-  # 6. the state dir (only when nothing is mounted below it any more)
+  # 6. pod logs (the 1.20 kubelet writes them to /var/log/pods, /var/log/containers): only our pods' UIDs
+  if [ -d "$STATE/kubelet/pods" ]; then
+    for n in "$STATE"/kubelet/pods/*/; do
+      n=${n%/}; n=${n##*/}; [ -n "$n" ] && [ "$n" != "*" ] && rm -rf /var/log/pods/*_"$n"
+    done
+    for n in /var/log/containers/*.log; do
+      [ -L "$n" ] && [ ! -e "$n" ] && [[ $(readlink "$n") == /var/log/pods/* ]] && rm -f "$n"
+    done
+  fi
+  # 7. the state dir (only when nothing is mounted below it any more)
   if [ -e "$STATE" ]; then
     [ -z "$(state_mounts)" ] || die "mounts remain under $STATE: $(state_mounts | tr '\n' ' ')"
     rm -rf --one-file-system "$STATE"
