@@ -45,7 +45,10 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 COMPONENTS=(etcd apiserver kcm scheduler containerd kubelet kube-proxy)
 KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 PKGS=(golang-go dpkg-dev make gcc libc6-dev rsync etcd-server containerd runc containernetworking-plugins
-      iptables iproute2 conntrack socat curl openssl ca-certificates python3 util-linux busybox-static)
+      iptables iproute2 conntrack socat curl openssl ca-certificates python3 util-linux busybox-static
+      golang-github-modern-go-reflect2-dev)
+# Bump when the way the kube binaries are built changes: cached binaries of another recipe are rebuilt.
+BUILD_RECIPE="v1.20 reflect2-1.0.2"
 CMDS=(etcd containerd containerd-shim-runc-v2 runc ctr socat nsenter setsid flock ip ss iptables conntrack
       curl openssl python3 ldd)
 
@@ -153,7 +156,11 @@ build() {
     { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } > "$KUBE_CACHE/apt.log" 2>&1 \
       || { tail -20 "$KUBE_CACHE/apt.log" >&2; die "apt-get install ${missing[*]} failed (log: $KUBE_CACHE/apt.log)"; }
   fi
-  for b in "${KUBE_BINS[@]}"; do [ -x "$BIN/$b" ] || need+=("cmd/$b"); done
+  if [ "$(cat "$BIN/.recipe" 2> /dev/null)" != "$BUILD_RECIPE" ]; then
+    need=("${KUBE_BINS[@]/#/cmd/}")
+  else
+    for b in "${KUBE_BINS[@]}"; do [ -x "$BIN/$b" ] || need+=("cmd/$b"); done
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     src=$(ls -d "$KUBE_CACHE"/src/kubernetes-*/ 2> /dev/null | head -1 || true)
     if [ -z "$src" ] || [ ! -f "$src/Makefile" ]; then
@@ -169,8 +176,16 @@ build() {
     ( cd "$src"
       export GOPATH=$PWD/.go CGO_ENABLED=0 HOME=$KUBE_CACHE/home
       mkdir -p .go/src/k8s.io; [ -L .go/src/k8s.io/kubernetes ] || ln -s ../../.. .go/src/k8s.io/kubernetes
+      # Trap: Go >= 1.18 changed reflect.mapiterinit, and the vendored reflect2 1.0.1 makes the
+      # apiserver segfault ("fatal error: fault" in mapiterinit) as soon as a custom resource is
+      # written. Debian's reflect2 1.0.2 carries the upstream fix.
+      rm -rf vendor/github.com/modern-go/reflect2
+      mkdir -p vendor/github.com/modern-go/reflect2
+      cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go /usr/share/gocode/src/github.com/modern-go/reflect2/*.s \
+         vendor/github.com/modern-go/reflect2/
       make WHAT="${need[*]}" GOLDFLAGS="-s -w"
       for c in "${need[@]}"; do cp "_output/local/bin/linux/amd64/${c#cmd/}" "$BIN/"; done
+      echo "$BUILD_RECIPE" > "$BIN/.recipe"
     ) > "$KUBE_CACHE/build.log" 2>&1 || { tail -30 "$KUBE_CACHE/build.log" >&2; die "kubernetes build failed (log: $KUBE_CACHE/build.log)"; }
     say "built ${need[*]} in $((SECONDS - t0))s"
   fi
@@ -221,9 +236,11 @@ pki() {
   openssl genrsa -out apiserver.key 2048 2> /dev/null
   openssl req -new -key apiserver.key -subj "/CN=kube-apiserver" -out apiserver.csr
   openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -extfile apiserver.cnf -extensions ext -out apiserver.crt 2> /dev/null
+  # X.509 v3 with explicit usages: rustls/webpki (kube-rs on the host) rejects v1 certificates.
+  printf '[ext]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > client.cnf
   client() {
     openssl genrsa -out "$1.key" 2048 2> /dev/null; openssl req -new -key "$1.key" -subj "$2" -out "$1.csr"
-    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -out "$1.crt" 2> /dev/null
+    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -extfile client.cnf -extensions ext -out "$1.crt" 2> /dev/null
   }
   client admin "/O=system:masters/CN=admin"; client kubelet "/O=system:nodes/CN=system:node:node1"
   client kcm "/CN=system:kube-controller-manager"; client sched "/CN=system:kube-scheduler"; client proxy "/CN=system:kube-proxy"

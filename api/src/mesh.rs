@@ -242,7 +242,6 @@ pub struct MeshCondition {
     /// `True`, `False` or `Unknown`.
     pub status: String,
     pub reason: String,
-    #[serde(default)]
     pub message: String,
     pub last_transition_time: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

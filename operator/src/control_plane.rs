@@ -49,12 +49,12 @@ pub struct ControlPlane {
     pub signing_permits: Semaphore,
 }
 
-/// Recompiles the mesh-wide snapshot whenever discovery or the Mesh changes.
+/// Recompiles the mesh-wide snapshot whenever discovery or the Mesh changes. Call it once
+/// discovery is ready, so the first snapshot is never compiled from a half-listed cluster.
 pub fn publish_snapshots(discovery: Discovery, mut mesh: MeshStateRx) -> SnapshotRx {
     let (tx, rx) = watch::channel(None);
     let mut changes = discovery.changes();
     tokio::spawn(async move {
-        discovery.ready().await;
         loop {
             let state = mesh.borrow_and_update().clone();
             if let Some(state) = state {

@@ -101,8 +101,13 @@ pub async fn run(ctx: Arc<Context>) {
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!(error = %e, "reconcile failed");
+            match result {
+                Ok(_) => {}
+                // A namespace changed while no Mesh exists: nothing to do.
+                Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                    tracing::debug!(%object, "no such Mesh")
+                }
+                Err(e) => warn!(error = %e, "reconcile failed"),
             }
         })
         .await;

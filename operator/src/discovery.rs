@@ -59,7 +59,8 @@ impl Discovery {
         }
     }
 
-    /// Waits until every reflector has listed once.
+    /// Waits until every reflector has listed once. Await it from one task only: a store's
+    /// readiness wakes a single waiter (kube-runtime's `DelayedInit` is a oneshot underneath).
     pub async fn ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.endpoint_slices.wait_until_ready().await;

@@ -112,6 +112,8 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
     tokio::spawn(serve_health(health, metrics.clone()));
 
     let discovery = discovery::Discovery::start(client.clone()).await;
+    discovery.ready().await;
+    info!("discovery synced");
     let snapshots = control_plane::publish_snapshots(discovery.clone(), mesh_rx.clone());
     let control_plane_tls = Arc::new(ArcSwapOption::empty());
     let webhook_tls = Arc::new(ArcSwapOption::empty());
@@ -150,9 +152,7 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
         webhook.clone().handle(req, peer)
     }));
 
-    discovery.ready().await;
     metrics.set_ready();
-    info!("discovery synced; serving");
 
     let elector = leader::LeaderElector::new(client.clone(), &namespace, pod_name);
     elector.acquire().await;
