@@ -153,7 +153,7 @@ build() {
   done
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing packages: ${missing[*]}"
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } > "$KUBE_CACHE/apt.log" 2>&1 \
+    { dpkg --configure -a || true; apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } > "$KUBE_CACHE/apt.log" 2>&1 \
       || { tail -20 "$KUBE_CACHE/apt.log" >&2; die "apt-get install ${missing[*]} failed (log: $KUBE_CACHE/apt.log)"; }
   fi
   if [ "$(cat "$BIN/.recipe" 2> /dev/null)" != "$BUILD_RECIPE" ]; then

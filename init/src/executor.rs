@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
 use crate::plan::{CapturePlan, IpFamily, cleanup_text};
@@ -104,23 +105,40 @@ impl fmt::Display for Backend {
     }
 }
 
-/// Runs the iptables binaries of one [`Backend`] in the current network namespace.
+/// Runs the iptables binaries of one [`Backend`] in the current network namespace, or in the one
+/// at a given path.
 #[derive(Clone, Debug)]
 pub struct SystemExecutor {
     backend: Backend,
+    /// Namespace entered through `nsenter --net=` for every command; `None` is the current one.
+    netns: Option<PathBuf>,
 }
 
 impl SystemExecutor {
     pub fn new(backend: Backend) -> Self {
-        Self { backend }
+        Self {
+            backend,
+            netns: None,
+        }
     }
 
     /// Picks the backend as istio-iptables does: the one that already holds rules in this network
     /// namespace wins (the more rules, the more certainly it is the one in use); with none
     /// anywhere, the image's default `iptables`.
     pub fn detect() -> Self {
-        let legacy_rules = count_rules(Backend::Legacy);
-        let nft_rules = count_rules(Backend::Nft);
+        Self::detect_with(None)
+    }
+
+    /// [`Self::detect`] for the network namespace at `netns` (a bind-mounted namespace file such
+    /// as a CNI runtime's `CNI_NETNS`): the probes and every later command run through
+    /// `nsenter --net=<netns>`, so a process on the host can program a pod's namespace.
+    pub fn detect_in_netns(netns: &Path) -> Self {
+        Self::detect_with(Some(netns.to_path_buf()))
+    }
+
+    fn detect_with(netns: Option<PathBuf>) -> Self {
+        let legacy_rules = count_rules(Backend::Legacy, netns.as_deref());
+        let nft_rules = count_rules(Backend::Nft, netns.as_deref());
         let backend = match (legacy_rules, nft_rules) {
             (Some(legacy), nft) if legacy > 0 && legacy >= nft.unwrap_or(0) => Backend::Legacy,
             (_, Some(nft)) if nft > 0 => Backend::Nft,
@@ -130,9 +148,10 @@ impl SystemExecutor {
             %backend,
             ?legacy_rules,
             ?nft_rules,
+            ?netns,
             "selected iptables backend"
         );
-        Self { backend }
+        Self { backend, netns }
     }
 
     pub fn backend(&self) -> Backend {
@@ -140,11 +159,28 @@ impl SystemExecutor {
     }
 }
 
+/// `binary`, run inside `netns` when one is given.
+fn command_in(netns: Option<&Path>, binary: &str) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net={}", netns.display()))
+                .arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    }
+}
+
 /// Rules (`-A` lines, all tables) the backend's IPv4 save shows; `None` if it cannot run, e.g.
 /// because the image only ships the other backend.
-fn count_rules(backend: Backend) -> Option<usize> {
+fn count_rules(backend: Backend, netns: Option<&Path>) -> Option<usize> {
     let binary = backend.binary(IpFamily::V4, "save");
-    let output = Command::new(&binary).stdin(Stdio::null()).output().ok()?;
+    let output = command_in(netns, &binary)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
     if !output.status.success() {
         tracing::debug!(
             %binary,
@@ -164,7 +200,7 @@ fn count_rules(backend: Backend) -> Option<usize> {
 impl Executor for SystemExecutor {
     fn save(&self, family: IpFamily) -> Result<String, ExecError> {
         let binary = self.backend.binary(family, "save");
-        let mut command = Command::new(&binary);
+        let mut command = command_in(self.netns.as_deref(), &binary);
         command.args(["-t", "nat"]).stdin(Stdio::null());
         let output = command.output().map_err(|source| ExecError::Io {
             command: format!("{binary} -t nat"),
@@ -182,7 +218,7 @@ impl Executor for SystemExecutor {
             command: command.clone(),
             source,
         };
-        let mut child = Command::new(&binary)
+        let mut child = command_in(self.netns.as_deref(), &binary)
             .args(["--noflush", &wait])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

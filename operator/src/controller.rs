@@ -338,12 +338,14 @@ async fn publish_status(
         observed_generation: mesh.metadata.generation,
         conditions: vec![
             condition("Ready", ready, reason, message),
-            condition("Progressing", false, reason, ""),
+            // Kubernetes 1.20's server-side apply turns an empty string into null, which the
+            // schema refuses, so every condition carries a real message.
+            condition("Progressing", false, reason, "no data-plane rollout in progress"),
             condition(
                 "Degraded",
                 !ready && active,
                 reason,
-                if ready { "" } else { message },
+                if ready { "no problems found" } else { message },
             ),
         ],
         root_cert_expiry: state.map(|s| {
@@ -354,11 +356,7 @@ async fn publish_status(
         connected_proxies,
         proxies_by_version,
     };
-    if mesh
-        .status
-        .as_ref()
-        .is_some_and(|old| same_status(old, &status))
-    {
+    if mesh.status.as_ref() == Some(&status) {
         return Ok(());
     }
     let patch = json!({
@@ -374,10 +372,6 @@ async fn publish_status(
         )
         .await?;
     Ok(())
-}
-
-fn same_status(a: &MeshStatus, b: &MeshStatus) -> bool {
-    a == b
 }
 
 async fn publish_event(ctx: &Context, mesh: &Mesh, type_: EventType, reason: &str, note: &str) {
