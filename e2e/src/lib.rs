@@ -370,8 +370,12 @@ impl PortForward {
             .stderr(Stdio::null())
             .spawn()?;
         let stdout = child.stdout.take().expect("stdout is piped");
+        let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        reader.read_line(&mut line)?;
+        // kubectl reports every connection on stdout: keep draining it, or it dies of EPIPE on
+        // the first connection.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         // "Forwarding from 127.0.0.1:41234 -> 15000"
         let local_port = line
             .split_whitespace()

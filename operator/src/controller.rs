@@ -340,7 +340,12 @@ async fn publish_status(
             condition("Ready", ready, reason, message),
             // Kubernetes 1.20's server-side apply turns an empty string into null, which the
             // schema refuses, so every condition carries a real message.
-            condition("Progressing", false, reason, "no data-plane rollout in progress"),
+            condition(
+                "Progressing",
+                false,
+                reason,
+                "no data-plane rollout in progress",
+            ),
             condition(
                 "Degraded",
                 !ready && active,
