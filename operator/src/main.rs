@@ -8,6 +8,7 @@ mod compile;
 mod control_plane;
 mod controller;
 mod discovery;
+mod env;
 mod error;
 mod https;
 mod injector;

@@ -5,65 +5,34 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::capture::CaptureListener;
 use crate::destination;
 use crate::forward;
 use crate::metrics::{TcpLabels, UNKNOWN};
-use crate::orig_dst;
 use crate::state::ProxyState;
 
-pub struct Outbound {
-    listener: TcpListener,
-    state: Arc<ProxyState>,
-}
+pub struct Outbound(CaptureListener);
 
 impl Outbound {
     pub async fn new(addr: SocketAddr, state: Arc<ProxyState>) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
-        Ok(Self { listener, state })
+        CaptureListener::bind(addr, state, "outbound")
+            .await
+            .map(Self)
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.0.local_addr()
     }
 
-    /// Accepts until the drain starts; each connection runs in its own task.
     pub async fn run(self) {
-        let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        loop {
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                () = self.state.drain.started() => break,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let state = self.state.clone();
-                    self.state
-                        .drain
-                        .spawn_connection(handle(state, stream, peer, port));
-                }
-                Err(e) => warn!(error = %e, "outbound accept failed"),
-            }
-        }
-        info!("outbound listener stopped accepting");
+        self.0.run(handle).await
     }
 }
 
-async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, listen_port: u16) {
-    let dst = match orig_dst::original_dst(&stream) {
-        Ok(dst) => dst,
-        Err(e) => {
-            warn!(%peer, error = %e, "outbound connection without an original destination (not redirected), refusing");
-            return;
-        }
-    };
-    let local = stream.local_addr().unwrap_or(dst);
-    if orig_dst::is_own_listener(dst, local, listen_port) {
-        warn!(%peer, %dst, "connection to the outbound listener itself was not redirected, refusing");
-        return;
-    }
+async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
     let config = state.current_config();
     let found = destination::lookup(&config, dst);
     let labels = labels(&state, found.as_ref());

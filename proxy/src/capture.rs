@@ -1,0 +1,90 @@
+//! What the two capture listeners share: the accept loop that stops when the drain starts, one
+//! task per connection, and recovering the original destination of a redirected connection
+//! (refusing connections that were not redirected, so a direct dial can never loop).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use crate::orig_dst;
+use crate::state::ProxyState;
+
+pub struct CaptureListener {
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    /// `inbound` or `outbound`, for logs.
+    direction: &'static str,
+}
+
+impl CaptureListener {
+    pub async fn bind(
+        addr: SocketAddr,
+        state: Arc<ProxyState>,
+        direction: &'static str,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self {
+            listener,
+            state,
+            direction,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until the drain starts; each redirected connection runs `handle(state, stream,
+    /// peer, original destination)` in its own task, tracked by the drain.
+    pub async fn run<H, F>(self, handle: H)
+    where
+        H: Fn(Arc<ProxyState>, TcpStream, SocketAddr, SocketAddr) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let direction = self.direction;
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = self.state.drain.started() => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    if let Some(dst) = redirected_destination(&stream, peer, port, direction) {
+                        let task = handle(self.state.clone(), stream, peer, dst);
+                        self.state.drain.spawn_connection(task);
+                    }
+                }
+                Err(e) => warn!(error = %e, direction, "accept failed"),
+            }
+        }
+        info!(direction, "listener stopped accepting");
+    }
+}
+
+/// The destination iptables redirected the connection from, or `None` (logged) when the
+/// connection was not redirected at all.
+fn redirected_destination(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    listen_port: u16,
+    direction: &str,
+) -> Option<SocketAddr> {
+    let dst = match orig_dst::original_dst(stream) {
+        Ok(dst) => dst,
+        Err(e) => {
+            warn!(%peer, error = %e, direction, "connection without an original destination (not redirected), refusing");
+            return None;
+        }
+    };
+    let local = stream.local_addr().unwrap_or(dst);
+    if orig_dst::is_own_listener(dst, local, listen_port) {
+        warn!(%peer, %dst, direction, "connection to the listener itself was not redirected, refusing");
+        return None;
+    }
+    Some(dst)
+}
