@@ -53,6 +53,10 @@ pub struct MeshSpec {
     /// How pod traffic is captured: a NET_ADMIN init container, or the chained CNI plugin.
     #[serde(default)]
     pub interception: Interception,
+    /// Where the nodes keep their CNI plugins and configuration (used when interception is
+    /// `cni`).
+    #[serde(default)]
+    pub cni: CniSettings,
     #[serde(default)]
     pub proxy: ProxySettings,
     #[serde(default)]
@@ -89,6 +93,34 @@ pub enum Interception {
     #[default]
     InitContainer,
     Cni,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CniSettings {
+    /// The node's CNI plugin directory (containerd's `bin_dir`).
+    #[serde(default = "default_cni_bin_dir")]
+    pub bin_dir: String,
+    /// The node's CNI configuration directory (containerd's `conf_dir`).
+    #[serde(default = "default_cni_conf_dir")]
+    pub conf_dir: String,
+}
+
+impl Default for CniSettings {
+    fn default() -> Self {
+        Self {
+            bin_dir: default_cni_bin_dir(),
+            conf_dir: default_cni_conf_dir(),
+        }
+    }
+}
+
+fn default_cni_bin_dir() -> String {
+    "/opt/cni/bin".to_owned()
+}
+
+fn default_cni_conf_dir() -> String {
+    "/etc/cni/net.d".to_owned()
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

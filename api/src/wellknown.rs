@@ -38,3 +38,22 @@ pub const CONFIG_STREAM_PATH: &str = "/v1/config";
 
 /// Image repository prefix for locally built images; the tag is the mesh version.
 pub const DEFAULT_IMAGE_REGISTRY: &str = "trellis.local";
+
+/// Names of the injected containers.
+pub const PROXY_CONTAINER: &str = "trellis-proxy";
+pub const INIT_CONTAINER: &str = "trellis-init";
+/// Init container (no capabilities) that fails fast when CNI capture is missing.
+pub const VALIDATION_CONTAINER: &str = "trellis-validation";
+/// Annotation recording what was injected (JSON: version and interception mode); its presence
+/// makes injection idempotent, and `"interception":"cni"` tells the CNI plugin to capture.
+pub const STATUS_ANNOTATION: &str = "trellis.dev/status";
+
+/// Istio's per-pod capture annotations.
+pub const INCLUDE_INBOUND_PORTS_ANNOTATION: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+pub const EXCLUDE_INBOUND_PORTS_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub const INCLUDE_OUTBOUND_PORTS_ANNOTATION: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+pub const EXCLUDE_OUTBOUND_PORTS_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub const INCLUDE_OUTBOUND_IP_RANGES_ANNOTATION: &str =
+    "traffic.sidecar.istio.io/includeOutboundIPRanges";
+pub const EXCLUDE_OUTBOUND_IP_RANGES_ANNOTATION: &str =
+    "traffic.sidecar.istio.io/excludeOutboundIPRanges";

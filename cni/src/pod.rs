@@ -9,20 +9,15 @@ use trellis_init::{
     CaptureConfig, CidrSelection, ConfigError, PortSelection, parse_cidr_list, parse_port_list,
 };
 
-/// Annotation the injector records what it injected in; `"interception":"cni"` in its JSON
-/// means the pod has no init container and relies on this plugin. Same value as the injector's
-/// `STATUS_ANNOTATION`.
-pub const STATUS_ANNOTATION: &str = "trellis.dev/status";
-/// Name of the init container that captures when interception is not CNI. Same value as the
-/// injector's `INIT_CONTAINER`.
-pub const INIT_CONTAINER: &str = "trellis-init";
-
-const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
-const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
-const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
-const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
-const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
-const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+use trellis_api::wellknown::{
+    EXCLUDE_INBOUND_PORTS_ANNOTATION as EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_IP_RANGES_ANNOTATION as EXCLUDE_OUTBOUND_IP_RANGES,
+    EXCLUDE_OUTBOUND_PORTS_ANNOTATION as EXCLUDE_OUTBOUND_PORTS,
+    INCLUDE_INBOUND_PORTS_ANNOTATION as INCLUDE_INBOUND_PORTS,
+    INCLUDE_OUTBOUND_IP_RANGES_ANNOTATION as INCLUDE_OUTBOUND_IP_RANGES,
+    INCLUDE_OUTBOUND_PORTS_ANNOTATION as INCLUDE_OUTBOUND_PORTS,
+};
+pub use trellis_api::wellknown::{INIT_CONTAINER, STATUS_ANNOTATION};
 
 /// What to do with a pod's network namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]

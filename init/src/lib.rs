@@ -10,6 +10,7 @@
 mod config;
 mod executor;
 mod plan;
+pub mod validate;
 
 pub use config::{
     ALWAYS_EXCLUDED_INBOUND_PORTS, CaptureConfig, CidrSelection, ConfigError,

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use trellis_init::validate::{PROBE_TARGET, validate};
 use trellis_init::{
     CaptureConfig, CapturePlan, CidrSelection, Executor as _, IpFamily, PortSelection,
     SystemExecutor, apply, cleanup, cleanup_text, parse_cidr_list, parse_port_list,
@@ -88,6 +89,10 @@ struct Args {
     /// Remove the chains and jumps that apply adds, and nothing else.
     #[arg(long, env = "TRELLIS_CLEANUP")]
     cleanup: bool,
+    /// Check that capture is in place (CNI mode's validation init container) instead of
+    /// installing it; needs no capability.
+    #[arg(long, env = "TRELLIS_VALIDATE", conflicts_with_all = ["cleanup", "dry_run"])]
+    validate: bool,
 }
 
 impl Args {
@@ -151,6 +156,15 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
+    if args.validate {
+        validate(
+            args.outbound_capture_port,
+            PROBE_TARGET,
+            std::time::Duration::from_secs(3),
+        )?;
+        tracing::info!("traffic capture is in place");
+        return Ok(());
+    }
     if args.cleanup {
         let executor = SystemExecutor::detect();
         if args.dry_run {

@@ -22,13 +22,14 @@ use trellis_api::protocol::{
     CertificateRequest, CertificateResponse, ControlMessage, MAX_REQUEST_BYTES, POD_NAME_HEADER,
     PROXY_VERSION_HEADER,
 };
-use trellis_api::wellknown::{CERTIFICATE_PATH, CONFIG_STREAM_PATH, TOKEN_AUDIENCE};
+use trellis_api::wellknown::{
+    CERTIFICATE_PATH, CONFIG_STREAM_PATH, PROXY_CONTAINER, TOKEN_AUDIENCE,
+};
 
 use crate::compile::compile;
 use crate::controller::MeshStateRx;
 use crate::discovery::Discovery;
 use crate::https::{self, Body, Peer};
-use crate::injector::PROXY_CONTAINER;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxies::ConnectedProxies;
 

@@ -180,6 +180,7 @@ async fn reconcile_active(mesh: &Mesh, ctx: &Context) -> Result<()> {
     });
     ensure_root_cert_configmaps(ctx, mesh, &state).await?;
     injector::apply_webhook_configuration(ctx, mesh, &state).await?;
+    crate::cni::reconcile(ctx, mesh).await?;
     if ctx
         .mesh_state
         .borrow()

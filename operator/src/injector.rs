@@ -22,8 +22,12 @@ use kube::{Api, Resource};
 use trellis_api::Mesh;
 use trellis_api::mesh::{Interception, MeshSpec};
 use trellis_api::wellknown::{
-    CONTROL_PLANE_PORT, INJECT_LABEL, ISTIO_INJECT_ANNOTATION, ISTIO_INJECTION_LABEL, METRICS_PORT,
-    OPERATOR_NAME, PROXY_GID, PROXY_UID, READINESS_PORT, ROOT_CERT_CONFIGMAP, TOKEN_AUDIENCE,
+    CONTROL_PLANE_PORT, EXCLUDE_INBOUND_PORTS_ANNOTATION, EXCLUDE_OUTBOUND_IP_RANGES_ANNOTATION,
+    EXCLUDE_OUTBOUND_PORTS_ANNOTATION, INCLUDE_INBOUND_PORTS_ANNOTATION,
+    INCLUDE_OUTBOUND_IP_RANGES_ANNOTATION, INCLUDE_OUTBOUND_PORTS_ANNOTATION, INIT_CONTAINER,
+    INJECT_LABEL, ISTIO_INJECT_ANNOTATION, ISTIO_INJECTION_LABEL, METRICS_PORT, OPERATOR_NAME,
+    PROXY_CONTAINER, PROXY_GID, PROXY_UID, READINESS_PORT, ROOT_CERT_CONFIGMAP, STATUS_ANNOTATION,
+    TOKEN_AUDIENCE, VALIDATION_CONTAINER,
 };
 
 use crate::controller::{Context, MANAGER, MeshState};
@@ -32,10 +36,6 @@ use crate::error::{Error, Result};
 
 pub const WEBHOOK_CONFIGURATION: &str = "trellis-sidecar-injector";
 pub const INJECT_PATH: &str = "/inject";
-pub const PROXY_CONTAINER: &str = "trellis-proxy";
-pub const INIT_CONTAINER: &str = "trellis-init";
-/// Annotation recording what was injected; its presence makes injection idempotent.
-pub const STATUS_ANNOTATION: &str = "trellis.dev/status";
 /// Label carrying the data-plane version, counted by the operator.
 pub const PROXY_VERSION_LABEL: &str = "trellis.dev/proxy-version";
 /// Istio's label saying the pod accepts mutual TLS from sidecars; discovery reads it.
@@ -47,28 +47,22 @@ pub const ROOT_CERT_DIR: &str = "/var/run/secrets/trellis/root";
 
 /// Istio's capture annotations, mapped to `trellis-init` flags.
 const CAPTURE_ANNOTATIONS: &[(&str, &str)] = &[
+    (INCLUDE_INBOUND_PORTS_ANNOTATION, "--include-inbound-ports"),
+    (EXCLUDE_INBOUND_PORTS_ANNOTATION, "--exclude-inbound-ports"),
     (
-        "traffic.sidecar.istio.io/includeInboundPorts",
-        "--include-inbound-ports",
-    ),
-    (
-        "traffic.sidecar.istio.io/excludeInboundPorts",
-        "--exclude-inbound-ports",
-    ),
-    (
-        "traffic.sidecar.istio.io/includeOutboundPorts",
+        INCLUDE_OUTBOUND_PORTS_ANNOTATION,
         "--include-outbound-ports",
     ),
     (
-        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        EXCLUDE_OUTBOUND_PORTS_ANNOTATION,
         "--exclude-outbound-ports",
     ),
     (
-        "traffic.sidecar.istio.io/includeOutboundIPRanges",
+        INCLUDE_OUTBOUND_IP_RANGES_ANNOTATION,
         "--include-outbound-ip-ranges",
     ),
     (
-        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        EXCLUDE_OUTBOUND_IP_RANGES_ANNOTATION,
         "--exclude-outbound-ip-ranges",
     ),
 ];
@@ -202,6 +196,32 @@ fn init_container(pod: &Pod, mesh: &MeshSpec) -> Container {
             capabilities: Some(Capabilities {
                 add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
                 drop: Some(vec!["ALL".to_owned()]),
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+/// In CNI mode: an unprivileged init container that fails fast when the pod's traffic is not
+/// captured (the plugin was not installed when the pod's network was created); the repair loop
+/// then deletes the pod so it is recreated with capture.
+fn validation_container(mesh: &MeshSpec) -> Container {
+    Container {
+        name: VALIDATION_CONTAINER.to_owned(),
+        image: Some(image(mesh, "init")),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        args: Some(vec!["--validate".to_owned()]),
+        security_context: Some(SecurityContext {
+            // Any uid but the proxy's: the capture rules exempt the proxy's own traffic.
+            run_as_user: Some(i64::from(PROXY_UID) + 1),
+            run_as_group: Some(i64::from(PROXY_GID) + 1),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
             }),
             ..SecurityContext::default()
         }),
@@ -366,9 +386,10 @@ pub fn inject(pod: &Pod, params: &InjectionParams) -> Pod {
     let spec = injected.spec.get_or_insert_with(Default::default);
     let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
     let mut prepend = Vec::new();
-    if params.mesh.interception == Interception::InitContainer {
-        prepend.push(init_container(pod, &params.mesh));
-    }
+    prepend.push(match params.mesh.interception {
+        Interception::InitContainer => init_container(pod, &params.mesh),
+        Interception::Cni => validation_container(&params.mesh),
+    });
     if params.native_sidecars {
         prepend.push(proxy);
     } else {
@@ -649,10 +670,25 @@ mod tests {
         let injected = inject(&pod(json!({})), &params(Interception::Cni, true));
         let spec = injected.spec.unwrap();
         let init = spec.init_containers.unwrap();
-        assert_eq!(init.len(), 1, "cni mode has no capture init container");
-        assert_eq!(init[0].name, PROXY_CONTAINER);
-        assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
-        assert!(init[0].lifecycle.is_none());
+        let names: Vec<_> = init.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [VALIDATION_CONTAINER, PROXY_CONTAINER],
+            "cni mode: no capture init container"
+        );
+        let validation = init[0].security_context.clone().unwrap();
+        assert_eq!(
+            validation.capabilities.unwrap().add,
+            None,
+            "validation needs no capability"
+        );
+        assert_eq!(validation.run_as_user, Some(1338));
+        assert_eq!(
+            init[0].args.as_deref(),
+            Some(&["--validate".to_owned()][..])
+        );
+        assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+        assert!(init[1].lifecycle.is_none());
         assert_eq!(spec.containers.len(), 1);
     }
 }

@@ -4,6 +4,7 @@
 //! manifest generated from its own types.
 
 mod ca;
+mod cni;
 mod compile;
 mod control_plane;
 mod controller;
@@ -158,7 +159,8 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
     let elector = leader::LeaderElector::new(client.clone(), &namespace, pod_name);
     elector.acquire().await;
     tokio::select! {
-        () = controller::run(ctx) => info!("controller stopped"),
+        () = controller::run(ctx.clone()) => info!("controller stopped"),
+        () = cni::repair_loop(ctx) => info!("repair loop stopped"),
         () = elector.hold() => {
             // Another replica may take over now; stop at once rather than act as a second leader.
             error!("lost the leader lease; exiting");

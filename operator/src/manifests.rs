@@ -97,7 +97,17 @@ fn namespace_role() -> Role {
         rules: Some(vec![
             rule(&[""], &["secrets"], WRITE),
             rule(&["coordination.k8s.io"], &["leases"], WRITE),
+            rule(&["apps"], &["daemonsets"], WRITE),
         ]),
+    }
+}
+
+/// The CNI plugin reads the pod it is asked to capture, nothing else.
+fn cni_cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(crate::cni::SERVICE_ACCOUNT, None),
+        rules: Some(vec![rule(&[""], &["pods"], &["get"])]),
+        ..ClusterRole::default()
     }
 }
 
@@ -249,6 +259,25 @@ pub fn objects() -> Vec<serde_json::Value> {
         }),
         value(service()),
         value(deployment()),
+        value(ServiceAccount {
+            metadata: meta(crate::cni::SERVICE_ACCOUNT, Some(OPERATOR_NAMESPACE)),
+            ..ServiceAccount::default()
+        }),
+        value(cni_cluster_role()),
+        value(ClusterRoleBinding {
+            metadata: meta(crate::cni::SERVICE_ACCOUNT, None),
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".to_owned()),
+                kind: "ClusterRole".to_owned(),
+                name: crate::cni::SERVICE_ACCOUNT.to_owned(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".to_owned(),
+                name: crate::cni::SERVICE_ACCOUNT.to_owned(),
+                namespace: Some(OPERATOR_NAMESPACE.to_owned()),
+                ..Subject::default()
+            }]),
+        }),
     ]
 }
 
@@ -285,7 +314,10 @@ mod tests {
                 "Role",
                 "RoleBinding",
                 "Service",
-                "Deployment"
+                "Deployment",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding"
             ]
         );
         let rendered = render();

