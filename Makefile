@@ -15,6 +15,9 @@ IMAGES_DIR := $(TARGET_DIR)/images
 REGISTRY   := trellis.local
 IMAGE_NAMES := operator proxy init cni cli demo
 DEMO_PORT  ?= 18080
+# State dir of the local cluster (e2e/cluster.sh's default); its CNI directories serve CNI mode.
+KUBE_STATE ?= /tmp/trellis-kube
+export KUBE_STATE
 # Packages the build and the tests need beyond the machine's Rust toolchain.
 APT_PACKAGES := iptables iproute2 util-linux python3 socat curl ca-certificates
 
@@ -125,6 +128,7 @@ e2e: deps
 	  if [ $$started = 1 ]; then $(CLUSTER) down || true; fi; exit $$rc' EXIT; \
 	$(MAKE) --no-print-directory images install; \
 	KUBECONFIG=$$($(CLUSTER) kubeconfig) TRELLIS_VERSION=$(VERSION) \
+	  TRELLIS_CNI_BIN_DIR=$(KUBE_STATE)/cni-bin TRELLIS_CNI_CONF_DIR=$(KUBE_STATE)/cni \
 	  cargo test -p trellis-e2e -- --test-threads=1
 
 test: lint unit manifests-check e2e

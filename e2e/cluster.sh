@@ -14,6 +14,7 @@
 #   image NAME:TAG ARCHIVE        import an OCI archive (see oci-image.py) into the cluster's containerd
 #   logs                          last lines of every component's log
 #
+# CNI: configuration in $KUBE_STATE/cni, plugins in $KUBE_STATE/cni-bin (Mesh.spec.cni for CNI mode).
 # Environment: KUBE_CACHE (/var/cache/local-kube), KUBE_STATE (/tmp/trellis-kube),
 #   KUBE_API_PORT (16443), KUBE_WAIT_TIMEOUT (180), KUBECTL ($KUBE_CACHE/bin/kubectl),
 #   KUBECONFIG (if set and reachable, that cluster is used instead of starting a local one).
@@ -335,6 +336,10 @@ up() {
   inns sysctl -qw net.ipv4.ip_forward=1
   inns sysctl -qw net.bridge.bridge-nf-call-iptables=1 2> /dev/null || true
 
+  # The runtime's CNI bin dir lives in the state dir (links to Debian's reference plugins), so a
+  # chained plugin installed by the mesh never lands in /usr/lib/cni and `down` removes it.
+  mkdir -p "$STATE/cni-bin"
+  ln -sf /usr/lib/cni/* "$STATE/cni-bin/"
   cat > "$STATE/cni/10-bridge.conflist" << X
 {"cniVersion":"0.4.0","name":"$CNI_NET","plugins":[
  {"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"hairpinMode":true,
@@ -363,7 +368,7 @@ state = "$STATE/containerd/state"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         Root = "$STATE/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = "$STATE/cni-bin"
     conf_dir = "$STATE/cni"
 X
   spawn "$STATE/pids/etcd.pid" "$L/etcd.log" ns etcd --name node1 --data-dir "$STATE/etcd" \

@@ -104,6 +104,9 @@ pub struct CniSettings {
     /// The node's CNI configuration directory (containerd's `conf_dir`).
     #[serde(default = "default_cni_conf_dir")]
     pub conf_dir: String,
+    /// Namespaces whose pods the plugin never captures, besides kube-system and the operator's.
+    #[serde(default)]
+    pub exclude_namespaces: Vec<String>,
 }
 
 impl Default for CniSettings {
@@ -111,6 +114,7 @@ impl Default for CniSettings {
         Self {
             bin_dir: default_cni_bin_dir(),
             conf_dir: default_cni_conf_dir(),
+            exclude_namespaces: Vec::new(),
         }
     }
 }

@@ -30,6 +30,10 @@ pub const SERVICE_ACCOUNT: &str = "trellis-cni";
 
 /// The installer DaemonSet for this Mesh.
 pub fn daemonset(mesh: &MeshSpec, namespace: &str) -> serde_json::Value {
+    let excluded: Vec<&str> = ["kube-system", namespace]
+        .into_iter()
+        .chain(mesh.cni.exclude_namespaces.iter().map(String::as_str))
+        .collect();
     let labels =
         json!({"app.kubernetes.io/name": DAEMONSET, "app.kubernetes.io/part-of": "trellis"});
     json!({
@@ -55,6 +59,7 @@ pub fn daemonset(mesh: &MeshSpec, namespace: &str) -> serde_json::Value {
                             {"name": "TRELLIS_CNI_BIN_DIR", "value": "/host/cni/bin"},
                             {"name": "TRELLIS_CNI_CONF_DIR", "value": "/host/cni/net.d"},
                             {"name": "TRELLIS_HOST_CNI_CONF_DIR", "value": mesh.cni.conf_dir},
+                            {"name": "TRELLIS_CNI_EXCLUDE_NAMESPACES", "value": excluded.join(",")},
                         ],
                         // Writes into the node's CNI directories, nothing else.
                         "securityContext": {"runAsUser": 0, "runAsNonRoot": false, "allowPrivilegeEscalation": false},
@@ -193,7 +198,7 @@ mod tests {
     #[test]
     fn installer_mounts_the_meshs_cni_directories() {
         let mut mesh: MeshSpec = serde_json::from_value(
-            json!({"version": "2.0", "cni": {"binDir": "/b", "confDir": "/c"}}),
+            json!({"version": "2.0", "cni": {"binDir": "/b", "confDir": "/c", "excludeNamespaces": ["batch"]}}),
         )
         .unwrap();
         mesh.interception = Interception::Cni;
@@ -203,5 +208,9 @@ mod tests {
         assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/b");
         assert_eq!(pod["volumes"][1]["hostPath"]["path"], "/c");
         assert_eq!(pod["containers"][0]["env"][2]["value"], "/c");
+        assert_eq!(
+            pod["containers"][0]["env"][3]["value"],
+            "kube-system,trellis-system,batch"
+        );
     }
 }
