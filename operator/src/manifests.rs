@@ -67,11 +67,9 @@ fn cluster_role() -> ClusterRole {
         metadata: meta(OPERATOR_NAME, None),
         rules: Some(vec![
             rule(&["trellis.dev"], &["meshes", "meshes/status"], WRITE),
-            rule(
-                &[""],
-                &["services", "endpoints", "namespaces", "pods"],
-                READ,
-            ),
+            rule(&[""], &["services", "endpoints", "namespaces"], READ),
+            // Pods that started without CNI capture are deleted so their controller recreates them.
+            rule(&[""], &["pods"], &["get", "list", "watch", "delete"]),
             rule(&["discovery.k8s.io"], &["endpointslices"], READ),
             // Published in every meshed namespace: the trust bundle proxies bootstrap with.
             rule(&[""], &["configmaps"], WRITE),
