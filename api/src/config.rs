@@ -90,10 +90,48 @@ pub struct Endpoint {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct InboundPolicy {
-    /// Effective peer-authentication mode for the proxy's workload.
+    /// Effective peer-authentication mode of the proxy's workload (PeerAuthentication resolved
+    /// with Istio's inheritance: workload, then namespace, then mesh-wide, then the Mesh default).
     #[serde(default)]
-    pub mtls_mode: MtlsMode,
+    pub mtls_mode: PeerAuthenticationMode,
+    /// Port-level overrides (`portLevelMtls`), keyed by the workload's container port.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub port_mtls: std::collections::BTreeMap<u16, PeerAuthenticationMode>,
 }
+
+impl InboundPolicy {
+    /// The mode that applies to a connection for `port`.
+    pub fn mode_for(&self, port: u16) -> PeerAuthenticationMode {
+        self.port_mtls.get(&port).copied().unwrap_or(self.mtls_mode)
+    }
+}
+
+/// What an inbound port accepts, as resolved from PeerAuthentication (UNSET never reaches a
+/// proxy: it has been replaced by the inherited mode).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PeerAuthenticationMode {
+    /// Mutual TLS from sidecars and plaintext both.
+    #[default]
+    Permissive,
+    /// Mutual TLS only; plaintext is refused at the connection.
+    Strict,
+    /// Plaintext only: TLS is passed to the application untouched.
+    Disable,
+}
+
+impl From<MtlsMode> for PeerAuthenticationMode {
+    fn from(mode: MtlsMode) -> Self {
+        match mode {
+            MtlsMode::Permissive => Self::Permissive,
+            MtlsMode::Strict => Self::Strict,
+        }
+    }
+}
+
+/// ALPN protocol a sidecar offers when it originates mutual TLS to another sidecar, so the
+/// inbound side can tell mesh TLS from an application's own TLS.
+pub const MESH_ALPN: &[u8] = b"trellis-mtls";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -51,7 +51,8 @@ pub fn compile(state: &ClusterState, mesh: &MeshSpec, trust_bundle: &[String]) -
         version: String::new(),
         services,
         inbound: InboundPolicy {
-            mtls_mode: mesh.mtls.mode,
+            mtls_mode: mesh.mtls.mode.into(),
+            port_mtls: Default::default(),
         },
         outbound_traffic_policy: mesh.outbound_traffic_policy.mode,
         trust_bundle: trust_bundle.to_vec(),
