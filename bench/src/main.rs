@@ -1,10 +1,261 @@
-//! `trellis-bench`: the load-benchmark runner (trellis-proxy against Envoy and a direct
-//! connection). The runner itself is the benchmark issue's work; until it lands this binary
-//! only says so, and `make bench` fails rather than report numbers it did not measure.
+//! `trellis-bench`: trellis-proxy against Envoy and a direct connection, same topologies, same
+//! load generators, one run, interleaved. See bench/RESULTS.md for what it measures and how.
+//!
+//! The runner installs its tools (outside the namespace, where the registries are reachable),
+//! creates a private network namespace with the capture rules, and re-runs itself inside it
+//! (`--inside`), where every benchmark process lives. Guards kill every child and delete the
+//! namespace on any exit path.
 
-fn main() {
-    eprintln!(
-        "trellis-bench: the benchmark runner is not implemented yet (see the benchmark issue)"
-    );
-    std::process::exit(2);
+mod load;
+mod netns;
+mod procs;
+mod report;
+mod systems;
+mod tools;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use load::Test;
+use procs::{Proc, cpu_ticks, fact, http_status, output_within, status_kib};
+use systems::{SETUPS, Setup};
+use tools::Tools;
+
+const INSIDE: &str = "--inside";
+const RATES: [u32; 3] = [500, 1000, 2000];
+
+/// How long and how often: `--quick` for a smoke run under three minutes.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    pub secs: u64,
+}
+
+/// One load run of one setup.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub test: Test,
+    pub setup: Setup,
+    pub round: usize,
+    pub outcome: load::Outcome,
+    /// CPU seconds of the setup's proxies during the run (summed over both for two hops).
+    pub cpu_s: f64,
+    pub rss_idle_kib: u64,
+    pub rss_peak_kib: u64,
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let plan = Plan {
+        quick,
+        rounds: if quick { 1 } else { 3 },
+        secs: if quick { 3 } else { 6 },
+    };
+    let exe = std::env::current_exe()?;
+    // target/release/trellis-bench → target
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the runner must live in the cargo target dir")?
+        .to_path_buf();
+    let out = match args.iter().position(|a| a == "--out") {
+        Some(i) => PathBuf::from(args.get(i + 1).context("--out needs a directory")?),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf(),
+    };
+    if args.iter().any(|a| a == INSIDE) {
+        return inside(plan, &target, &out);
+    }
+    let started = Instant::now();
+    Tools::ensure(&target)?;
+    let netns = netns::Netns::create()?;
+    eprintln!("bench: network namespace {} ready", netns.name);
+    let status = Command::new("nsenter")
+        .arg(format!("--net={}", netns.path()))
+        .arg("--")
+        .arg(&exe)
+        .arg(INSIDE)
+        .args(&args)
+        .status()?;
+    drop(netns);
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
+    eprintln!("bench: done in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn inside(plan: Plan, target: &Path, out: &Path) -> Result<()> {
+    let tools = Tools::locate(target);
+    let work = target.join("bench/run");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(
+        work.join("trellis.json"),
+        serde_json::to_vec_pretty(&systems::trellis_config())?,
+    )?;
+    let facts = machine_facts(&tools, plan);
+    let _nginx = systems::nginx(&tools, &work)?;
+    load::serve_bulk()?;
+
+    let mut tests = vec![Test::Http1Max, Test::Http2Max, Test::TcpBulk];
+    tests.extend(RATES.map(Test::Http1Rate));
+    let total = plan.rounds * tests.len() * SETUPS.len();
+    let mut samples = Vec::with_capacity(total);
+    for round in 0..plan.rounds {
+        for &test in &tests {
+            // Rotate the order each round so drift in background load spreads over all setups.
+            for k in 0..SETUPS.len() {
+                let setup = SETUPS[(k + round) % SETUPS.len()];
+                eprint!(
+                    "[{:>3}/{total}] round {} {:<13} {:<13} ",
+                    samples.len() + 1,
+                    round + 1,
+                    test.name(),
+                    setup.to_string()
+                );
+                let sample = measure(test, setup, round, plan, &tools, &work)?;
+                eprintln!("{}", report::progress_line(&sample));
+                samples.push(sample);
+            }
+        }
+    }
+    eprintln!("bench: proxy RSS with an empty vs a 10,000-service config");
+    let config_rss = config_rss(&tools, &work)?;
+    let profile = if plan.quick {
+        None
+    } else {
+        eprintln!("bench: callgrind profile of trellis-proxy (one hop, HTTP/1.1)");
+        Some(profile(&tools, &work)?)
+    };
+    let facts = json!({"start": facts, "load_after": fact("cat", &["/proc/loadavg"])});
+    report::write(out, plan, &facts, &samples, &config_rss, profile.as_deref())?;
+    eprintln!("bench: wrote {}", out.join("RESULTS.md").display());
+    Ok(())
+}
+
+fn measure(
+    test: Test,
+    setup: Setup,
+    round: usize,
+    plan: Plan,
+    tools: &Tools,
+    work: &Path,
+) -> Result<Sample> {
+    let proxies = setup.start(tools, work)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let pids: Vec<u32> = proxies.iter().map(Proc::pid).collect();
+    let sum = |f: &dyn Fn(u32) -> Result<u64>| -> Result<u64> { pids.iter().map(|&p| f(p)).sum() };
+    let rss_idle_kib = sum(&|p| status_kib(p, "VmRSS"))?;
+    let cpu_before = sum(&cpu_ticks)?;
+    let outcome = load::run(
+        test,
+        setup.target_ip(),
+        plan.secs,
+        tools,
+        &work.join("load.out"),
+    )
+    .with_context(|| format!("{} through {setup}", test.name()))?;
+    let cpu_ticks_used = sum(&cpu_ticks)? - cpu_before;
+    let rss_peak_kib = sum(&|p| status_kib(p, "VmHWM"))?;
+    Ok(Sample {
+        test,
+        setup,
+        round,
+        outcome,
+        cpu_s: cpu_ticks_used as f64 / clock_ticks_per_second(),
+        rss_idle_kib,
+        rss_peak_kib,
+    })
+}
+
+fn clock_ticks_per_second() -> f64 {
+    fact("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0)
+}
+
+/// trellis-proxy's RSS with an empty config and with 10,000 services.
+fn config_rss(tools: &Tools, work: &Path) -> Result<Vec<Value>> {
+    let configs = [
+        ("empty", json!({"version": "empty"})),
+        ("10000 services", systems::services_config(10_000)),
+    ];
+    let mut rows = Vec::new();
+    for (name, config) in configs {
+        let path = work.join(format!("config-{}.json", name.replace(' ', "-")));
+        std::fs::write(&path, serde_json::to_vec(&config)?)?;
+        let started = Instant::now();
+        let proxy = systems::trellis_with_config(tools, work, &path, &[])?;
+        let ready_ms = started.elapsed().as_millis();
+        std::thread::sleep(Duration::from_millis(500));
+        rows.push(json!({
+            "config": name,
+            "file_bytes": std::fs::metadata(&path)?.len(),
+            "ready_ms": ready_ms,
+            "rss_kib": status_kib(proxy.pid(), "VmRSS")?,
+            "peak_kib": status_kib(proxy.pid(), "VmHWM")?,
+        }));
+    }
+    Ok(rows)
+}
+
+/// Where trellis-proxy spends its instructions under HTTP/1.1 load: a bounded oha run through
+/// one hop with the proxy under callgrind (`perf stat -e instructions` is not supported here).
+fn profile(tools: &Tools, work: &Path) -> Result<String> {
+    let dir = work.join("profile");
+    std::fs::create_dir_all(&dir)?;
+    // The proxy runs as uid 1337 and writes its profile here.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+    let file = dir.join("callgrind.out");
+    let out_arg = format!("--callgrind-out-file={}", file.display());
+    let mut proxy = systems::trellis_with_config(
+        tools,
+        work,
+        &work.join("trellis.json"),
+        &["valgrind", "--tool=callgrind", &out_arg],
+    )?;
+    let mut cmd = Command::new(&tools.oha);
+    cmd.args(["--no-tui", "-n", "2000", "-c", "8"]);
+    cmd.arg(format!("http://127.0.0.3:{}/", systems::HTTP1_PORT));
+    output_within(&mut cmd, Duration::from_secs(180), &dir.join("oha.out"))?;
+    http_status("POST", 15000, "/quitquitquit");
+    proxy.wait_exit(Duration::from_secs(60))?;
+    let annotated = Command::new("callgrind_annotate")
+        .arg(&file)
+        .output()
+        .context("callgrind_annotate")?;
+    Ok(String::from_utf8_lossy(&annotated.stdout).into_owned())
+}
+
+fn machine_facts(tools: &Tools, plan: Plan) -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem = fact("sh", &["-c", "grep MemTotal /proc/meminfo"]);
+    json!({
+        "date": fact("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "command": if plan.quick { "make bench-quick" } else { "make bench" },
+        "cpus": fact("nproc", &[]),
+        "cpu_model": cpu,
+        "memory": mem,
+        "kernel": fact("uname", &["-sr"]),
+        "load_before": fact("cat", &["/proc/loadavg"]),
+        "git": fact("git", &["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"]),
+        "rustc": fact("rustc", &["-V"]),
+        "envoy": fact(&tools.envoy.to_string_lossy(), &["--version"]),
+        "oha": fact(&tools.oha.to_string_lossy(), &["--version"]),
+        "h2load": fact(&tools.h2load.to_string_lossy(), &["--version"]),
+        "nginx": fact(&tools.nginx.to_string_lossy(), &["-v"]),
+    })
 }

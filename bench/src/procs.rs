@@ -107,11 +107,15 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(utime + stime)
 }
 
-/// The status code of a plain HTTP/1.0 request to 127.0.0.1:`port`, or `None` if it fails.
+/// The status code of a one-shot HTTP/1.1 request to 127.0.0.1:`port`, or `None` if it fails.
 pub fn http_status(method: &str, port: u16, path: &str) -> Option<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
@@ -140,7 +144,11 @@ pub fn fact(program: &str, args: &[&str]) -> String {
         .output()
         .ok()
         .map(|o| {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
             String::from_utf8_lossy(&text).trim().to_owned()
         })
         .filter(|s| !s.is_empty())

@@ -42,10 +42,7 @@ impl Tools {
                 tools.trellis.display()
             );
         }
-        let missing: Vec<&str> = APT_PACKAGES
-            .into_iter()
-            .filter(|p| !installed(p))
-            .collect();
+        let missing: Vec<&str> = APT_PACKAGES.into_iter().filter(|p| !installed(p)).collect();
         if !missing.is_empty() {
             eprintln!("bench: apt-get install {}", missing.join(" "));
             run("apt-get", &["update", "-qq"])?;
@@ -71,10 +68,19 @@ impl Tools {
         }
         if !tools.oha.exists() {
             let root = target.join("bench/tools");
-            eprintln!("bench: cargo install --locked oha --root {}", root.display());
+            eprintln!(
+                "bench: cargo install --locked oha --root {}",
+                root.display()
+            );
             run(
                 "cargo",
-                &["install", "--locked", "oha", "--root", &root.to_string_lossy()],
+                &[
+                    "install",
+                    "--locked",
+                    "oha",
+                    "--root",
+                    &root.to_string_lossy(),
+                ],
             )
             .context("installing oha")?;
         }
