@@ -379,11 +379,77 @@ fn volumes() -> [Volume; 2] {
     ]
 }
 
+/// Istio's per-pod switch for probe rewriting.
+pub const REWRITE_PROBES_ANNOTATION: &str = "sidecar.istio.io/rewriteAppHTTPProbers";
+/// Environment variable through which the proxy learns the application's original probes.
+pub const APP_PROBERS_ENV: &str = "TRELLIS_KUBE_APP_PROBERS";
+
+/// Points the application's HTTP probes at the proxy's readiness port
+/// (`/app-health/<container>/<readyz|livez|startupz>`) and returns the original probes by that
+/// path, as Istio does: the kubelet's plaintext probe would otherwise be refused on a port under
+/// STRICT mutual TLS. HTTPS probes are left alone.
+fn rewrite_probes(containers: &mut [Container]) -> BTreeMap<String, serde_json::Value> {
+    let mut probers = BTreeMap::new();
+    for container in containers.iter_mut() {
+        let ports = container.ports.clone().unwrap_or_default();
+        let probes = [
+            ("readyz", &mut container.readiness_probe),
+            ("livez", &mut container.liveness_probe),
+            ("startupz", &mut container.startup_probe),
+        ];
+        for (kind, probe) in probes {
+            let Some(probe) = probe else { continue };
+            let timeout_seconds = probe.timeout_seconds.unwrap_or(1);
+            let Some(get) = probe.http_get.as_mut() else {
+                continue;
+            };
+            if get
+                .scheme
+                .as_deref()
+                .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
+            {
+                continue;
+            }
+            let port = match &get.port {
+                IntOrString::Int(port) => Some(*port),
+                IntOrString::String(name) => ports
+                    .iter()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .map(|p| p.container_port),
+            };
+            let Some(port) = port else { continue };
+            let path = format!("/app-health/{}/{kind}", container.name);
+            probers.insert(
+                path.clone(),
+                serde_json::json!({
+                    "port": port,
+                    "path": get.path.clone().unwrap_or_else(|| "/".to_owned()),
+                    "timeoutSeconds": timeout_seconds,
+                }),
+            );
+            get.port = IntOrString::Int(READINESS_PORT.into());
+            get.path = Some(path);
+            get.host = None;
+        }
+    }
+    probers
+}
+
 /// The injected form of `pod`. Pure: no I/O, so every rule is unit-tested.
 pub fn inject(pod: &Pod, params: &InjectionParams) -> Pod {
     let mut injected = pod.clone();
-    let proxy = proxy_container(pod, params);
+    let mut proxy = proxy_container(pod, params);
     let spec = injected.spec.get_or_insert_with(Default::default);
+    if lookup(&pod.metadata.annotations, REWRITE_PROBES_ANNOTATION) != Some("false") {
+        let probers = rewrite_probes(&mut spec.containers);
+        if !probers.is_empty() {
+            let json = serde_json::to_string(&probers).expect("probe maps always serialize");
+            proxy
+                .env
+                .get_or_insert_with(Vec::new)
+                .push(env(APP_PROBERS_ENV, &json));
+        }
+    }
     let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
     let mut prepend = Vec::new();
     prepend.push(match params.mesh.interception {
@@ -643,6 +709,70 @@ mod tests {
                 .annotations
                 .unwrap()
                 .contains_key(STATUS_ANNOTATION)
+        );
+    }
+
+    #[test]
+    fn http_probes_go_through_the_proxy_unless_opted_out() {
+        let pod_with_probes = |annotations: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "p", "annotations": annotations},
+                "spec": {"containers": [{
+                    "name": "web", "image": "w",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "timeoutSeconds": 3},
+                    "livenessProbe": {"httpGet": {"path": "/live", "port": 8080, "scheme": "HTTPS"}},
+                    "startupProbe": {"tcpSocket": {"port": 8080}}
+                }]}
+            }))
+            .unwrap()
+        };
+        let params = params(Interception::InitContainer, false);
+        let injected = inject(&pod_with_probes(json!({})), &params);
+        let spec = injected.spec.unwrap();
+        let app = spec.containers.iter().find(|c| c.name == "web").unwrap();
+        let readiness = app.readiness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(readiness.port, IntOrString::Int(15021));
+        assert_eq!(readiness.path.as_deref(), Some("/app-health/web/readyz"));
+        let liveness = app.liveness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(
+            liveness.port,
+            IntOrString::Int(8080),
+            "HTTPS probes are left alone"
+        );
+        assert!(app.startup_probe.clone().unwrap().tcp_socket.is_some());
+        let proxy = spec
+            .containers
+            .iter()
+            .find(|c| c.name == PROXY_CONTAINER)
+            .unwrap();
+        let probers = proxy
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == APP_PROBERS_ENV)
+            .unwrap();
+        let probers: serde_json::Value = serde_json::from_str(&probers.value.unwrap()).unwrap();
+        assert_eq!(
+            probers,
+            json!({"/app-health/web/readyz": {"port": 8080, "path": "/healthz", "timeoutSeconds": 3}})
+        );
+
+        let untouched = inject(
+            &pod_with_probes(json!({REWRITE_PROBES_ANNOTATION: "false"})),
+            &params,
+        );
+        let app = untouched
+            .spec
+            .unwrap()
+            .containers
+            .into_iter()
+            .find(|c| c.name == "web")
+            .unwrap();
+        assert_eq!(
+            app.readiness_probe.unwrap().http_get.unwrap().port,
+            IntOrString::String("http".into())
         );
     }
 

@@ -9,6 +9,7 @@
 //! wire format (`trellis-api`).
 
 mod admin;
+mod app_probe;
 mod capture;
 mod cli;
 mod config_file;

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
+use crate::app_probe::{APP_HEALTH_PREFIX, APP_PROBERS_ENV, AppProbers};
 use crate::cli::SidecarArgs;
 use crate::control_plane::{ControlPlane, certificate, config_stream};
 use crate::http_server::{self, respond, text};
@@ -62,7 +63,9 @@ pub async fn run(args: SidecarArgs, log: LogControl) -> anyhow::Result<()> {
         "listening"
     );
 
-    spawn_endpoints(&state, admin, metrics, readiness);
+    let app_probers = AppProbers::from_json(std::env::var(APP_PROBERS_ENV).ok().as_deref())
+        .with_context(|| format!("{APP_PROBERS_ENV} is not valid JSON"))?;
+    spawn_endpoints(&state, admin, metrics, readiness, app_probers);
     if let Some(control_plane) = control_plane {
         tokio::spawn(certificate::run(
             control_plane.clone(),
@@ -93,6 +96,7 @@ fn spawn_endpoints(
     admin: TcpListener,
     metrics: TcpListener,
     readiness: TcpListener,
+    app_probers: AppProbers,
 ) {
     let admin_state = state.clone();
     tokio::spawn(http_server::serve(admin, "admin", move |req| {
@@ -114,11 +118,19 @@ fn spawn_endpoints(
         }
     }));
     let readiness_state = state.clone();
+    let probers = Arc::new(app_probers);
     tokio::spawn(http_server::serve(readiness, "readiness", move |req| {
         let state = readiness_state.clone();
+        let probers = probers.clone();
         async move {
-            if req.uri().path() == "/healthz/ready" {
+            let path = req.uri().path();
+            if path == "/healthz/ready" {
                 readiness::response(&state)
+            } else if path.starts_with(APP_HEALTH_PREFIX) {
+                match probers.check(path).await {
+                    Some(status) => text(status, format!("{}\n", status.as_u16())),
+                    None => text(StatusCode::NOT_FOUND, "no such application probe\n"),
+                }
             } else {
                 text(StatusCode::NOT_FOUND, "not found\n")
             }
