@@ -85,12 +85,12 @@ impl Context {
     }
 }
 
-/// Runs the Mesh controller until the process stops.
-pub async fn run(ctx: Arc<Context>) {
+/// Runs the Mesh controller until the process stops. Fails at once when the Mesh CRD is
+/// missing: nothing can work without it, so say so plainly instead of retrying silently.
+pub async fn run(ctx: Arc<Context>) -> Result<()> {
     let meshes = Api::<Mesh>::all(ctx.client.clone());
     if let Err(e) = meshes.list(&ListParams::default().limit(1)).await {
-        // Without the CRD nothing can work; say so plainly instead of retrying silently.
-        panic!("the Mesh CRD is not installed (apply manifests/operator.yaml first): {e}");
+        return Err(Error::CrdMissing(e));
     }
     let namespaces = Api::<Namespace>::all(ctx.client.clone());
     Controller::new(meshes, watcher::Config::default())
@@ -111,6 +111,7 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+    Ok(())
 }
 
 fn error_policy(_mesh: Arc<Mesh>, error: &Error, ctx: Arc<Context>) -> Action {

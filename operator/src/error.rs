@@ -13,6 +13,8 @@ pub enum Error {
     InvalidSpec(String),
     #[error("JSON encoding failed: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("the Mesh CRD is not installed (apply manifests/operator.yaml first): {0}")]
+    CrdMissing(kube::Error),
     #[error("object {0} has no name or namespace")]
     MissingObjectKey(&'static str),
 }
@@ -24,6 +26,7 @@ impl Error {
             Error::Ca(_) => "ca",
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Json(_) => "json",
+            Error::CrdMissing(_) => "crd_missing",
             Error::MissingObjectKey(_) => "missing_key",
         }
     }

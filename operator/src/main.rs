@@ -159,7 +159,10 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
     let elector = leader::LeaderElector::new(client.clone(), &namespace, pod_name);
     elector.acquire().await;
     tokio::select! {
-        () = controller::run(ctx.clone()) => info!("controller stopped"),
+        result = controller::run(ctx.clone()) => {
+            result?;
+            info!("controller stopped");
+        }
         () = cni::repair_loop(ctx) => info!("repair loop stopped"),
         () = elector.hold() => {
             // Another replica may take over now; stop at once rather than act as a second leader.
