@@ -26,50 +26,12 @@ const CNI_PATH: &str = "/usr/lib/cni";
 const PYTHON: &str = "/usr/bin/python3";
 const NETWORK_NAME: &str = "trellis-cni-test";
 
-/// Accepts on every `port=tag` argument and answers each connection with one line: the tag and
-/// the connection's original destination (`SO_ORIGINAL_DST`). Prints `ready` once listening.
-const LISTENER_PY: &str = r#"
-import selectors, socket, struct, sys
-SO_ORIGINAL_DST = 80
-def original_destination(conn):
-    try:
-        port, addr = struct.unpack("!2xH4s8x", conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))
-        return f"{socket.inet_ntoa(addr)}:{port}"
-    except OSError:
-        host, port = conn.getsockname()[:2]
-        return f"{host}:{port}"
-selector = selectors.DefaultSelector()
-for spec in sys.argv[1:]:
-    port, tag = spec.split("=", 1)
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", int(port)))
-    listener.listen(64)
-    selector.register(listener, selectors.EVENT_READ, tag)
-print("ready", flush=True)
-while True:
-    for key, _ in selector.select():
-        conn, _ = key.fileobj.accept()
-        with conn:
-            conn.sendall(f"{key.data} {original_destination(conn)}\n".encode())
-"#;
+/// The init crate's socket probes (same checks, one copy): a listener answering with the
+/// connection's original destination, and a client printing that answer.
+const LISTENER_PY: &str = include_str!("../../init/tests/probes/listener.py");
 
 /// Connects to argv[1]:argv[2] and prints the listener's answer, or why there was none.
-const CLIENT_PY: &str = r#"
-import socket, sys
-try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2) as conn:
-        conn.settimeout(2)
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = conn.recv(256)
-            if not chunk:
-                break
-            answer += chunk
-        print(answer.decode().strip() or "closed without answer")
-except OSError as error:
-    print(f"no connection: {error}")
-"#;
+const CLIENT_PY: &str = include_str!("../../init/tests/probes/client.py");
 
 fn require_root_and_tools() {
     let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");

@@ -1,0 +1,14 @@
+# Connects to argv[1]:argv[2] and prints the listener's answer, or why there was none.
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2) as conn:
+        conn.settimeout(2)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = conn.recv(256)
+            if not chunk:
+                break
+            answer += chunk
+        print(answer.decode().strip() or "closed without answer")
+except OSError as error:
+    print(f"no connection: {error}")
