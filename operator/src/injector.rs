@@ -31,7 +31,7 @@ use trellis_api::wellknown::{
 };
 
 use crate::controller::{Context, MANAGER, MeshState};
-use crate::env::field_env;
+use crate::env::{field_env, restricted_security_context};
 use crate::error::{Error, Result};
 
 pub const WEBHOOK_CONFIGURATION: &str = "trellis-sidecar-injector";
@@ -212,19 +212,8 @@ fn validation_container(mesh: &MeshSpec) -> Container {
         image: Some(image(mesh, "init")),
         image_pull_policy: Some("IfNotPresent".to_owned()),
         args: Some(vec!["--validate".to_owned()]),
-        security_context: Some(SecurityContext {
-            // Any uid but the proxy's: the capture rules exempt the proxy's own traffic.
-            run_as_user: Some(i64::from(PROXY_UID) + 1),
-            run_as_group: Some(i64::from(PROXY_GID) + 1),
-            run_as_non_root: Some(true),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        // Any uid but the proxy's: the capture rules exempt the proxy's own traffic.
+        security_context: Some(restricted_security_context(Some(i64::from(PROXY_UID) + 1))),
         ..Container::default()
     }
 }
@@ -320,18 +309,8 @@ fn proxy_container(pod: &Pod, params: &InjectionParams) -> Container {
         }),
         restart_policy: params.native_sidecars.then(|| "Always".to_owned()),
         resources: Some(resources),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(PROXY_UID.into()),
-            run_as_group: Some(PROXY_GID.into()),
-            run_as_non_root: Some(true),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        // The proxy's uid and gid are one number (1337), exempt from capture.
+        security_context: Some(restricted_security_context(Some(PROXY_UID.into()))),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: TOKEN_VOLUME.to_owned(),
