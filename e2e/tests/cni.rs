@@ -26,18 +26,8 @@ struct InterceptionMode;
 
 impl InterceptionMode {
     fn cni(bin_dir: &Path, conf_dir: &Path) -> anyhow::Result<Self> {
-        let patch = serde_json::json!({"spec": {"interception": "cni", "cni": {"binDir": bin_dir, "confDir": conf_dir}}});
-        kubectl(
-            &[
-                "patch",
-                "mesh",
-                "default",
-                "--type",
-                "merge",
-                "-p",
-                &patch.to_string(),
-            ],
-            None,
+        patch_mesh(
+            serde_json::json!({"spec": {"interception": "cni", "cni": {"binDir": bin_dir, "confDir": conf_dir}}}),
         )?;
         Ok(Self)
     }
@@ -60,8 +50,7 @@ impl Drop for InterceptionMode {
     }
 }
 
-fn set_excluded_namespaces(namespaces: &[&str]) -> anyhow::Result<()> {
-    let patch = serde_json::json!({"spec": {"cni": {"excludeNamespaces": namespaces}}});
+fn patch_mesh(patch: serde_json::Value) -> anyhow::Result<()> {
     kubectl(
         &[
             "patch",
@@ -75,6 +64,10 @@ fn set_excluded_namespaces(namespaces: &[&str]) -> anyhow::Result<()> {
         None,
     )?;
     Ok(())
+}
+
+fn set_excluded_namespaces(namespaces: &[&str]) -> anyhow::Result<()> {
+    patch_mesh(serde_json::json!({"spec": {"cni": {"excludeNamespaces": namespaces}}}))
 }
 
 /// Waits until our entry in the node's conflist satisfies `check`.
