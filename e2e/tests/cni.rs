@@ -35,18 +35,8 @@ impl InterceptionMode {
 
 impl Drop for InterceptionMode {
     fn drop(&mut self) {
-        let _ = kubectl(
-            &[
-                "patch",
-                "mesh",
-                "default",
-                "--type",
-                "merge",
-                "-p",
-                r#"{"spec":{"interception":"initContainer"}}"#,
-            ],
-            None,
-        );
+        let reset = serde_json::json!({"spec": {"interception": "initContainer", "cni": {"excludeNamespaces": []}}});
+        let _ = patch_mesh(reset);
     }
 }
 
