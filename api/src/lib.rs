@@ -1,5 +1,6 @@
-//! Trellis API: the `Mesh` custom resource, the compiled proxy configuration that the control
-//! plane streams to proxies, SPIFFE identities and the well-known ports, labels and annotations.
+//! Trellis API: the `Mesh` custom resource, the Istio-compatible resources (`PeerAuthentication`),
+//! the compiled proxy configuration that the control plane streams to proxies, SPIFFE identities
+//! and the well-known ports, labels and annotations.
 //!
 //! Plain data and validation only: no runtime, no Kubernetes client. Every other crate depends on
 //! this one, so the operator, the proxy and the CLI agree on names and wire formats.
@@ -8,7 +9,9 @@ pub mod config;
 pub mod identity;
 pub mod mesh;
 pub mod protocol;
+pub mod security;
 pub mod wellknown;
 
 pub use identity::SpiffeId;
 pub use mesh::{Mesh, MeshSpec, MeshStatus};
+pub use security::{PeerAuthentication, PeerAuthenticationSpec};

@@ -71,6 +71,28 @@ fn content_version(config: &ProxyConfig) -> String {
     format!("{:016x}", hasher.finish())
 }
 
+/// The snapshot one proxy receives: the mesh-wide snapshot with the proxy's own inbound policy
+/// (its PeerAuthentication, resolved). Its version derives from the mesh-wide version and that
+/// policy only, so a PeerAuthentication change re-versions just the proxies it affects.
+pub fn for_workload(mesh_wide: &ProxyConfig, inbound: InboundPolicy) -> ProxyConfig {
+    ProxyConfig {
+        version: workload_version(&mesh_wide.version, &inbound),
+        inbound,
+        ..mesh_wide.clone()
+    }
+}
+
+/// The version [`for_workload`] gives, computable without building the snapshot.
+pub fn workload_version(mesh_version: &str, inbound: &InboundPolicy) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    mesh_version.hash(&mut hasher);
+    serde_json::to_string(inbound)
+        .expect("the config model always serializes")
+        .hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
 fn compile_service(
     svc: &KubeService,
     state: &ClusterState,
@@ -336,5 +358,41 @@ mod tests {
             json!([{"name": "http", "port": 80}]),
         ));
         assert_ne!(compile(&changed, &mesh(), &[]).version, one.version);
+    }
+
+    #[test]
+    fn workload_snapshot_overlays_inbound_and_versions_both() {
+        use trellis_api::config::PeerAuthenticationMode;
+        let mesh_wide = compile(&ClusterState::default(), &mesh(), &["ROOT".into()]);
+        let strict = InboundPolicy {
+            mtls_mode: PeerAuthenticationMode::Strict,
+            port_mtls: BTreeMap::from([(8080, PeerAuthenticationMode::Disable)]),
+        };
+        let config = for_workload(&mesh_wide, strict.clone());
+        assert_eq!(config.inbound, strict);
+        assert_eq!(config.trust_bundle, mesh_wide.trust_bundle);
+        assert_eq!(
+            config.version,
+            workload_version(&mesh_wide.version, &strict)
+        );
+        assert_eq!(
+            for_workload(&mesh_wide, strict.clone()).version,
+            config.version,
+            "same inputs, same version"
+        );
+        let default = for_workload(&mesh_wide, mesh_wide.inbound.clone());
+        assert_ne!(
+            default.version, config.version,
+            "the inbound policy is versioned"
+        );
+        let other_mesh = ProxyConfig {
+            version: "another".into(),
+            ..mesh_wide.clone()
+        };
+        assert_ne!(
+            for_workload(&other_mesh, strict).version,
+            config.version,
+            "the mesh-wide version is versioned"
+        );
     }
 }

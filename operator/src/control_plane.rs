@@ -2,7 +2,12 @@
 //! `POST /v1/certificate` signs a workload CSR after a TokenReview of the caller's projected
 //! ServiceAccount token, and `GET /v1/config` streams config snapshots to a proxy authenticated
 //! by its workload certificate. Wire format: `trellis_api::protocol`.
+//!
+//! One compile per burst of changes serves every proxy: each stream overlays its own inbound
+//! policy (PeerAuthentication resolved for its pod) on the mesh-wide snapshot and sends it only
+//! when that proxy's version changed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +21,7 @@ use kube::{Api, Client};
 use tokio::sync::{Semaphore, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
-use trellis_api::SpiffeId;
-use trellis_api::config::ProxyConfig;
+use trellis_api::config::{InboundPolicy, PeerAuthenticationMode, ProxyConfig};
 use trellis_api::protocol::{
     CertificateRequest, CertificateResponse, ControlMessage, MAX_REQUEST_BYTES, POD_NAME_HEADER,
     PROXY_VERSION_HEADER,
@@ -25,12 +29,14 @@ use trellis_api::protocol::{
 use trellis_api::wellknown::{
     CERTIFICATE_PATH, CONFIG_STREAM_PATH, PROXY_CONTAINER, TOKEN_AUDIENCE,
 };
+use trellis_api::{PeerAuthentication, SpiffeId};
 
-use crate::compile::compile;
+use crate::compile::{compile, for_workload, workload_version};
 use crate::controller::MeshStateRx;
 use crate::discovery::Discovery;
 use crate::https::{self, Body, Peer};
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::peer_authentication::{self, PolicyIndex, Workload};
 use crate::proxies::ConnectedProxies;
 
 /// Bursts of cluster changes within this window produce one snapshot.
@@ -38,10 +44,23 @@ const COALESCE: Duration = Duration::from_millis(50);
 /// Concurrent CSR signings (each costs a TokenReview round trip and an ECDSA signature).
 pub const MAX_CONCURRENT_SIGNINGS: usize = 32;
 
-pub type SnapshotRx = watch::Receiver<Option<Arc<ProxyConfig>>>;
+/// What every config stream builds its proxy's snapshot from; published once per burst.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The mesh-wide config; its inbound policy is the Mesh default.
+    pub config: Arc<ProxyConfig>,
+    /// `Mesh.spec.mtls.mode`, the last level of PeerAuthentication inheritance.
+    pub mesh_default: PeerAuthenticationMode,
+    pub peer_authentications: PolicyIndex,
+}
+
+pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
 
 pub struct ControlPlane {
     pub client: Client,
+    /// Istio's root namespace: the operator's own. A PeerAuthentication there without a selector
+    /// is mesh-wide.
+    pub root_namespace: String,
     pub mesh: MeshStateRx,
     pub discovery: Discovery,
     pub snapshots: SnapshotRx,
@@ -50,27 +69,42 @@ pub struct ControlPlane {
     pub signing_permits: Semaphore,
 }
 
-/// Recompiles the mesh-wide snapshot whenever discovery or the Mesh changes. Call it once
-/// discovery is ready, so the first snapshot is never compiled from a half-listed cluster.
-pub fn publish_snapshots(discovery: Discovery, mut mesh: MeshStateRx) -> SnapshotRx {
-    let (tx, rx) = watch::channel(None);
+/// Recompiles the mesh-wide snapshot whenever discovery or the Mesh changes, and publishes it
+/// with the PeerAuthentications of the same moment. Call it once discovery is ready, so the first
+/// snapshot is never compiled from a half-listed cluster.
+pub fn publish_snapshots(
+    discovery: Discovery,
+    mut mesh: MeshStateRx,
+    root_namespace: String,
+) -> SnapshotRx {
+    let (tx, rx) = watch::channel(None::<Arc<Snapshot>>);
     let mut changes = discovery.changes();
     tokio::spawn(async move {
+        let mut validated = BTreeMap::new();
         loop {
+            // Everything up to here is in this snapshot; only later changes wake the loop.
+            changes.borrow_and_update();
             let state = mesh.borrow_and_update().clone();
+            let policies = discovery.peer_authentications();
+            report_invalid(&policies, &root_namespace, &mut validated);
             if let Some(state) = state {
-                let config = compile(&discovery.snapshot(), &state.spec, &state.ca.trust_bundle());
-                tx.send_if_modified(|current: &mut Option<Arc<ProxyConfig>>| {
-                    if current
-                        .as_ref()
-                        .is_some_and(|c| c.version == config.version)
-                    {
-                        false
-                    } else {
-                        *current = Some(Arc::new(config));
-                        true
+                let compiled =
+                    compile(&discovery.snapshot(), &state.spec, &state.ca.trust_bundle());
+                // Keep the previous Arc when the mesh-wide content is unchanged.
+                let config = match tx.borrow().as_ref() {
+                    Some(previous) if previous.config.version == compiled.version => {
+                        previous.config.clone()
                     }
-                });
+                    _ => Arc::new(compiled),
+                };
+                // Published on every burst: a PeerAuthentication or pod change can alter one
+                // proxy's snapshot without touching the mesh-wide one. Each stream re-sends only
+                // if its own version changed.
+                tx.send_replace(Some(Arc::new(Snapshot {
+                    config,
+                    mesh_default: state.spec.mtls.mode.into(),
+                    peer_authentications: PolicyIndex::new(policies),
+                })));
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
@@ -80,6 +114,30 @@ pub fn publish_snapshots(discovery: Discovery, mut mesh: MeshStateRx) -> Snapsho
         }
     });
     rx
+}
+
+/// Logs, once per version of each PeerAuthentication, what the schema cannot reject but the
+/// resolution ignores (Istio accepts such policies too). `validated` remembers the
+/// resourceVersion last checked per `namespace/name`.
+fn report_invalid(
+    policies: &[Arc<PeerAuthentication>],
+    root_namespace: &str,
+    validated: &mut BTreeMap<String, String>,
+) {
+    let mut seen = BTreeMap::new();
+    for policy in policies {
+        let namespace = policy.metadata.namespace.clone().unwrap_or_default();
+        let name = policy.metadata.name.clone().unwrap_or_default();
+        let key = format!("{namespace}/{name}");
+        let version = policy.metadata.resource_version.clone().unwrap_or_default();
+        if validated.get(&key) != Some(&version) {
+            for warning in peer_authentication::validate(policy, root_namespace) {
+                warn!(%namespace, %name, "PeerAuthentication: {warning}");
+            }
+        }
+        seen.insert(key, version);
+    }
+    *validated = seen;
 }
 
 impl ControlPlane {
@@ -272,12 +330,29 @@ impl ControlPlane {
         let mut snapshots = self.snapshots.clone();
         let mut changes = self.discovery.changes();
         let mut sent_version = String::new();
+        let mut sent_inbound = None;
+        // The snapshot is rebuilt only when a (coalesced) snapshot is published, so a proxy gets
+        // at most one per burst; raw discovery changes only re-check whether the pod finished.
+        let mut snapshot_published = true;
         loop {
-            let snapshot = snapshots.borrow_and_update().clone();
             let mut messages = Vec::new();
-            if let Some(config) = snapshot.filter(|c| c.version != sent_version) {
-                sent_version = config.version.clone();
-                messages.push(ControlMessage::Config(Box::new((*config).clone())));
+            // Marked seen only when taken: a snapshot published while a raw change won the
+            // select below is still pending and wakes the next select at once.
+            let snapshot = snapshot_published
+                .then(|| snapshots.borrow_and_update().clone())
+                .flatten();
+            if let Some(snapshot) = snapshot {
+                let (inbound, undeclared_ports) =
+                    self.inbound_policy(&snapshot, &identity.namespace, pod_name);
+                if workload_version(&snapshot.config.version, &inbound) != sent_version {
+                    if sent_inbound.as_ref() != Some(&inbound) {
+                        log_inbound(identity, pod_name, &inbound, &undeclared_ports);
+                        sent_inbound = Some(inbound.clone());
+                    }
+                    let config = for_workload(&snapshot.config, inbound);
+                    sent_version = config.version.clone();
+                    messages.push(ControlMessage::Config(Box::new(config)));
+                }
             }
             if let Some(reason) = self.workload_finished(&identity.namespace, pod_name) {
                 messages.push(ControlMessage::Exit { reason });
@@ -289,12 +364,38 @@ impl ControlPlane {
                     return;
                 }
             }
-            tokio::select! {
-                changed = snapshots.changed() => if changed.is_err() { return },
-                changed = changes.changed() => if changed.is_err() { return },
+            snapshot_published = tokio::select! {
+                changed = snapshots.changed() => if changed.is_err() { return } else { true },
+                changed = changes.changed() => if changed.is_err() { return } else { false },
                 () = tx.closed() => return,
-            }
+            };
         }
+    }
+
+    /// The proxy's own inbound policy, and the port-level ports its pod does not declare. The
+    /// pod is looked up by the certificate's namespace and the pod-name header; until discovery
+    /// has it, the namespace and mesh-wide levels still apply (resolved without labels), so a
+    /// STRICT namespace is never served PERMISSIVE in the meantime.
+    fn inbound_policy(
+        &self,
+        snapshot: &Snapshot,
+        namespace: &str,
+        pod_name: &str,
+    ) -> (InboundPolicy, Vec<u16>) {
+        let workload = self
+            .discovery
+            .pod(namespace, pod_name)
+            .and_then(|pod| Workload::from_pod(&pod))
+            .unwrap_or_else(|| Workload {
+                namespace: namespace.to_owned(),
+                ..Workload::default()
+            });
+        let resolution = snapshot.peer_authentications.resolve(
+            &self.root_namespace,
+            &workload,
+            snapshot.mesh_default,
+        );
+        (resolution.inbound, resolution.undeclared_ports)
     }
 
     /// `Some(reason)` once every application container of the pod has terminated and the pod
@@ -320,6 +421,20 @@ impl ControlPlane {
                     .is_some_and(|t| restart_policy == "Never" || t.exit_code == 0)
             });
         all_done.then(|| "application containers terminated".to_owned())
+    }
+}
+
+/// Logs a proxy's inbound policy when it changes (not on every re-send).
+fn log_inbound(identity: &SpiffeId, pod: &str, inbound: &InboundPolicy, undeclared_ports: &[u16]) {
+    info!(%identity, %pod, mode = ?inbound.mtls_mode, ports = ?inbound.port_mtls, "inbound policy");
+    if !undeclared_ports.is_empty() {
+        info!(
+            %identity,
+            %pod,
+            ports = ?undeclared_ports,
+            "portLevelMtls names ports the pod does not declare as container ports; they apply to \
+             connections arriving on those ports (keys are workload ports, not Service ports)"
+        );
     }
 }
 

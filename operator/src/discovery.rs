@@ -1,6 +1,7 @@
-//! Discovery: reflectors over Services, EndpointSlices and Pods, and a change counter that the
-//! config streams wait on. EndpointSlices are read as `discovery.k8s.io/v1` where the server has
-//! it and as `v1beta1` otherwise (Kubernetes < 1.21), chosen by API discovery.
+//! Discovery: reflectors over Services, EndpointSlices, Pods and PeerAuthentications (all
+//! namespaces), and a change counter that the config streams wait on. EndpointSlices are read as
+//! `discovery.k8s.io/v1` where the server has it and as `v1beta1` otherwise (Kubernetes < 1.21),
+//! chosen by API discovery.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{info, warn};
+use trellis_api::PeerAuthentication;
 
 use crate::compile::ClusterState;
 
@@ -22,6 +24,7 @@ pub struct Discovery {
     services: Store<Service>,
     endpoint_slices: Store<DynamicObject>,
     pods: Store<Pod>,
+    peer_authentications: Store<PeerAuthentication>,
     changes: watch::Receiver<u64>,
 }
 
@@ -50,11 +53,14 @@ impl Discovery {
             resource,
             changes_tx.clone(),
         );
-        let pods = spawn_reflector(Api::<Pod>::all(client), (), changes_tx);
+        let pods = spawn_reflector(Api::<Pod>::all(client.clone()), (), changes_tx.clone());
+        let peer_authentications =
+            spawn_reflector(Api::<PeerAuthentication>::all(client), (), changes_tx);
         Self {
             services,
             endpoint_slices,
             pods,
+            peer_authentications,
             changes,
         }
     }
@@ -65,6 +71,7 @@ impl Discovery {
         let _ = self.services.wait_until_ready().await;
         let _ = self.endpoint_slices.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
+        let _ = self.peer_authentications.wait_until_ready().await;
     }
 
     pub fn changes(&self) -> watch::Receiver<u64> {
@@ -74,6 +81,11 @@ impl Discovery {
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
         self.pods
             .get(&reflector::ObjectRef::new(name).within(namespace))
+    }
+
+    /// Every PeerAuthentication in the cluster (all namespaces).
+    pub fn peer_authentications(&self) -> Vec<Arc<PeerAuthentication>> {
+        self.peer_authentications.state()
     }
 
     pub fn snapshot(&self) -> ClusterState {

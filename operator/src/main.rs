@@ -16,6 +16,7 @@ mod injector;
 mod leader;
 mod manifests;
 mod metrics;
+mod peer_authentication;
 mod proxies;
 mod webhook;
 
@@ -116,7 +117,8 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
     let discovery = discovery::Discovery::start(client.clone()).await;
     discovery.ready().await;
     info!("discovery synced");
-    let snapshots = control_plane::publish_snapshots(discovery.clone(), mesh_rx.clone());
+    let snapshots =
+        control_plane::publish_snapshots(discovery.clone(), mesh_rx.clone(), namespace.clone());
     let control_plane_tls = Arc::new(ArcSwapOption::empty());
     let webhook_tls = Arc::new(ArcSwapOption::empty());
     tokio::spawn(keep_serving_certificates(
@@ -128,6 +130,7 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
 
     let control_plane = Arc::new(control_plane::ControlPlane {
         client: client.clone(),
+        root_namespace: namespace.clone(),
         mesh: mesh_rx.clone(),
         discovery: discovery.clone(),
         snapshots,

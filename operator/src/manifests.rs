@@ -2,25 +2,28 @@
 //! CRD schemas can never drift from the code: Namespace, CRDs, ServiceAccount, RBAC, Service and
 //! the operator Deployment. `make manifests` writes it; CI diffs it.
 
-use crate::env::field_env;
+use crate::env::{field_env, restricted_security_context};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec,
+    Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, Service, ServiceAccount, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceConversion, CustomResourceDefinition,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResourceExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use trellis_api::Mesh;
+use trellis_api::security::SECURITY_GROUP;
 use trellis_api::wellknown::{
     CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT,
 };
+use trellis_api::{Mesh, PeerAuthentication};
 
 /// Port of the operator's own `/metrics`, `/healthz` and `/readyz`.
 pub const HEALTH_PORT: u16 = 8080;
@@ -71,6 +74,7 @@ fn cluster_role() -> ClusterRole {
             // Pods that started without CNI capture are deleted so their controller recreates them.
             rule(&[""], &["pods"], &["get", "list", "watch", "delete"]),
             rule(&["discovery.k8s.io"], &["endpointslices"], READ),
+            rule(&[SECURITY_GROUP], &["peerauthentications"], READ),
             // Published in every meshed namespace: the trust bundle proxies bootstrap with.
             rule(&[""], &["configmaps"], WRITE),
             rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
@@ -200,15 +204,7 @@ fn deployment() -> Deployment {
                             initial_delay_seconds: Some(10),
                             ..http_probe("/healthz")
                         }),
-                        security_context: Some(SecurityContext {
-                            allow_privilege_escalation: Some(false),
-                            read_only_root_filesystem: Some(true),
-                            capabilities: Some(Capabilities {
-                                drop: Some(vec!["ALL".to_owned()]),
-                                ..Capabilities::default()
-                            }),
-                            ..SecurityContext::default()
-                        }),
+                        security_context: Some(restricted_security_context(None)),
                         ..Container::default()
                     }],
                     ..PodSpec::default()
@@ -218,6 +214,28 @@ fn deployment() -> Deployment {
         },
         ..Deployment::default()
     }
+}
+
+/// Versions served besides the stored `v1`, with the same schema, as Istio serves them. The
+/// schemas are identical, so the API server converts between them itself (strategy `None`).
+const PEER_AUTHENTICATION_EXTRA_VERSIONS: &[&str] = &["v1beta1"];
+
+/// `PeerAuthentication` (security.istio.io): `v1` stored, `v1beta1` served with the same schema.
+fn peer_authentication_crd() -> CustomResourceDefinition {
+    let mut crd = PeerAuthentication::crd();
+    let stored = crd.spec.versions[0].clone();
+    for name in PEER_AUTHENTICATION_EXTRA_VERSIONS {
+        let mut version = stored.clone();
+        version.name = (*name).to_owned();
+        version.served = true;
+        version.storage = false;
+        crd.spec.versions.push(version);
+    }
+    crd.spec.conversion = Some(CustomResourceConversion {
+        strategy: "None".to_owned(),
+        webhook: None,
+    });
+    crd
 }
 
 /// Every object of the install manifest, in apply order.
@@ -231,6 +249,7 @@ pub fn objects() -> Vec<serde_json::Value> {
             ..Namespace::default()
         }),
         value(Mesh::crd()),
+        value(peer_authentication_crd()),
         value(ServiceAccount {
             metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
             ..ServiceAccount::default()
@@ -306,6 +325,7 @@ mod tests {
             [
                 "Namespace",
                 "CustomResourceDefinition",
+                "CustomResourceDefinition",
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
@@ -323,6 +343,40 @@ mod tests {
         assert_eq!(
             rendered.lines().filter(|l| *l == "---").count(),
             kinds.len()
+        );
+    }
+
+    #[test]
+    fn peer_authentication_serves_v1_and_v1beta1_with_one_schema() {
+        let crd = serde_json::to_value(peer_authentication_crd()).unwrap();
+        let versions = crd["spec"]["versions"].as_array().unwrap();
+        let summary: Vec<_> = versions
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap(),
+                    v["served"].clone(),
+                    v["storage"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("v1", true.into(), true.into()),
+                ("v1beta1", true.into(), false.into())
+            ]
+        );
+        assert_eq!(versions[0]["schema"], versions[1]["schema"]);
+        assert_eq!(crd["spec"]["conversion"]["strategy"], "None");
+        let rules = serde_json::to_value(cluster_role()).unwrap()["rules"].clone();
+        assert!(
+            rules.as_array().unwrap().iter().any(|r| {
+                r["apiGroups"] == serde_json::json!(["security.istio.io"])
+                    && r["resources"] == serde_json::json!(["peerauthentications"])
+                    && r["verbs"] == serde_json::json!(["get", "list", "watch"])
+            }),
+            "the operator may read PeerAuthentications"
         );
     }
 }
