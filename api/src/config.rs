@@ -85,6 +85,10 @@ pub struct Endpoint {
     pub identity: Option<String>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Target ports on which the endpoint's PeerAuthentication is DISABLE: a sidecar calls them
+    /// in plaintext even though the endpoint is meshed (Istio's auto mTLS does the same).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub plaintext_ports: std::collections::BTreeSet<u16>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -103,6 +107,19 @@ impl InboundPolicy {
     /// The mode that applies to a connection for `port`.
     pub fn mode_for(&self, port: u16) -> PeerAuthenticationMode {
         self.port_mtls.get(&port).copied().unwrap_or(self.mtls_mode)
+    }
+
+    /// Which of `ports` (and of the port-level overrides) take plaintext only.
+    pub fn disabled_ports(
+        &self,
+        ports: &std::collections::BTreeSet<u16>,
+    ) -> std::collections::BTreeSet<u16> {
+        ports
+            .iter()
+            .chain(self.port_mtls.keys())
+            .copied()
+            .filter(|port| self.mode_for(*port) == PeerAuthenticationMode::Disable)
+            .collect()
     }
 }
 

@@ -2,7 +2,7 @@
 //! and the Mesh spec, output is a [`ProxyConfig`], so every rule is table-tested without a
 //! cluster (the way Linkerd's policy controller keeps its index).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
@@ -31,7 +31,13 @@ fn pod_key(namespace: &str, name: &str) -> String {
 
 /// The configuration every proxy of the mesh receives. Services are sorted so that the same
 /// cluster state always compiles to the same snapshot (equal snapshots are not re-sent).
-pub fn compile(state: &ClusterState, mesh: &MeshSpec, trust_bundle: &[String]) -> ProxyConfig {
+/// `plaintext_ports` gives, for a meshed pod, the ports its PeerAuthentication sets to DISABLE.
+pub fn compile(
+    state: &ClusterState,
+    mesh: &MeshSpec,
+    trust_bundle: &[String],
+    plaintext_ports: &dyn Fn(&Pod) -> BTreeSet<u16>,
+) -> ProxyConfig {
     let pods: BTreeMap<String, &Pod> = state
         .pods
         .iter()
@@ -44,7 +50,7 @@ pub fn compile(state: &ClusterState, mesh: &MeshSpec, trust_bundle: &[String]) -
     let mut services: Vec<Service> = state
         .services
         .iter()
-        .filter_map(|svc| compile_service(svc, state, &pods, mesh))
+        .filter_map(|svc| compile_service(svc, state, &pods, mesh, plaintext_ports))
         .collect();
     services.sort_by(|a, b| a.hostnames.cmp(&b.hostnames));
     let mut config = ProxyConfig {
@@ -98,6 +104,7 @@ fn compile_service(
     state: &ClusterState,
     pods: &BTreeMap<String, &Pod>,
     mesh: &MeshSpec,
+    plaintext_ports: &dyn Fn(&Pod) -> BTreeSet<u16>,
 ) -> Option<Service> {
     let name = svc.metadata.name.as_deref()?;
     let namespace = svc.metadata.namespace.as_deref()?;
@@ -180,6 +187,10 @@ fn compile_service(
             let labels = pod
                 .and_then(|p| p.metadata.labels.clone())
                 .unwrap_or_default();
+            let plaintext = pod
+                .filter(|_| meshed)
+                .map(plaintext_ports)
+                .unwrap_or_default();
             for address in &ep.addresses {
                 let Ok(address) = address.parse() else {
                     continue;
@@ -190,6 +201,7 @@ fn compile_service(
                     meshed,
                     identity: identity.clone(),
                     labels: labels.clone(),
+                    plaintext_ports: plaintext.clone(),
                 });
             }
         }
@@ -223,6 +235,10 @@ pub fn is_meshed(pod: &Pod) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn no_plaintext(_: &Pod) -> BTreeSet<u16> {
+        BTreeSet::new()
+    }
 
     fn mesh() -> MeshSpec {
         serde_json::from_value(json!({"version": "1"})).unwrap()
@@ -287,7 +303,7 @@ mod tests {
             )],
             pods: vec![pod("web-1", "demo", "web", true), pod("web-2", "demo", "web", false)],
         };
-        let config = compile(&state, &mesh(), &["ROOT".into()]);
+        let config = compile(&state, &mesh(), &["ROOT".into()], &no_plaintext);
         assert_eq!(
             config.services.len(),
             2,
@@ -337,6 +353,43 @@ mod tests {
     }
 
     #[test]
+    fn meshed_endpoints_carry_their_disabled_ports() {
+        let state = ClusterState {
+            services: vec![service(
+                "web",
+                "demo",
+                "10.96.0.20",
+                json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+            )],
+            endpoint_slices: vec![slice(
+                "web",
+                "demo",
+                json!([
+                    {"addresses": ["10.244.0.7"], "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "demo"}},
+                    {"addresses": ["10.244.0.8"], "targetRef": {"kind": "Pod", "name": "web-2", "namespace": "demo"}}
+                ]),
+                json!([{"name": "http", "port": 8080}]),
+            )],
+            pods: vec![
+                pod("web-1", "demo", "web", true),
+                pod("web-2", "demo", "web", false),
+            ],
+        };
+        let disable_8080 = |_: &Pod| BTreeSet::from([8080]);
+        let config = compile(&state, &mesh(), &[], &disable_8080);
+        let ports: Vec<_> = config.services[0]
+            .endpoints
+            .iter()
+            .map(|e| e.plaintext_ports.clone())
+            .collect();
+        assert_eq!(
+            ports,
+            [BTreeSet::from([8080]), BTreeSet::new()],
+            "only meshed endpoints need the hint"
+        );
+    }
+
+    #[test]
     fn version_is_a_pure_function_of_content() {
         let state = ClusterState {
             services: vec![service(
@@ -347,8 +400,8 @@ mod tests {
             )],
             ..ClusterState::default()
         };
-        let one = compile(&state, &mesh(), &[]);
-        let two = compile(&state, &mesh(), &[]);
+        let one = compile(&state, &mesh(), &[], &no_plaintext);
+        let two = compile(&state, &mesh(), &[], &no_plaintext);
         assert_eq!(one.version, two.version);
         let mut changed = state.clone();
         changed.services.push(service(
@@ -357,13 +410,21 @@ mod tests {
             "10.96.0.2",
             json!([{"name": "http", "port": 80}]),
         ));
-        assert_ne!(compile(&changed, &mesh(), &[]).version, one.version);
+        assert_ne!(
+            compile(&changed, &mesh(), &[], &no_plaintext).version,
+            one.version
+        );
     }
 
     #[test]
     fn workload_snapshot_overlays_inbound_and_versions_both() {
         use trellis_api::config::PeerAuthenticationMode;
-        let mesh_wide = compile(&ClusterState::default(), &mesh(), &["ROOT".into()]);
+        let mesh_wide = compile(
+            &ClusterState::default(),
+            &mesh(),
+            &["ROOT".into()],
+            &no_plaintext,
+        );
         let strict = InboundPolicy {
             mtls_mode: PeerAuthenticationMode::Strict,
             port_mtls: BTreeMap::from([(8080, PeerAuthenticationMode::Disable)]),

@@ -7,7 +7,7 @@
 //! policy (PeerAuthentication resolved for its pod) on the mesh-wide snapshot and sends it only
 //! when that proxy's version changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::{Semaphore, watch};
@@ -88,8 +89,22 @@ pub fn publish_snapshots(
             let policies = discovery.peer_authentications();
             report_invalid(&policies, &root_namespace, &mut validated);
             if let Some(state) = state {
-                let compiled =
-                    compile(&discovery.snapshot(), &state.spec, &state.ca.trust_bundle());
+                let index = PolicyIndex::new(policies);
+                let mesh_default = state.spec.mtls.mode.into();
+                let plaintext_ports = |pod: &Pod| {
+                    Workload::from_pod(pod).map_or_else(BTreeSet::new, |workload| {
+                        index
+                            .resolve(&root_namespace, &workload, mesh_default)
+                            .inbound
+                            .disabled_ports(&workload.container_ports)
+                    })
+                };
+                let compiled = compile(
+                    &discovery.snapshot(),
+                    &state.spec,
+                    &state.ca.trust_bundle(),
+                    &plaintext_ports,
+                );
                 // Keep the previous Arc when the mesh-wide content is unchanged.
                 let config = match tx.borrow().as_ref() {
                     Some(previous) if previous.config.version == compiled.version => {
@@ -102,8 +117,8 @@ pub fn publish_snapshots(
                 // if its own version changed.
                 tx.send_replace(Some(Arc::new(Snapshot {
                     config,
-                    mesh_default: state.spec.mtls.mode.into(),
-                    peer_authentications: PolicyIndex::new(policies),
+                    mesh_default,
+                    peer_authentications: index,
                 })));
             }
             tokio::select! {

@@ -1,15 +1,19 @@
 //! What the two capture listeners share: the accept loop that stops when the drain starts, one
-//! task per connection, and recovering the original destination of a redirected connection
-//! (refusing connections that were not redirected, so a direct dial can never loop).
+//! task per connection (with TCP_NODELAY on the accepted socket), and recovering the original
+//! destination of a redirected connection (refusing connections that were not redirected, so a
+//! direct dial can never loop).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::forward;
+use crate::metrics::TcpLabels;
 use crate::orig_dst;
 use crate::state::ProxyState;
 
@@ -54,6 +58,10 @@ impl CaptureListener {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    // Small writes (HTTP/2 frames, handshakes) must not wait for Nagle.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!(%peer, error = %e, direction, "cannot set TCP_NODELAY");
+                    }
                     if let Some(dst) = redirected_destination(&stream, peer, port, direction) {
                         let task = handle(self.state.clone(), stream, peer, dst);
                         self.state.drain.spawn_connection(task);
@@ -87,4 +95,34 @@ fn redirected_destination(
         return None;
     }
     Some(dst)
+}
+
+/// Counts a connection closed before anything was relayed, with `flags` as its response flags.
+pub fn count_refused(state: &ProxyState, mut labels: TcpLabels, flags: &str) {
+    labels.response_flags = flags.to_owned();
+    drop(state.metrics.open_connection(labels));
+}
+
+/// Relays `downstream` ⇄ `upstream` (either may be a TLS stream) under `labels` until both
+/// directions have ended.
+pub async fn serve<D, U>(
+    state: &ProxyState,
+    labels: TcpLabels,
+    downstream: D,
+    upstream: U,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let reporter = labels.reporter.clone();
+    let connection = state.metrics.open_connection(labels);
+    match forward::relay(downstream, upstream, &connection.bytes).await {
+        Ok(totals) => debug!(
+            %peer, %dst, reporter, received = totals.received, sent = totals.sent,
+            "connection closed"
+        ),
+        Err(e) => debug!(%peer, %dst, reporter, error = %e, "connection ended with an error"),
+    }
 }

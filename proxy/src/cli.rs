@@ -31,14 +31,23 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct SidecarArgs {
-    /// Static config file (JSON `ProxyConfig`); no control plane and no identity. Takes
-    /// precedence over `--control-plane`.
+    /// Static config file (JSON `ProxyConfig`); no control plane, and no identity unless
+    /// `--cert-chain` and `--key` give one. Takes precedence over `--control-plane`.
     #[arg(
         long,
         value_name = "FILE.json",
         required_unless_present = "control_plane"
     )]
     pub config: Option<PathBuf>,
+
+    /// Static mode: PEM workload certificate chain (leaf first) for mutual TLS; the identity is
+    /// its SPIFFE URI SAN and peers are verified against the config's `trustBundle`.
+    #[arg(long, value_name = "FILE.pem", requires_all = ["config", "key"])]
+    pub cert_chain: Option<PathBuf>,
+
+    /// Static mode: PEM private key of `--cert-chain`.
+    #[arg(long, value_name = "FILE.pem", requires = "cert_chain")]
+    pub key: Option<PathBuf>,
 
     /// Control plane URL (discovery + CA).
     #[arg(long, env = "TRELLIS_CONTROL_PLANE", value_name = "URL")]
@@ -129,5 +138,26 @@ mod tests {
         };
         assert_eq!(args.outbound_port, 15001);
         assert_eq!(args.rotation_percent, 50);
+        // A static certificate needs its key, and static mode.
+        let static_tls = ["trellis-proxy", "sidecar", "--config", "c.json"];
+        let with = |extra: &[&'static str]| {
+            Cli::try_parse_from(static_tls.iter().chain(extra).copied()).is_ok()
+        };
+        assert!(with(&["--cert-chain", "a.pem", "--key", "a.key"]));
+        assert!(!with(&["--cert-chain", "a.pem"]));
+        assert!(!with(&["--key", "a.key"]));
+        assert!(
+            Cli::try_parse_from([
+                "trellis-proxy",
+                "sidecar",
+                "--control-plane",
+                "https://cp:15012",
+                "--cert-chain",
+                "a.pem",
+                "--key",
+                "a.key"
+            ])
+            .is_err()
+        );
     }
 }

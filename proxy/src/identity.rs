@@ -2,6 +2,7 @@
 //! chain the control plane signed for it.
 
 use base64::Engine as _;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
@@ -13,6 +14,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 use trellis_api::SpiffeId;
 use trellis_api::protocol::CertificateResponse;
+use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 /// A fresh key and the PEM CSR asking for `id`.
@@ -54,21 +56,7 @@ impl Identity {
             bail!("leaf certificate is not for the key we sent");
         }
         let expected = spiffe_id.to_string();
-        let uris: Vec<&str> = cert
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|san| {
-                san.value
-                    .general_names
-                    .iter()
-                    .filter_map(|name| match name {
-                        GeneralName::URI(uri) => Some(*uri),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let uris = uri_sans(&cert);
         if !uris.contains(&expected.as_str()) {
             bail!("leaf certificate carries {uris:?}, not {expected}");
         }
@@ -80,6 +68,41 @@ impl Identity {
             cert_chain,
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             trust_bundle,
+        })
+    }
+
+    /// A workload certificate read from PEM files (static mode): the chain, leaf first, and its
+    /// private key. The identity is the leaf's SPIFFE URI SAN; peers are verified against the
+    /// config's trust bundle, so the identity itself carries none.
+    pub fn from_pem_files(chain: &Path, key: &Path) -> anyhow::Result<Self> {
+        let cert_chain = CertificateDer::pem_file_iter(chain)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .map_err(|e| anyhow!("--cert-chain {}: {e}", chain.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| anyhow!("--key {}: {e}", key.display()))?;
+        let leaf = cert_chain
+            .first()
+            .ok_or_else(|| anyhow!("--cert-chain {}: no certificate", chain.display()))?;
+        // Refuses a key that does not belong to the leaf.
+        rustls::sign::CertifiedKey::from_der(
+            cert_chain.clone(),
+            key.clone_key(),
+            &rustls::crypto::ring::default_provider(),
+        )
+        .map_err(|e| anyhow!("--key does not fit --cert-chain: {e}"))?;
+        let spiffe_id = spiffe_id_of(leaf)?
+            .parse::<SpiffeId>()
+            .context("--cert-chain")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| anyhow!("leaf certificate does not parse: {e}"))?;
+        let validity = cert.validity();
+        Ok(Self {
+            spiffe_id,
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+            cert_chain,
+            key,
+            trust_bundle: Vec::new(),
         })
     }
 
@@ -105,6 +128,52 @@ impl Identity {
                 .collect::<Vec<_>>(),
             "trustBundleSize": self.trust_bundle.len(),
         })
+    }
+}
+
+/// The URI SANs of a certificate.
+fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Vec<&'a str> {
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::URI(uri) => Some(*uri),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[derive(thiserror::Error)]
+pub enum PeerIdentityError {
+    #[error("certificate does not parse: {0}")]
+    Parse(String),
+    #[error("certificate carries {0:?}, not exactly one spiffe:// URI SAN")]
+    NotSpiffe(Vec<String>),
+}
+
+/// rustls shows certificate errors with `Debug`: make that the readable message.
+impl std::fmt::Debug for PeerIdentityError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// The SPIFFE ID of a certificate: its only URI SAN, which must be a `spiffe://` URI (an X.509
+/// SVID carries exactly one).
+pub fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Result<String, PeerIdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| PeerIdentityError::Parse(e.to_string()))?;
+    match uri_sans(&cert).as_slice() {
+        [uri] if uri.starts_with("spiffe://") => Ok((*uri).to_owned()),
+        other => Err(PeerIdentityError::NotSpiffe(
+            other.iter().map(|s| (*s).to_owned()).collect(),
+        )),
     }
 }
 

@@ -1,17 +1,26 @@
 //! The inbound capture listener (15006): connections to the pod's ports, redirected by iptables,
 //! forwarded to the application from source 127.0.0.6 (which the capture rules exempt).
+//!
+//! The first bytes of each connection are peeked to tell a sidecar's mutual TLS (a ClientHello
+//! offering the mesh ALPN) from anything else; the port's PeerAuthentication mode then decides
+//! (see [`decide`]). Mesh TLS is terminated with the workload certificate and a client
+//! certificate verified against the trust bundle; everything else is forwarded untouched.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+use trellis_api::SpiffeId;
+use trellis_api::config::{PeerAuthenticationMode, ProxyConfig};
 
-use crate::capture::CaptureListener;
+use crate::capture::{self, CaptureListener};
 use crate::destination;
 use crate::forward;
-use crate::metrics::{TcpLabels, UNKNOWN};
+use crate::metrics::{MUTUAL_TLS, PLAINTEXT, TcpLabels, flags};
+use crate::mtls;
+use crate::sniff::{self, Detected};
 use crate::state::ProxyState;
 
 /// Source address of forwarded inbound connections, as in Istio's inbound passthrough.
@@ -35,42 +44,164 @@ impl Inbound {
     }
 }
 
-async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-    let labels = labels(&state, dst);
-    let upstream = match forward::connect(dst, Some(INBOUND_SOURCE), state.connect_timeout).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            let mut labels = labels;
-            labels.response_flags = "UF".into();
-            drop(state.metrics.open_connection(labels));
-            warn!(%peer, %dst, error = %e, "inbound connect to the application failed");
-            return;
-        }
-    };
-    let connection = state.metrics.open_connection(labels);
-    match forward::relay(stream, upstream, &connection.bytes).await {
-        Ok(totals) => {
-            debug!(%peer, %dst, received = totals.received, sent = totals.sent, "inbound connection closed")
-        }
-        Err(e) => debug!(%peer, %dst, error = %e, "inbound connection ended with an error"),
+/// What happens to an inbound connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Terminate the mesh TLS and forward the decrypted stream.
+    TerminateMtls,
+    /// Forward the bytes untouched (plaintext, or TLS the application terminates itself).
+    Forward,
+    /// Close at once: the port requires mesh mutual TLS.
+    Refuse,
+}
+
+/// The decision by the port's mode and what the first bytes are (`None`: not looked at, since
+/// DISABLE forwards whatever arrives and needs no detection). A silent connection counts as
+/// not mesh TLS: plaintext under PERMISSIVE, refused under STRICT.
+pub fn decide(mode: PeerAuthenticationMode, detected: Option<Detected>) -> Action {
+    use PeerAuthenticationMode::{Disable, Permissive, Strict};
+    match (mode, detected) {
+        // Istio does the same: under DISABLE the application gets mesh TLS bytes as they are.
+        (Disable, _) => Action::Forward,
+        (Permissive | Strict, Some(Detected::MeshTls)) => Action::TerminateMtls,
+        (Permissive, _) => Action::Forward,
+        (Strict, _) => Action::Refuse,
     }
 }
 
-fn labels(state: &ProxyState, dst: SocketAddr) -> TcpLabels {
+async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    let config = state.current_config();
+    let mode = config.inbound.mode_for(dst.port());
+    let detected = if mode == PeerAuthenticationMode::Disable {
+        None
+    } else {
+        match sniff::detect(&stream).await {
+            Ok(detected) => Some(detected),
+            Err(e) => {
+                debug!(%peer, %dst, error = %e, "inbound connection failed before its first bytes");
+                return;
+            }
+        }
+    };
+    let labels = labels(&state, &config, dst);
+    match decide(mode, detected) {
+        Action::Refuse => {
+            capture::count_refused(&state, labels, flags::NO_ROUTE);
+            info!(%peer, %dst, ?mode, ?detected, "connection without mesh mutual TLS refused (STRICT)");
+        }
+        Action::Forward => {
+            if let Some(app) = connect_app(&state, &labels, peer, dst).await {
+                capture::serve(&state, labels, stream, app, peer, dst).await;
+            }
+        }
+        Action::TerminateMtls => terminate(&state, &config, labels, stream, peer, dst).await,
+    }
+}
+
+/// Mesh TLS: handshake with a verified client certificate, then the decrypted stream to the app.
+async fn terminate(
+    state: &ProxyState,
+    config: &ProxyConfig,
+    mut labels: TcpLabels,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) {
+    labels.connection_security_policy = MUTUAL_TLS.into();
+    let tls = match state.current_identity() {
+        Some(identity) => state.mesh_tls.get(&identity, config),
+        None => Err(anyhow::anyhow!("no workload certificate")),
+    };
+    let tls = match tls {
+        Ok(tls) => tls,
+        Err(e) => {
+            capture::count_refused(state, labels, flags::NO_ROUTE);
+            warn!(%peer, %dst, error = format!("{e:#}"), "cannot terminate mesh mutual TLS, closing");
+            return;
+        }
+    };
+    labels.destination_principal = tls.local_id().to_string();
+    let handshake = async {
+        let stream = tls.acceptor().accept(stream).await?;
+        let peer_id = mtls::peer_id(stream.get_ref().1)?;
+        anyhow::Ok((stream, peer_id))
+    };
+    let (stream, peer_id) = match tokio::time::timeout(state.connect_timeout, handshake).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            capture::count_refused(state, labels, flags::DOWNSTREAM_PROTOCOL_ERROR);
+            warn!(%peer, %dst, error = format!("{e:#}"), "mesh mutual TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            capture::count_refused(state, labels, flags::DOWNSTREAM_PROTOCOL_ERROR);
+            warn!(%peer, %dst, "mesh mutual TLS handshake timed out");
+            return;
+        }
+    };
+    if let Ok(id) = peer_id.parse::<SpiffeId>() {
+        labels.source_workload_namespace = id.namespace;
+    }
+    labels.source_principal = peer_id;
+    debug!(%peer, %dst, source_principal = labels.source_principal, "mesh mutual TLS accepted");
+    if let Some(app) = connect_app(state, &labels, peer, dst).await {
+        capture::serve(state, labels, stream, app, peer, dst).await;
+    }
+}
+
+/// Connects to the application from [`INBOUND_SOURCE`]; a failure is counted and logged.
+async fn connect_app(
+    state: &ProxyState,
+    labels: &TcpLabels,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Option<TcpStream> {
+    match forward::connect(dst, Some(INBOUND_SOURCE), state.connect_timeout).await {
+        Ok(app) => Some(app),
+        Err(e) => {
+            capture::count_refused(state, labels.clone(), flags::UPSTREAM_FAILURE);
+            warn!(%peer, %dst, error = %e, "inbound connect to the application failed");
+            None
+        }
+    }
+}
+
+fn labels(state: &ProxyState, config: &ProxyConfig, dst: SocketAddr) -> TcpLabels {
     let workload = &state.workload;
     let mut labels = TcpLabels::unknown("destination");
     labels.destination_workload = workload.name.clone();
     labels.destination_workload_namespace = workload.namespace.clone();
     labels.destination_principal = workload.spiffe_id().to_string();
-    labels.connection_security_policy = "none".into();
-    let config = state.current_config();
-    if let Some(found) = destination::lookup(&config, dst) {
-        let hostname = found
-            .service
-            .hostnames
-            .first()
-            .map_or(UNKNOWN, String::as_str);
-        labels = labels.with_service(hostname, &found.service.namespace);
+    labels.connection_security_policy = PLAINTEXT.into();
+    if let Some(found) = destination::lookup(config, dst) {
+        labels = labels.with_service(found.hostname(), &found.service.namespace);
     }
     labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PeerAuthenticationMode::{Disable, Permissive, Strict};
+
+    #[test]
+    fn the_mode_decides_what_happens_to_mesh_tls_and_everything_else() {
+        let table = [
+            (Strict, Some(Detected::MeshTls), Action::TerminateMtls),
+            (Strict, Some(Detected::Other), Action::Refuse),
+            (Strict, Some(Detected::Silent), Action::Refuse),
+            (Strict, None, Action::Refuse),
+            (Permissive, Some(Detected::MeshTls), Action::TerminateMtls),
+            (Permissive, Some(Detected::Other), Action::Forward),
+            (Permissive, Some(Detected::Silent), Action::Forward),
+            (Permissive, None, Action::Forward),
+            (Disable, Some(Detected::MeshTls), Action::Forward),
+            (Disable, Some(Detected::Other), Action::Forward),
+            (Disable, Some(Detected::Silent), Action::Forward),
+            (Disable, None, Action::Forward),
+        ];
+        for (mode, detected, expected) in table {
+            assert_eq!(decide(mode, detected), expected, "{mode:?} {detected:?}");
+        }
+    }
 }

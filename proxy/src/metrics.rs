@@ -9,6 +9,25 @@ use crate::forward::ByteCounters;
 
 pub const UNKNOWN: &str = "unknown";
 
+/// `response_flags` values (Envoy's names, as Istio reports them).
+pub mod flags {
+    /// No route: outbound under `REGISTRY_ONLY` to an unknown destination; inbound, a
+    /// connection a STRICT port cannot accept (no mesh mutual TLS), which Envoy reports as `NR`
+    /// too (no filter chain matched).
+    pub const NO_ROUTE: &str = "NR";
+    /// No ready endpoint for the service port.
+    pub const NO_HEALTHY_UPSTREAM: &str = "UH";
+    /// Connecting to the upstream failed, its mutual TLS handshake included.
+    pub const UPSTREAM_FAILURE: &str = "UF";
+    /// The downstream's mutual TLS handshake failed (untrusted or missing client certificate,
+    /// no SPIFFE ID, timeout).
+    pub const DOWNSTREAM_PROTOCOL_ERROR: &str = "DPE";
+}
+
+/// `connection_security_policy` values.
+pub const MUTUAL_TLS: &str = "mutual_tls";
+pub const PLAINTEXT: &str = "none";
+
 /// Istio's standard TCP labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {

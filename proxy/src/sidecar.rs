@@ -16,6 +16,7 @@ use crate::app_probe::{APP_HEALTH_PREFIX, APP_PROBERS_ENV, AppProbers};
 use crate::cli::SidecarArgs;
 use crate::control_plane::{ControlPlane, certificate, config_stream};
 use crate::http_server::{self, respond, text};
+use crate::identity::Identity;
 use crate::inbound::Inbound;
 use crate::logging::LogControl;
 use crate::outbound::Outbound;
@@ -36,6 +37,11 @@ pub async fn run(args: SidecarArgs, log: LogControl) -> anyhow::Result<()> {
         let config = config_file::load(path)?;
         info!(file = %path.display(), version = config.version, "static config loaded");
         state.config.store(Some(Arc::new(config)));
+    }
+    if let (Some(chain), Some(key)) = (&args.cert_chain, &args.key) {
+        let identity = Identity::from_pem_files(chain, key)?;
+        info!(spiffe_id = %identity.spiffe_id, "static workload certificate loaded");
+        state.identity.send_replace(Some(Arc::new(identity)));
     }
 
     let outbound = Outbound::new(SocketAddr::new(ANY, args.outbound_port), state.clone())

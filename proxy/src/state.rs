@@ -10,10 +10,12 @@ use trellis_api::SpiffeId;
 use trellis_api::config::ProxyConfig;
 
 use crate::cli::SidecarArgs;
+use crate::destination::RoundRobin;
 use crate::drain::Drain;
 use crate::identity::Identity;
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
+use crate::mtls::MeshTlsCache;
 
 /// The pod this proxy runs beside, as told by the injector through the environment.
 #[derive(Clone, Debug)]
@@ -50,6 +52,10 @@ pub struct ProxyState {
     pub config: ArcSwapOption<ProxyConfig>,
     /// The current workload certificate; `None` until the first one is signed.
     pub identity: watch::Sender<Option<Arc<Identity>>>,
+    /// Mutual TLS settings built from the current identity and trust bundle.
+    pub mesh_tls: MeshTlsCache,
+    /// Endpoint choice for connections to service VIPs.
+    pub balancer: RoundRobin,
     /// Whether readiness waits for an identity and a config from the control plane.
     pub control_plane_mode: bool,
     pub listeners_bound: AtomicBool,
@@ -65,6 +71,8 @@ impl ProxyState {
             workload: Workload::from_args(args),
             config: ArcSwapOption::empty(),
             identity: watch::Sender::new(None),
+            mesh_tls: MeshTlsCache::default(),
+            balancer: RoundRobin::default(),
             control_plane_mode,
             listeners_bound: AtomicBool::new(false),
             metrics: Metrics::new(),

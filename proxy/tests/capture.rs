@@ -8,45 +8,16 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::Command;
+use std::net::TcpStream;
 use std::time::Duration;
 
-use support::{Ports, Proxy, echo_server, http, sample};
+use support::{Netns, Ports, Proxy, connect_from, echo_server, http, sample};
 
 const INSIDE: &str = "TRELLIS_PROXY_TEST_IN_NETNS";
 /// Connections from this source are redirected to the outbound listener...
 const OUTBOUND_CLIENT: &str = "127.0.0.5";
 /// ...and from this one to the inbound listener (standing in for traffic from another pod).
 const INBOUND_CLIENT: &str = "127.0.0.7";
-
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Option<Self> {
-        let name = format!("trellis-proxy-test-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .ok()?
-            .success();
-        ok.then(|| Self(name))
-    }
-
-    fn exec(&self, program: &str, args: &[&str]) -> std::process::ExitStatus {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0, program])
-            .args(args)
-            .status()
-            .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 #[test]
 fn redirected_traffic_is_forwarded_counted_filtered_and_drained() {
@@ -55,58 +26,16 @@ fn redirected_traffic_is_forwarded_counted_filtered_and_drained() {
         return;
     }
     // CI runs as root: a missing namespace is a broken environment, not a reason to pass.
-    let netns = Netns::create()
+    let netns = Netns::create("test")
         .expect("cannot create a network namespace: this test needs root, iproute2 and iptables");
     assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
     for (source, port) in [(OUTBOUND_CLIENT, "15001"), (INBOUND_CLIENT, "15006")] {
-        let rule = [
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-s",
-            source,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            port,
-        ];
-        assert!(
-            netns.exec("iptables", &rule).success(),
-            "iptables REDIRECT rule"
-        );
+        netns.nat_output(&["-s", source, "-j", "REDIRECT", "--to-ports", port]);
     }
-    let me = std::env::current_exe().unwrap();
-    let status = Command::new("ip")
-        .args(["netns", "exec", &netns.0])
-        .arg(me)
-        .args([
-            "redirected_traffic_is_forwarded_counted_filtered_and_drained",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(INSIDE, "1")
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the test inside the network namespace failed"
+    netns.rerun_inside(
+        "redirected_traffic_is_forwarded_counted_filtered_and_drained",
+        INSIDE,
     );
-}
-
-fn connect_from(source: &str, dst: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let source: IpAddr = source.parse().unwrap();
-    socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
-    socket.connect(&dst.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
 }
 
 fn inside_netns() {
@@ -116,7 +45,7 @@ fn inside_netns() {
         r#"{{"version":"netns-1","outboundTrafficPolicy":"REGISTRY_ONLY","services":[{{
             "hostnames":["echo.demo.svc.cluster.local"],"namespace":"demo","vips":["127.0.0.1"],
             "ports":[{{"name":"tcp-echo","port":{},"targetPort":{},"protocol":"tcp"}}],
-            "endpoints":[]}}]}}"#,
+            "endpoints":[{{"address":"127.0.0.1","ready":true,"meshed":false}}]}}]}}"#,
         echo.port(),
         echo.port()
     );

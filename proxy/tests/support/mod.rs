@@ -74,6 +74,11 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the proxy with `args` after `sidecar` plus the port flags and test identity env.
     pub fn start(ports: Ports, args: &[&str]) -> Self {
+        Self::start_with_env(ports, args, &[])
+    }
+
+    /// [`Proxy::start`] with environment overrides (another workload's name, namespace, ...).
+    pub fn start_with_env(ports: Ports, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = temp_path("proxy.log");
         let mut command = Command::new(BIN);
         command
@@ -89,6 +94,7 @@ impl Proxy {
             .env("SERVICE_ACCOUNT", "client")
             .env("WORKLOAD_NAME", "client")
             .env_remove("TRELLIS_CONTROL_PLANE")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -103,11 +109,20 @@ impl Proxy {
 
     /// Starts the proxy from a static config given as JSON text.
     pub fn with_config(ports: Ports, config: &str, extra: &[&str]) -> Self {
+        Self::with_config_and_env(ports, config, extra, &[])
+    }
+
+    pub fn with_config_and_env(
+        ports: Ports,
+        config: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let path = temp_path("config.json");
         std::fs::write(&path, config).unwrap();
         let mut args = vec!["--config", path.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut proxy = Self::start(ports, &args);
+        let mut proxy = Self::start_with_env(ports, &args, env);
         proxy.files.push(path);
         proxy
     }
@@ -239,4 +254,72 @@ pub fn echo_server(
         }
     });
     (local, peers)
+}
+
+/// A private network namespace, deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn create(tag: &str) -> Option<Self> {
+        let name = format!("trellis-proxy-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Self(name))
+    }
+
+    pub fn exec(&self, program: &str, args: &[&str]) -> ExitStatus {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0, program])
+            .args(args)
+            .status()
+            .unwrap()
+    }
+
+    /// Appends a rule to the nat OUTPUT chain, e.g. `["-s", "127.0.0.5", "-j", "REDIRECT",
+    /// "--to-ports", "15001"]`.
+    pub fn nat_output(&self, rule: &[&str]) {
+        let mut args = vec!["-t", "nat", "-A", "OUTPUT", "-p", "tcp"];
+        args.extend_from_slice(rule);
+        assert!(self.exec("iptables", &args).success(), "iptables {args:?}");
+    }
+
+    /// Re-runs the test `name` of the current test binary inside the namespace with `marker`
+    /// set in its environment; panics if it fails.
+    pub fn rerun_inside(&self, name: &str, marker: &str) {
+        let me = std::env::current_exe().unwrap();
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .arg(me)
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(marker, "1")
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "the test inside the network namespace failed"
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A TCP connection to `dst` from the local address `source` (which the capture rules of a test
+/// namespace may redirect), with a 10 s read timeout.
+pub fn connect_from(source: &str, dst: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let source: std::net::IpAddr = source.parse().unwrap();
+    socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+    socket.connect(&dst.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
 }

@@ -1,0 +1,497 @@
+//! Mutual TLS between sidecars: TLS 1.3 only, ALPN [`MESH_ALPN`], the workload certificate on
+//! both sides. A server is verified against the trust bundle and must present the SPIFFE ID the
+//! config names for the endpoint (never a DNS name); a client is verified against the trust
+//! bundle and must carry a SPIFFE ID, which becomes the connection's source principal.
+//!
+//! The TLS settings follow the workload certificate and the trust bundle: [`MeshTlsCache`]
+//! rebuilds them when either changes, so a rotated certificate is used from the next connection.
+
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwapOption;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, Resumption, verify_server_cert_signed_by_trust_anchor};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use trellis_api::SpiffeId;
+use trellis_api::config::{MESH_ALPN, ProxyConfig};
+
+use crate::identity::{self, Identity};
+
+/// SNI of mesh connections when the service hostname is no valid DNS name. Peers are never
+/// verified by name: the server's SPIFFE ID is what counts.
+const FALLBACK_SERVER_NAME: &str = "mesh.trellis.invalid";
+
+/// TLS settings built from one workload certificate and one trust bundle.
+pub struct MeshTls {
+    identity: Arc<Identity>,
+    /// The config's trust bundle these settings were built from (empty: the identity's).
+    config_bundle: Vec<String>,
+    provider: Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    client_cert: Arc<ClientCert>,
+    server: Arc<ServerConfig>,
+}
+
+impl MeshTls {
+    /// Peers are verified against the config's trust bundle, or the bundle that came with the
+    /// certificate when the config carries none.
+    pub fn new(identity: Arc<Identity>, config_bundle: &[String]) -> anyhow::Result<Self> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let bundle = if config_bundle.is_empty() {
+            identity.trust_bundle.clone()
+        } else {
+            identity::parse_pems(config_bundle).context("config trust bundle")?
+        };
+        let mut roots = RootCertStore::empty();
+        for root in bundle {
+            roots.add(root).context("trust bundle")?;
+        }
+        if roots.is_empty() {
+            anyhow::bail!("no trust bundle to verify peers against");
+        }
+        let roots = Arc::new(roots);
+        let client_cert = Arc::new(ClientCert(Arc::new(
+            CertifiedKey::from_der(
+                identity.cert_chain.clone(),
+                identity.key.clone_key(),
+                &provider,
+            )
+            .context("workload certificate")?,
+        )));
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .context("client certificate verifier")?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
+            .context("workload certificate as server certificate")?;
+        server.alpn_protocols = vec![MESH_ALPN.to_vec()];
+        Ok(Self {
+            identity,
+            config_bundle: config_bundle.to_vec(),
+            provider,
+            roots,
+            client_cert,
+            server: Arc::new(server),
+        })
+    }
+
+    /// Our own SPIFFE ID, as presented to peers.
+    pub fn local_id(&self) -> &SpiffeId {
+        &self.identity.spiffe_id
+    }
+
+    /// Terminates mesh TLS: requires a client certificate chaining to the trust bundle.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.server.clone())
+    }
+
+    /// Originates mesh TLS to a server that must present `peer` (a SPIFFE ID).
+    pub fn connector(&self, peer: &str) -> anyhow::Result<TlsConnector> {
+        let verifier = SpiffeServerVerifier {
+            roots: self.roots.clone(),
+            expected: peer.to_owned(),
+            algorithms: self.provider.signature_verification_algorithms,
+        };
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(self.client_cert.clone());
+        config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+        // A config lives for one connection: a session cache would never be hit.
+        config.resumption = Resumption::disabled();
+        Ok(TlsConnector::from(Arc::new(config)))
+    }
+}
+
+/// The SNI sent to a mesh server: the service's hostname (informational only).
+pub fn server_name(hostname: &str) -> ServerName<'static> {
+    ServerName::try_from(hostname.to_owned())
+        .unwrap_or_else(|_| ServerName::try_from(FALLBACK_SERVER_NAME).expect("a valid DNS name"))
+}
+
+/// The SPIFFE ID of the peer of an established mesh TLS connection.
+pub fn peer_id(connection: &rustls::CommonState) -> Result<String, identity::PeerIdentityError> {
+    let leaf = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| identity::PeerIdentityError::NotSpiffe(Vec::new()))?;
+    identity::spiffe_id_of(leaf)
+}
+
+/// The current [`MeshTls`], rebuilt when the workload certificate or the trust bundle changes.
+#[derive(Default)]
+pub struct MeshTlsCache(ArcSwapOption<MeshTls>);
+
+impl MeshTlsCache {
+    pub fn get(
+        &self,
+        identity: &Arc<Identity>,
+        config: &ProxyConfig,
+    ) -> anyhow::Result<Arc<MeshTls>> {
+        if let Some(cached) = self.0.load_full()
+            && Arc::ptr_eq(&cached.identity, identity)
+            && cached.config_bundle == config.trust_bundle
+        {
+            return Ok(cached);
+        }
+        let fresh = Arc::new(MeshTls::new(identity.clone(), &config.trust_bundle)?);
+        self.0.store(Some(fresh.clone()));
+        Ok(fresh)
+    }
+}
+
+/// Always presents the workload certificate.
+#[derive(Debug)]
+struct ClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Verifies a mesh server: webpki chain verification against the trust bundle (validity,
+/// signatures, server-auth usage), then its SPIFFE ID against the endpoint's. The TLS server
+/// name is ignored.
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: String,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(thiserror::Error)]
+#[error("server presented {presented}, expected {expected}")]
+struct WrongPeer {
+    presented: String,
+    expected: String,
+}
+
+/// rustls shows certificate errors with `Debug`: make that the readable message.
+impl fmt::Debug for WrongPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let presented = identity::spiffe_id_of(end_entity).map_err(invalid)?;
+        if presented != self.expected {
+            return Err(invalid(WrongPeer {
+                presented,
+                expected: self.expected.clone(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
+        Issuer, KeyPair, SanType,
+    };
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    pub const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+    pub const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
+
+    pub struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pub der: CertificateDer<'static>,
+        pub pem: String,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Self {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let cert = params.self_signed(&key).unwrap();
+            Self {
+                der: cert.der().clone(),
+                pem: cert.pem(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        /// A workload certificate for `uri`, shaped like the operator's, valid for the given
+        /// number of days around now (negative `until` gives an expired one).
+        pub fn leaf(
+            &self,
+            uri: &str,
+            from: i64,
+            until: i64,
+        ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now + time::Duration::days(from);
+            params.not_after = now + time::Duration::days(until);
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            (
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+        }
+
+        pub fn identity(&self, uri: &str) -> Arc<Identity> {
+            let (cert_chain, key) = self.leaf(uri, -1, 1);
+            Arc::new(Identity {
+                spiffe_id: uri.parse().unwrap(),
+                cert_chain,
+                key,
+                trust_bundle: vec![self.der.clone()],
+                not_before: 0,
+                not_after: 0,
+            })
+        }
+    }
+
+    fn verifier(ca: &Ca, expected: &str) -> SpiffeServerVerifier {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der.clone()).unwrap();
+        SpiffeServerVerifier {
+            roots: Arc::new(roots),
+            expected: expected.to_owned(),
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+
+    fn verify(
+        verifier: &SpiffeServerVerifier,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        verifier.verify_server_cert(
+            &chain[0],
+            &chain[1..],
+            &server_name("reviews.demo.svc.cluster.local"),
+            &[],
+            UnixTime::now(),
+        )
+    }
+
+    #[test]
+    fn server_verifier_accepts_only_the_expected_spiffe_id_from_the_bundle() {
+        let ca = Ca::new("mesh root");
+        let verifier = verifier(&ca, SERVER);
+
+        let (good, _) = ca.leaf(SERVER, -1, 1);
+        assert!(verify(&verifier, &good).is_ok());
+
+        let (other_identity, _) = ca.leaf(CLIENT, -1, 1);
+        let err = verify(&verifier, &other_identity).unwrap_err().to_string();
+        assert!(
+            err.contains("server presented spiffe://cluster.local/ns/demo/sa/client, expected"),
+            "{err}"
+        );
+
+        let (foreign, _) = Ca::new("other root").leaf(SERVER, -1, 1);
+        assert_eq!(
+            verify(&verifier, &foreign).unwrap_err(),
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+
+        let (expired, _) = ca.leaf(SERVER, -3, -1);
+        let err = verify(&verifier, &expired).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::Expired | CertificateError::ExpiredContext { .. }
+                )
+            ),
+            "{err:?}"
+        );
+
+        // The DNS name is never what is verified: a DNS-only certificate is refused.
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(vec!["reviews.demo.svc.cluster.local".to_owned()]).unwrap();
+        let dns_only = params.signed_by(&key, &ca.issuer).unwrap();
+        let err = verify(&verifier, &[dns_only.der().clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not exactly one spiffe:// URI SAN"), "{err}");
+    }
+
+    /// One mesh TLS connection over loopback: the client's result, and the server's peer id
+    /// and what it read.
+    async fn handshake(
+        server: &MeshTls,
+        client: &MeshTls,
+        expected: &str,
+    ) -> (anyhow::Result<Vec<u8>>, anyhow::Result<(String, Vec<u8>)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = server.acceptor();
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await?;
+            let mut tls = acceptor.accept(tcp).await?;
+            let peer = peer_id(tls.get_ref().1)?;
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await?;
+            tls.write_all(b"pong").await?;
+            tls.shutdown().await?;
+            anyhow::Ok((peer, got))
+        });
+        let connector = client.connector(expected).unwrap();
+        let client_result = async {
+            let tcp = TcpStream::connect(addr).await?;
+            let mut tls = connector
+                .connect(server_name("server.demo.svc.cluster.local"), tcp)
+                .await?;
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(MESH_ALPN));
+            tls.write_all(b"ping").await?;
+            // close_notify, then the reply still arrives (half-close over TLS).
+            tls.shutdown().await?;
+            let mut reply = Vec::new();
+            tls.read_to_end(&mut reply).await?;
+            anyhow::Ok(reply)
+        }
+        .await;
+        (client_result, served.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn sidecars_authenticate_each_other_and_half_close() {
+        let ca = Ca::new("mesh root");
+        let server = MeshTls::new(ca.identity(SERVER), &[]).unwrap();
+        let client = MeshTls::new(ca.identity(CLIENT), std::slice::from_ref(&ca.pem)).unwrap();
+
+        let (reply, served) = handshake(&server, &client, SERVER).await;
+        assert_eq!(reply.unwrap(), b"pong");
+        let (peer, got) = served.unwrap();
+        assert_eq!(peer, CLIENT);
+        assert_eq!(got, b"ping");
+
+        // The client refuses a server with another identity.
+        let (reply, _) =
+            handshake(&server, &client, "spiffe://cluster.local/ns/demo/sa/other").await;
+        let err = format!("{:#}", reply.unwrap_err());
+        assert!(err.contains("server presented"), "{err}");
+
+        // The server refuses a client certificate from another root.
+        let stranger = MeshTls::new(
+            Ca::new("other root").identity(CLIENT),
+            std::slice::from_ref(&ca.pem),
+        )
+        .unwrap();
+        let (_, served) = handshake(&server, &stranger, SERVER).await;
+        let err = format!("{:#}", served.unwrap_err());
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_follows_the_certificate_and_the_bundle() {
+        let ca = Ca::new("mesh root");
+        let cache = MeshTlsCache::default();
+        let first = ca.identity(SERVER);
+        let config = ProxyConfig::default();
+        let a = cache.get(&first, &config).unwrap();
+        assert!(Arc::ptr_eq(&a, &cache.get(&first, &config).unwrap()));
+
+        let rotated = ca.identity(SERVER);
+        let b = cache.get(&rotated, &config).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+
+        let rebundled = ProxyConfig {
+            trust_bundle: vec![ca.pem.clone()],
+            ..ProxyConfig::default()
+        };
+        assert!(!Arc::ptr_eq(&b, &cache.get(&rotated, &rebundled).unwrap()));
+
+        let nothing = Arc::new(Identity {
+            spiffe_id: rotated.spiffe_id.clone(),
+            cert_chain: rotated.cert_chain.clone(),
+            key: rotated.key.clone_key(),
+            trust_bundle: Vec::new(),
+            not_before: 0,
+            not_after: 0,
+        });
+        assert!(
+            cache.get(&nothing, &config).is_err(),
+            "no roots, no mesh TLS"
+        );
+    }
+}

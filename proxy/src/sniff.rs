@@ -1,0 +1,364 @@
+//! Telling a sidecar's mutual TLS from everything else on the inbound side: the first bytes of a
+//! connection are peeked (never consumed) and parsed as a TLS ClientHello whose ALPN list offers
+//! [`MESH_ALPN`]. The parser is written by hand and defensively: any input, however short or
+//! malformed, gives an answer and never a panic.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use trellis_api::config::MESH_ALPN;
+
+/// How long the first byte may take. Our outbound side sends its ClientHello in the same flight
+/// as the TCP handshake's last ACK, so this only bounds a lost-segment retransmit (Linux's
+/// minimum RTO is 200 ms); it is also the delay a server-speaks-first protocol sees before its
+/// greeting under PERMISSIVE, after which the silent connection is treated as plaintext.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a ClientHello that has started may take to arrive whole.
+pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between two peeks of an incomplete ClientHello (a peek returns the queued bytes at once, so
+/// waiting for more cannot rely on readiness).
+const REPEEK_INTERVAL: Duration = Duration::from_millis(5);
+
+const CONTENT_TYPE_HANDSHAKE: u8 = 22;
+const HANDSHAKE_CLIENT_HELLO: u8 = 1;
+const EXTENSION_ALPN: u16 = 16;
+const RECORD_HEADER: usize = 5;
+/// Largest plaintext TLS record (RFC 8446 §5.1).
+const MAX_RECORD: usize = 1 << 14;
+/// At most this much is peeked: one full record. A ClientHello longer than that (none of ours,
+/// which are a few hundred bytes) is not mesh TLS.
+pub const PEEK_LIMIT: usize = RECORD_HEADER + MAX_RECORD;
+
+/// What the first bytes of an inbound connection are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// A TLS ClientHello offering [`MESH_ALPN`]: another sidecar's mutual TLS.
+    MeshTls,
+    /// Anything else: plaintext, the application's own TLS, garbage, or a connection closed
+    /// before sending anything.
+    Other,
+    /// Nothing within [`FIRST_BYTE_TIMEOUT`] (a server-speaks-first protocol, or a slow client).
+    Silent,
+}
+
+/// The answer for a prefix of a connection's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parse {
+    /// The bytes so far are a valid beginning of a ClientHello; more are needed.
+    NeedMore,
+    Done(Detected),
+}
+
+/// Peeks at `stream` until its first bytes are classified; nothing is consumed.
+pub async fn detect(stream: &TcpStream) -> io::Result<Detected> {
+    let mut buf = vec![0u8; PEEK_LIMIT];
+    let n = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut buf)).await {
+        Err(_) => return Ok(Detected::Silent),
+        Ok(peeked) => peeked?,
+    };
+    let deadline = Instant::now() + CLIENT_HELLO_TIMEOUT;
+    let mut n = n;
+    loop {
+        if n == 0 {
+            return Ok(Detected::Other);
+        }
+        match classify(&buf[..n]) {
+            Parse::Done(detected) => return Ok(detected),
+            Parse::NeedMore if n == buf.len() || Instant::now() >= deadline => {
+                return Ok(Detected::Other);
+            }
+            Parse::NeedMore => {
+                tokio::time::sleep(REPEEK_INTERVAL).await;
+                n = stream.peek(&mut buf).await?;
+            }
+        }
+    }
+}
+
+/// Classifies the first bytes of a connection. Handshake messages may span several records;
+/// they are reassembled.
+pub fn classify(bytes: &[u8]) -> Parse {
+    let mut message = Vec::new();
+    let mut rest = bytes;
+    loop {
+        let Some(&content_type) = rest.first() else {
+            return Parse::NeedMore;
+        };
+        if content_type != CONTENT_TYPE_HANDSHAKE {
+            return Parse::Done(Detected::Other);
+        }
+        // Record layer version: 3.x for every TLS version (TLS 1.3 still writes 3.1 or 3.3).
+        if rest.get(1).is_some_and(|&major| major != 3) {
+            return Parse::Done(Detected::Other);
+        }
+        let Some(header) = rest.get(..RECORD_HEADER) else {
+            return Parse::NeedMore;
+        };
+        let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if length == 0 || length > MAX_RECORD {
+            return Parse::Done(Detected::Other);
+        }
+        let Some(fragment) = rest.get(RECORD_HEADER..RECORD_HEADER + length) else {
+            return Parse::NeedMore;
+        };
+        message.extend_from_slice(fragment);
+        rest = &rest[RECORD_HEADER + length..];
+
+        if let Some(&kind) = message.first()
+            && kind != HANDSHAKE_CLIENT_HELLO
+        {
+            return Parse::Done(Detected::Other);
+        }
+        if let Some(len) = message.get(1..4) {
+            let body_len =
+                usize::from(len[0]) << 16 | usize::from(len[1]) << 8 | usize::from(len[2]);
+            if body_len > PEEK_LIMIT {
+                return Parse::Done(Detected::Other);
+            }
+            if let Some(body) = message.get(4..4 + body_len) {
+                return Parse::Done(match offers_mesh_alpn(body) {
+                    Some(true) => Detected::MeshTls,
+                    Some(false) | None => Detected::Other,
+                });
+            }
+        }
+    }
+}
+
+/// Whether a ClientHello body (RFC 8446 §4.1.2) offers [`MESH_ALPN`]; `None` if malformed.
+fn offers_mesh_alpn(body: &[u8]) -> Option<bool> {
+    let mut hello = Reader(body);
+    hello.take(2)?; // legacy_version
+    hello.take(32)?; // random
+    hello.vec8()?; // legacy_session_id
+    hello.vec16()?; // cipher_suites
+    hello.vec8()?; // legacy_compression_methods
+    if hello.0.is_empty() {
+        return Some(false); // TLS ≤ 1.2 without extensions
+    }
+    let mut extensions = Reader(hello.vec16()?);
+    while !extensions.0.is_empty() {
+        let kind = extensions.u16()?;
+        let data = extensions.vec16()?;
+        if kind == EXTENSION_ALPN {
+            let mut names = Reader(Reader(data).vec16()?);
+            while !names.0.is_empty() {
+                if names.vec8()? == MESH_ALPN {
+                    return Some(true);
+                }
+            }
+            return Some(false);
+        }
+    }
+    Some(false)
+}
+
+/// A cursor over bytes whose every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// A vector with a one-byte length prefix.
+    fn vec8(&mut self) -> Option<&'a [u8]> {
+        let len = usize::from(*self.take(1)?.first()?);
+        self.take(len)
+    }
+
+    /// A vector with a two-byte length prefix.
+    fn vec16(&mut self) -> Option<&'a [u8]> {
+        let len = usize::from(self.u16()?);
+        self.take(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+    /// The first flight of a real rustls client offering `alpn`.
+    fn client_hello(alpn: &[&[u8]]) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = ServerName::try_from("reviews.demo.svc.cluster.local").unwrap();
+        let mut connection = ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        while connection.wants_write() {
+            connection.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    /// Splits one-record `hello` into two records at `at` bytes into its fragment.
+    fn split_record(hello: &[u8], at: usize) -> Vec<u8> {
+        let fragment = &hello[RECORD_HEADER..];
+        let mut out = Vec::new();
+        for part in [&fragment[..at], &fragment[at..]] {
+            out.extend_from_slice(&[22, 3, 1]);
+            out.extend_from_slice(&u16::try_from(part.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    #[test]
+    fn recognises_a_real_rustls_client_hello_offering_the_mesh_alpn() {
+        let hello = client_hello(&[b"h2", MESH_ALPN]);
+        assert_eq!(classify(&hello), Parse::Done(Detected::MeshTls));
+        // Trailing bytes (the client's next flight) change nothing.
+        let mut more = hello.clone();
+        more.extend_from_slice(b"\x14\x03\x03\x00\x01\x01");
+        assert_eq!(classify(&more), Parse::Done(Detected::MeshTls));
+    }
+
+    #[test]
+    fn other_alpn_or_none_is_not_mesh_tls() {
+        assert_eq!(
+            classify(&client_hello(&[b"h2", b"http/1.1"])),
+            Parse::Done(Detected::Other)
+        );
+        assert_eq!(classify(&client_hello(&[])), Parse::Done(Detected::Other));
+        // A protocol that merely starts with the mesh ALPN is another protocol.
+        assert_eq!(
+            classify(&client_hello(&[b"trellis-mtls2"])),
+            Parse::Done(Detected::Other)
+        );
+    }
+
+    #[test]
+    fn every_truncation_of_a_client_hello_needs_more() {
+        let hello = client_hello(&[MESH_ALPN]);
+        for end in 0..hello.len() {
+            assert_eq!(classify(&hello[..end]), Parse::NeedMore, "prefix of {end}");
+        }
+    }
+
+    #[test]
+    fn reassembles_a_client_hello_split_across_records() {
+        let hello = client_hello(&[MESH_ALPN]);
+        for at in [1, 3, 4, 40, hello.len() - RECORD_HEADER - 1] {
+            let split = split_record(&hello, at);
+            assert_eq!(classify(&split), Parse::Done(Detected::MeshTls), "{at}");
+            for end in 0..split.len() {
+                assert_eq!(classify(&split[..end]), Parse::NeedMore, "{at} {end}");
+            }
+        }
+    }
+
+    #[test]
+    fn plaintext_and_garbage_are_other_at_once() {
+        for bytes in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"PRI * HTTP/2.0\r\n",
+            b"\x00",
+            b"\x16\x02",                                 // record version 2.x
+            b"\x16\x03\x01\x00\x00",                     // empty record
+            b"\x16\x03\x01\xff\xff",                     // record longer than 2^14
+            b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",     // a ServerHello, not a ClientHello
+            b"\x16\x03\x01\x00\x04\x01\xff\xff\xff",     // a ClientHello longer than we peek
+            b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00", // a body that does not parse
+        ] {
+            assert_eq!(classify(bytes), Parse::Done(Detected::Other), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn corrupted_client_hellos_never_panic() {
+        let hello = client_hello(&[MESH_ALPN, b"h2"]);
+        // Every single-byte corruption at every position, with a few values.
+        for position in 0..hello.len() {
+            for value in [0x00, 0x01, 0x7f, 0x80, 0xff] {
+                let mut bad = hello.clone();
+                bad[position] = value;
+                let _ = classify(&bad);
+                let _ = classify(&bad[..position]);
+            }
+        }
+        // Pseudo-random inputs that start like a handshake record.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..2_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 300) as usize;
+            let mut bytes: Vec<u8> = (0..len)
+                .map(|i| (seed.rotate_left(i as u32 % 64) & 0xff) as u8)
+                .collect();
+            if bytes.len() > 5 {
+                bytes[..3].copy_from_slice(&[22, 3, 3]);
+            }
+            let _ = classify(&bytes);
+        }
+    }
+
+    #[tokio::test]
+    async fn detect_peeks_without_consuming_and_times_out_on_silence() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpListener;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hello = client_hello(&[MESH_ALPN]);
+
+        // The ClientHello arrives in two writes; detection waits for the second.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let (first, second) = hello.split_at(20);
+        client.write_all(first).await.unwrap();
+        let writer = {
+            let second = second.to_vec();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                client.write_all(&second).await.unwrap();
+                client
+            })
+        };
+        assert_eq!(detect(&server).await.unwrap(), Detected::MeshTls);
+        let _client = writer.await.unwrap();
+        let mut read = vec![0u8; hello.len()];
+        server.read_exact(&mut read).await.unwrap();
+        assert_eq!(read, hello, "nothing was consumed");
+
+        // Plaintext is recognised at once.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(detect(&server).await.unwrap(), Detected::Other);
+
+        // A silent client (server-speaks-first) is given FIRST_BYTE_TIMEOUT.
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(detect(&server).await.unwrap(), Detected::Silent);
+        let waited = started.elapsed();
+        assert!(waited >= FIRST_BYTE_TIMEOUT && waited < FIRST_BYTE_TIMEOUT * 4);
+
+        // A client that closes without sending anything.
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        drop(client);
+        assert_eq!(detect(&server).await.unwrap(), Detected::Other);
+    }
+}
