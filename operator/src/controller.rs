@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, EventSource, Namespace, Secret};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -273,10 +273,11 @@ async fn ensure_root_cert_configmaps(ctx: &Context, mesh: &Mesh, state: &MeshSta
     let owner = mesh
         .controller_owner_ref(&())
         .ok_or(Error::MissingObjectKey("Mesh"))?;
+    // A namespace being deleted refuses new objects; it needs no trust bundle any more.
     for ns in namespaces
         .items
         .iter()
-        .filter(|ns| injection_enabled(ns.labels()))
+        .filter(|ns| injection_enabled(ns.labels()) && ns.metadata.deletion_timestamp.is_none())
     {
         let ns_name = ns.name_any();
         let configmap = json!({
@@ -290,13 +291,24 @@ async fn ensure_root_cert_configmaps(ctx: &Context, mesh: &Mesh, state: &MeshSta
             },
             "data": {"root-cert.pem": state.ca.trust_bundle().concat()},
         });
-        Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns_name)
+        let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns_name)
             .patch(
                 ROOT_CERT_CONFIGMAP,
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&configmap),
             )
-            .await?;
+            .await;
+        match applied {
+            Ok(_) => {}
+            // Deleted (or started terminating) since the list: nothing to publish there.
+            Err(kube::Error::Api(status))
+                if status.code == 404
+                    || status.code == 403 && status.message.contains("being terminated") =>
+            {
+                tracing::debug!(namespace = %ns_name, "namespace went away; skipping its trust bundle");
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -381,15 +393,38 @@ async fn publish_status(
     Ok(())
 }
 
+/// Records an event on the Mesh. Written through the core `v1` Events API in `default`:
+/// Kubernetes before 1.22 refuses `events.k8s.io/v1` events about cluster-scoped objects (their
+/// namespace must equal the object's, which has none), and `kubectl describe mesh` reads these.
 async fn publish_event(ctx: &Context, mesh: &Mesh, type_: EventType, reason: &str, note: &str) {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note.to_owned()),
-        action: "Reconcile".to_owned(),
-        secondary: None,
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+    let event = CoreEvent {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some(format!("{}.", mesh.name_any())),
+            namespace: Some("default".to_owned()),
+            ..Default::default()
+        },
+        involved_object: mesh.object_ref(&()),
+        reason: Some(reason.to_owned()),
+        message: Some(note.to_owned()),
+        type_: Some(
+            match type_ {
+                EventType::Normal => "Normal",
+                EventType::Warning => "Warning",
+            }
+            .to_owned(),
+        ),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        source: Some(EventSource {
+            component: Some(OPERATOR_NAME.to_owned()),
+            ..EventSource::default()
+        }),
+        ..CoreEvent::default()
     };
-    if let Err(e) = ctx.recorder.publish(&event, &mesh.object_ref(&())).await {
+    let events = Api::<CoreEvent>::namespaced(ctx.client.clone(), "default");
+    if let Err(e) = events.create(&PostParams::default(), &event).await {
         warn!(error = %e, "could not publish event");
     }
 }
