@@ -99,8 +99,33 @@ pub struct InboundPolicy {
     #[serde(default)]
     pub mtls_mode: PeerAuthenticationMode,
     /// Port-level overrides (`portLevelMtls`), keyed by the workload's container port.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty",
+        deserialize_with = "port_keyed"
+    )]
     pub port_mtls: std::collections::BTreeMap<u16, PeerAuthenticationMode>,
+}
+
+/// JSON object keys are strings; a config inside a tagged [`ControlMessage`] is buffered by serde
+/// before it is decoded, and that path does not turn `"8080"` back into a number, so the keys are
+/// parsed here.
+///
+/// [`ControlMessage`]: crate::protocol::ControlMessage
+fn port_keyed<'de, D, V>(deserializer: D) -> Result<std::collections::BTreeMap<u16, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    let by_text = std::collections::BTreeMap::<String, V>::deserialize(deserializer)?;
+    by_text
+        .into_iter()
+        .map(|(key, value)| {
+            key.parse::<u16>()
+                .map(|port| (port, value))
+                .map_err(|_| serde::de::Error::custom(format!("{key:?} is not a port number")))
+        })
+        .collect()
 }
 
 impl InboundPolicy {

@@ -70,4 +70,19 @@ mod tests {
         assert!(matches!(config, ControlMessage::Config(c) if c.version == "3"));
         assert!(serde_json::from_str::<ControlMessage>(r#"{"type":"reboot"}"#).is_err());
     }
+
+    #[test]
+    fn port_keyed_policies_survive_the_tagged_envelope() {
+        let mut config = ProxyConfig::default();
+        config
+            .inbound
+            .port_mtls
+            .insert(8080, crate::config::PeerAuthenticationMode::Disable);
+        let line =
+            serde_json::to_string(&ControlMessage::Config(Box::new(config.clone()))).unwrap();
+        let decoded: ControlMessage = serde_json::from_str(&line).unwrap();
+        assert_eq!(decoded, ControlMessage::Config(Box::new(config)));
+        let bad = r#"{"type":"config","version":"1","inbound":{"portMtls":{"http":"STRICT"}}}"#;
+        assert!(serde_json::from_str::<ControlMessage>(bad).is_err());
+    }
 }
