@@ -106,6 +106,8 @@ demo:
 
 up: deps
 	$(CLUSTER) build
+	@# Plain `kubectl` on the host: the cluster's own client when the machine has none.
+	@command -v kubectl >/dev/null || ln -sf /var/cache/local-kube/bin/kubectl /usr/local/bin/kubectl
 	$(CLUSTER) up
 	$(MAKE) --no-print-directory images install demo
 	@echo
