@@ -217,23 +217,29 @@ fn envoy(tools: &Tools, work: &Path, role: &Role) -> Result<Proc> {
     Ok(proc)
 }
 
-/// trellis-proxy's static config: the backend as a registered service on the proxied addresses.
+/// trellis-proxy's static config: the backend as a registered service on each proxied address.
+/// The proxy picks the endpoint itself, so each service's one (non-meshed) endpoint is its own
+/// address, where the backend listens; for the two-hop path that address is redirected again,
+/// to the inbound proxy.
 pub fn trellis_config() -> serde_json::Value {
     let port = |name: &str, port: u16, protocol: &str| json!({"name": name, "port": port, "targetPort": port, "protocol": protocol});
-    json!({
-        "version": "bench",
-        "outboundTrafficPolicy": "ALLOW_ANY",
-        "services": [{
-            "hostnames": ["backend.bench.svc.cluster.local"],
+    let service = |name: &str, address: &str| {
+        json!({
+            "hostnames": [format!("{name}.bench.svc.cluster.local")],
             "namespace": "bench",
-            "vips": ["127.0.0.3", "127.0.0.4"],
+            "vips": [address],
             "ports": [
                 port("http", HTTP1_PORT, "http"),
                 port("http2", HTTP2_PORT, "http2"),
                 port("tcp-bulk", BULK_PORT, "tcp"),
             ],
-            "endpoints": []
-        }]
+            "endpoints": [{"address": address, "ready": true, "meshed": false}]
+        })
+    };
+    json!({
+        "version": "bench",
+        "outboundTrafficPolicy": "ALLOW_ANY",
+        "services": [service("backend-1hop", "127.0.0.3"), service("backend-2hop", "127.0.0.4")]
     })
 }
 
