@@ -9,29 +9,27 @@
 //! it as root, and a skipped capture test proves nothing. Traffic stays inside the namespaces;
 //! the host only gains a bridge without addresses, removed at the end.
 
+/// The init crate's socket probes: same checks, one copy.
+#[path = "../../init/tests/probes/mod.rs"]
+mod probes;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use probes::{CLIENT_PY, Listener};
 use serde_json::{Value, json};
 
 const TRELLIS_CNI: &str = env!("CARGO_BIN_EXE_trellis-cni");
 const CNI_PATH: &str = "/usr/lib/cni";
 const PYTHON: &str = "/usr/bin/python3";
 const NETWORK_NAME: &str = "trellis-cni-test";
-
-/// The init crate's socket probes (same checks, one copy): a listener answering with the
-/// connection's original destination, and a client printing that answer.
-const LISTENER_PY: &str = include_str!("../../init/tests/probes/listener.py");
-
-/// Connects to argv[1]:argv[2] and prints the listener's answer, or why there was none.
-const CLIENT_PY: &str = include_str!("../../init/tests/probes/client.py");
 
 fn require_root_and_tools() {
     let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
@@ -166,33 +164,6 @@ struct BridgeLink(String);
 impl Drop for BridgeLink {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-    }
-}
-
-/// A listener process inside a namespace, killed on drop.
-struct Listener(Child);
-
-impl Listener {
-    fn start(netns: &Netns, ports: &[(u16, &str)]) -> Self {
-        let mut command = netns.command(PYTHON);
-        command
-            .args(["-c", LISTENER_PY])
-            .args(ports.iter().map(|(port, tag)| format!("{port}={tag}")))
-            .stdout(Stdio::piped());
-        let mut listener = Self(command.spawn().expect("spawning listener"));
-        let mut ready = String::new();
-        BufReader::new(listener.0.stdout.as_mut().expect("piped stdout"))
-            .read_line(&mut ready)
-            .expect("reading listener readiness");
-        assert_eq!(ready.trim(), "ready", "listener {ports:?} did not start");
-        listener
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -504,7 +475,10 @@ fn injected_pod_is_captured_behind_the_bridge_plugin() {
     let args = pod_args("shop", "cart", &sandbox.container_id);
     let prev_result = sandbox.add_bridge();
     let outside = format!("{}.77", sandbox.subnet_prefix);
-    let proxy = Listener::start(&sandbox.netns, &[(15001, "outbound-capture")]);
+    let proxy = Listener::start(
+        sandbox.netns.command(PYTHON),
+        &[(15001, "outbound-capture")],
+    );
     assert!(
         sandbox
             .netns

@@ -6,9 +6,12 @@
 //! than skips without them: CI runs it as root, and a skipped capture test proves nothing.
 //! All traffic stays between the namespaces the test creates.
 
-use std::io::{BufRead, BufReader};
+mod probes;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+
+use probes::{CLIENT_PY, Listener};
+use std::process::{Command, Output, Stdio};
 
 const TRELLIS_INIT: &str = env!("CARGO_BIN_EXE_trellis-init");
 
@@ -21,14 +24,6 @@ const PEER_EXCLUDED_IP: &str = "10.254.0.3";
 /// Routed towards the peer but assigned nowhere: only a redirect can make connecting work.
 const UNASSIGNED_IP: &str = "10.254.0.77";
 const PROXY_UID: &str = "1337";
-
-/// Accepts on every `port=tag` argument and answers each connection with one line: the tag and
-/// the connection's original destination (`SO_ORIGINAL_DST`, which is the local address when the
-/// connection was not redirected). Prints `ready` once listening.
-const LISTENER_PY: &str = include_str!("probes/listener.py");
-
-/// Connects to argv[1]:argv[2] and prints the listener's answer, or why there was none.
-const CLIENT_PY: &str = include_str!("probes/client.py");
 
 /// The system interpreter: pyenv-style shims under /root are unreadable once setpriv drops to the
 /// proxy uid.
@@ -184,32 +179,6 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
-    }
-}
-
-/// A listener process, killed on drop.
-struct Listener(Child);
-
-impl Listener {
-    fn start(mut command: Command, ports: &[(u16, &str)]) -> Self {
-        command
-            .args(["-c", LISTENER_PY])
-            .args(ports.iter().map(|(port, tag)| format!("{port}={tag}")))
-            .stdout(Stdio::piped());
-        let mut listener = Self(command.spawn().expect("spawning listener"));
-        let mut ready = String::new();
-        BufReader::new(listener.0.stdout.as_mut().expect("piped stdout"))
-            .read_line(&mut ready)
-            .expect("reading listener readiness");
-        assert_eq!(ready.trim(), "ready", "listener {ports:?} did not start");
-        listener
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
