@@ -17,13 +17,13 @@ use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use probes::{CLIENT_PY, Listener};
+use probes::{CLIENT_PY, Listener, run};
 use serde_json::{Value, json};
 
 const TRELLIS_CNI: &str = env!("CARGO_BIN_EXE_trellis-cni");
@@ -66,22 +66,6 @@ fn require_root_and_tools() {
             "{CNI_PATH}/{plugin} is required (package containernetworking-plugins)"
         );
     }
-}
-
-fn run(command: &mut Command) -> String {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = command
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
-    assert!(
-        status.success(),
-        "{command:?} failed ({status}): {}",
-        String::from_utf8_lossy(&stderr)
-    );
-    String::from_utf8(stdout).expect("UTF-8 output")
 }
 
 /// A directory for this test's files (host-local's state, kubeconfig, log), removed on drop.

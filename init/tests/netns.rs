@@ -10,8 +10,8 @@ mod probes;
 
 use std::path::Path;
 
-use probes::{CLIENT_PY, Listener};
-use std::process::{Command, Output, Stdio};
+use probes::{CLIENT_PY, Listener, run};
+use std::process::{Command, Stdio};
 
 const TRELLIS_INIT: &str = env!("CARGO_BIN_EXE_trellis-init");
 
@@ -66,22 +66,6 @@ fn require_root_and_tools() {
              iptables, python3)"
         );
     }
-}
-
-fn run(command: &mut Command) -> String {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = command
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
-    assert!(
-        status.success(),
-        "{command:?} failed ({status}): {}",
-        String::from_utf8_lossy(&stderr)
-    );
-    String::from_utf8(stdout).expect("UTF-8 output")
 }
 
 fn ip(args: &[&str]) {

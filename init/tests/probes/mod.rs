@@ -1,9 +1,26 @@
-//! Socket probes shared by the init and cni netns tests (cni includes this file by path): a
-//! listener process that answers each connection with its tag and original destination, and the
-//! client script that prints that answer.
+//! What the init and cni netns tests share (cni includes this file by path): running a command
+//! and checking it succeeded, a listener process that answers each connection with its tag and
+//! original destination, and the client script that prints that answer.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+
+/// Runs `command`, fails the test with its stderr unless it succeeds, returns its stdout.
+pub fn run(command: &mut Command) -> String {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = command
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+    assert!(
+        status.success(),
+        "{command:?} failed ({status}): {}",
+        String::from_utf8_lossy(&stderr)
+    );
+    String::from_utf8(stdout).expect("UTF-8 output")
+}
 
 /// Accepts on every `port=tag` argument and answers each connection with one line: the tag and
 /// the connection's original destination. Prints `ready` once listening.

@@ -152,23 +152,7 @@ async fn start_watches(
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (in-cluster config or kubeconfig)")?;
-    let (services, writer) = reflector::store::<Service>();
-    let stream = reflector::reflector(
-        writer,
-        watcher(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff(),
-    );
-    tokio::spawn(stream.for_each(|event| async move {
-        if let Err(e) = event {
-            eprintln!(
-                "{}",
-                json!({"msg": "service watch error", "error": e.to_string()})
-            );
-        }
-    }));
+    let services = watched_store(Api::<Service>::all(client.clone()), "service");
     let reader = services.clone();
     tokio::spawn(async move {
         if reader.wait_until_ready().await.is_ok() {
@@ -179,24 +163,10 @@ async fn start_watches(
     let slices = if no_slices {
         None
     } else {
-        let (slices, writer) = reflector::store::<EndpointSlice>();
-        let stream = reflector::reflector(
-            writer,
-            watcher(
-                Api::<EndpointSlice>::all(client),
-                watcher::Config::default(),
-            )
-            .default_backoff(),
-        );
-        tokio::spawn(stream.for_each(|event| async move {
-            if let Err(e) = event {
-                eprintln!(
-                    "{}",
-                    json!({"msg": "endpointslice watch error", "error": e.to_string()})
-                );
-            }
-        }));
-        Some(slices)
+        Some(watched_store(
+            Api::<EndpointSlice>::all(client),
+            "endpointslice",
+        ))
     };
     Ok((services, slices))
 }
@@ -337,6 +307,34 @@ async fn main() -> anyhow::Result<()> {
     udp_task.abort();
     tcp_task.abort();
     Ok(())
+}
+
+/// A store kept in sync with every object `api` lists; watch errors are logged and retried.
+fn watched_store<K>(api: Api<K>, what: &'static str) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    tokio::spawn(stream.for_each(move |event| async move {
+        if let Err(e) = event {
+            eprintln!(
+                "{}",
+                json!({"msg": format!("{what} watch error"), "error": e.to_string()})
+            );
+        }
+    }));
+    store
 }
 
 #[cfg(test)]
