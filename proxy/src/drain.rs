@@ -11,6 +11,12 @@ pub struct Drain {
     connections: TaskTracker,
 }
 
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Drain {
     pub fn new() -> Self {
         Self {

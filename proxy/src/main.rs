@@ -1,35 +1,7 @@
-//! `trellis-proxy`: the Trellis data plane, run as a sidecar beside every meshed workload.
-//!
-//! This crate owns everything that happens inside the proxy process: the capture listeners that
-//! iptables redirects the pod's traffic to (outbound 15001, inbound 15006), endpoint choice and
-//! the opaque TCP forwarding behind them, and mutual TLS between sidecars; the workload identity
-//! (key, CSR, certificate rotation against the control plane's CA); the config stream from the
-//! control plane (or a static `--config` file); Istio-compatible Prometheus telemetry; the
-//! readiness and admin endpoints; and graceful drain. It does not own the capture rules
-//! (`trellis-init` / `trellis-cni`) nor the config model and wire format (`trellis-api`).
+//! `trellis-proxy` binary: parses the command line, installs the crypto provider, logging and
+//! the runtime, and runs the sidecar from the `trellis_proxy` library.
 
-mod admin;
-mod app_probe;
-mod capture;
-mod cli;
-mod config_file;
-mod control_plane;
-mod destination;
-mod drain;
-mod forward;
-mod http_server;
-mod identity;
-mod inbound;
-mod logging;
-mod metrics;
-mod mtls;
-mod orig_dst;
-mod outbound;
-mod readiness;
-mod sidecar;
-mod sniff;
-mod state;
-mod wait_ready;
+use trellis_proxy::{cli, logging, sidecar, wait_ready};
 
 use std::process::ExitCode;
 

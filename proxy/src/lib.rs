@@ -1,0 +1,32 @@
+//! `trellis-proxy`: the Trellis data plane, run as a sidecar beside every meshed workload.
+//!
+//! This crate owns everything that happens inside the proxy process: the capture listeners that
+//! iptables redirects the pod's traffic to (outbound 15001, inbound 15006), endpoint choice and
+//! the opaque TCP forwarding behind them, and mutual TLS between sidecars; the workload identity
+//! (key, CSR, certificate rotation against the control plane's CA); the config stream from the
+//! control plane (or a static `--config` file); Istio-compatible Prometheus telemetry; the
+//! readiness and admin endpoints; and graceful drain. It does not own the capture rules
+//! (`trellis-init` / `trellis-cni`) nor the config model and wire format (`trellis-api`).
+
+pub mod admin;
+pub mod app_probe;
+pub mod capture;
+pub mod cli;
+pub mod config_file;
+pub mod control_plane;
+pub mod destination;
+pub mod drain;
+pub mod forward;
+pub mod http_server;
+pub mod identity;
+pub mod inbound;
+pub mod logging;
+pub mod metrics;
+pub mod mtls;
+pub mod orig_dst;
+pub mod outbound;
+pub mod readiness;
+pub mod sidecar;
+pub mod sniff;
+pub mod state;
+pub mod wait_ready;
