@@ -1,24 +1,5 @@
-//! `trellis-operator`: the Trellis control plane. It reconciles the `Mesh` (CA, trust-bundle
-//! ConfigMaps, injector webhook configuration, status), runs the certificate authority and the
-//! config discovery stream on 15012, the sidecar injector on 15017, and prints the install
-//! manifest generated from its own types.
-
-mod ca;
-mod cni;
-mod compile;
-mod control_plane;
-mod controller;
-mod discovery;
-mod env;
-mod error;
-mod https;
-mod injector;
-mod leader;
-mod manifests;
-mod metrics;
-mod peer_authentication;
-mod proxies;
-mod webhook;
+//! `trellis-operator` binary: `run` (the operator) and `manifests` (prints manifests/operator.yaml),
+//! built on the `trellis_operator` library.
 
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
@@ -36,8 +17,11 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 use trellis_api::wellknown::{CONTROL_PLANE_PORT, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT};
 
-use crate::controller::{Context, MeshStateRx};
-use crate::metrics::Metrics;
+use trellis_operator::controller::{Context, MeshStateRx};
+use trellis_operator::metrics::Metrics;
+use trellis_operator::{
+    cni, control_plane, controller, discovery, https, leader, manifests, proxies, webhook,
+};
 
 #[derive(Parser)]
 #[command(name = "trellis-operator", version, about)]

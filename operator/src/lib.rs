@@ -1,0 +1,21 @@
+//! `trellis-operator`: the Trellis control plane. It reconciles the `Mesh` (CA, trust-bundle
+//! ConfigMaps, injector webhook configuration, status), runs the certificate authority and the
+//! config discovery stream on 15012, the sidecar injector on 15017, and prints the install
+//! manifest generated from its own types.
+
+pub mod ca;
+pub mod cni;
+pub mod compile;
+pub mod control_plane;
+pub mod controller;
+pub mod discovery;
+pub mod env;
+pub mod error;
+pub mod https;
+pub mod injector;
+pub mod leader;
+pub mod manifests;
+pub mod metrics;
+pub mod peer_authentication;
+pub mod proxies;
+pub mod webhook;
