@@ -1,7 +1,10 @@
 //! Per-request behaviour controls of the demo server, given as query
 //! parameters (`?status=503&delay=2s`) or as the equivalent `x-demo-*`
 //! request headers (`x-demo-status: 503`, `x-demo-delay: 2s`). A query
-//! parameter wins over a header of the same control.
+//! parameter wins over a header of the same control, and both win over the
+//! server's defaults (`demo-server --defaults status=503`), so one pod can be
+//! made "bad" or "slow" for every request while a request can still ask for
+//! something else.
 
 use std::time::Duration;
 
@@ -43,7 +46,37 @@ pub const CONTROL_NAMES: [&str; 7] = [
 impl Controls {
     /// Reads the controls from a raw query string and request headers.
     pub fn from_request(query: Option<&str>, headers: &HeaderMap) -> Result<Controls, String> {
+        Controls::layered(&Controls::default(), query, headers)
+    }
+
+    /// Parses server-wide default controls given as a query string
+    /// (`status=503&delay=2s`). Unlike a request's query, every key must be
+    /// a control: a typo would otherwise silently do nothing.
+    pub fn parse_defaults(spec: &str) -> Result<Controls, String> {
         let mut controls = Controls::default();
+        for (key, value) in parse_query(spec.trim().trim_start_matches('?')) {
+            let name = key.replace('-', "_");
+            if !CONTROL_NAMES.contains(&name.as_str()) {
+                return Err(format!(
+                    "unknown control {key:?} (known: {})",
+                    CONTROL_NAMES.join(", ")
+                ));
+            }
+            controls
+                .set(&name, &value)
+                .map_err(|e| format!("default {name}: {e}"))?;
+        }
+        Ok(controls)
+    }
+
+    /// The controls of one request: `defaults`, overridden by the request's
+    /// `x-demo-*` headers, overridden by its query parameters.
+    pub fn layered(
+        defaults: &Controls,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Controls, String> {
+        let mut controls = defaults.clone();
         for name in CONTROL_NAMES {
             let header = format!("x-demo-{}", name.replace('_', "-"));
             if let Some(value) = headers.get(header.as_str()) {
@@ -222,6 +255,96 @@ mod tests {
             "grpc_status=99",
         ] {
             assert!(Controls::from_request(Some(q), &h).is_err(), "{q}");
+        }
+    }
+
+    #[test]
+    fn defaults_layer_under_headers_and_query() {
+        let defaults = Controls::parse_defaults("status=503&delay=2s&grpc-status=14").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-demo-status", HeaderValue::from_static("418"));
+        // (query, with headers, want status, want delay, want grpc status)
+        type Case<'a> = (
+            Option<&'a str>,
+            bool,
+            Option<u16>,
+            Option<Duration>,
+            Option<u32>,
+        );
+        let cases: [Case; 5] = [
+            (
+                None,
+                false,
+                Some(503),
+                Some(Duration::from_secs(2)),
+                Some(14),
+            ),
+            (
+                None,
+                true,
+                Some(418),
+                Some(Duration::from_secs(2)),
+                Some(14),
+            ),
+            (
+                Some("status=200"),
+                true,
+                Some(200),
+                Some(Duration::from_secs(2)),
+                Some(14),
+            ),
+            (
+                Some("delay=0s&grpc_status=0"),
+                false,
+                Some(503),
+                Some(Duration::ZERO),
+                Some(0),
+            ),
+            (
+                Some("unrelated=1"),
+                false,
+                Some(503),
+                Some(Duration::from_secs(2)),
+                Some(14),
+            ),
+        ];
+        for (query, with_headers, status, delay, grpc) in cases {
+            let headers = if with_headers {
+                h.clone()
+            } else {
+                HeaderMap::new()
+            };
+            let c = Controls::layered(&defaults, query, &headers).unwrap();
+            assert_eq!(
+                (c.status, c.delay, c.grpc_status),
+                (status, delay, grpc),
+                "{query:?} headers={with_headers}"
+            );
+        }
+        // A default `hang` can be switched off per request.
+        let hang = Controls::parse_defaults("hang").unwrap();
+        assert!(hang.hang);
+        let c = Controls::layered(&hang, Some("hang=false"), &HeaderMap::new()).unwrap();
+        assert!(!c.hang);
+        // No defaults: the same as from_request.
+        assert_eq!(
+            Controls::layered(&Controls::default(), Some("size=5"), &h).unwrap(),
+            Controls::from_request(Some("size=5"), &h).unwrap()
+        );
+    }
+
+    #[test]
+    fn parse_defaults_accepts_controls_only() {
+        assert_eq!(Controls::parse_defaults("").unwrap(), Controls::default());
+        let c = Controls::parse_defaults("?fail_percent=20&size=100").unwrap();
+        assert_eq!((c.fail_percent, c.size), (Some(20.0), Some(100)));
+        for (spec, needle) in [
+            ("stauts=503", "unknown control \"stauts\""),
+            ("status=5000", "default status: status 5000 out of range"),
+            ("delay=soon", "default delay"),
+        ] {
+            let err = Controls::parse_defaults(spec).unwrap_err();
+            assert!(err.contains(needle), "{spec}: {err}");
         }
     }
 

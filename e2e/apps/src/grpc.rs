@@ -1,6 +1,9 @@
-//! gRPC length-prefixed message framing and the echo body used by the demo
-//! server: every message received is sent back, then `grpc-status`
-//! trailers.
+//! gRPC length-prefixed message framing and the bodies used by the demo
+//! server: the echo (every message received is sent back, then
+//! `grpc-status` trailers; serves unary and bidi calls alike) and the
+//! server-streaming `…/Stream` method (the one request message sent back
+//! `x-demo-stream-messages` times). Also the client-side reading of a call's
+//! `grpc-status`.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -13,6 +16,57 @@ use crate::body::BoxError;
 
 /// Largest message the echo accepts (gRPC's usual default is 4 MiB).
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// The method name (last path segment, any service) served as a
+/// server-streaming call, e.g. `/trellis.demo.Echo/Stream`.
+pub const STREAM_METHOD: &str = "Stream";
+/// Request header: how many times a `Stream` call sends its request
+/// message back (default 1).
+pub const STREAM_MESSAGES_HEADER: &str = "x-demo-stream-messages";
+/// Most messages one `Stream` call may ask for; bounds the work one request
+/// can cause.
+pub const MAX_STREAM_MESSAGES: u64 = 1_000_000;
+
+/// gRPC status codes used here (the full table is in the gRPC spec).
+pub const STATUS_INVALID_ARGUMENT: u32 = 3;
+/// `RESOURCE_EXHAUSTED`.
+pub const STATUS_RESOURCE_EXHAUSTED: u32 = 8;
+/// `INTERNAL`.
+pub const STATUS_INTERNAL: u32 = 13;
+
+/// The request path names the server-streaming method.
+pub fn is_stream_method(path: &str) -> bool {
+    path.rsplit('/').next() == Some(STREAM_METHOD)
+}
+
+/// Reads the `x-demo-stream-messages` value: a count in
+/// `0..=MAX_STREAM_MESSAGES`, 1 when absent.
+pub fn parse_stream_messages(value: Option<&str>) -> Result<u64, String> {
+    let Some(value) = value else {
+        return Ok(1);
+    };
+    let count: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{STREAM_MESSAGES_HEADER}: bad count {value:?}"))?;
+    if count > MAX_STREAM_MESSAGES {
+        return Err(format!(
+            "{STREAM_MESSAGES_HEADER}: {count} exceeds the limit of {MAX_STREAM_MESSAGES}"
+        ));
+    }
+    Ok(count)
+}
+
+/// The `grpc-status` of a finished call: from the trailers, or from the
+/// response headers of a Trailers-Only answer. `None` when neither has a
+/// readable one (the call did not end as gRPC).
+pub fn call_status(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<u32> {
+    trailers
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
 
 /// One gRPC message: the compressed flag and the payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +188,25 @@ pub fn status_trailers(code: u32, message: Option<&str>) -> HeaderMap {
     map
 }
 
+/// The trailers ending a call whose request was read without error: the
+/// configured status, with `message` (or a default text) when not OK.
+fn end_trailers(status: u32, message: Option<&str>) -> HeaderMap {
+    if status == 0 {
+        return status_trailers(0, None);
+    }
+    let default = format!("demo status {status}");
+    status_trailers(status, Some(message.unwrap_or(&default)))
+}
+
+/// The trailers for a request stream that could not be decoded.
+fn decode_error_trailers(e: &GrpcDecodeError) -> HeaderMap {
+    let code = match e {
+        GrpcDecodeError::TooLarge(_) => STATUS_RESOURCE_EXHAUSTED,
+        GrpcDecodeError::BadFlag(_) => STATUS_INTERNAL,
+    };
+    status_trailers(code, Some(&e.to_string()))
+}
+
 enum EchoState {
     Streaming,
     Trailers(HeaderMap),
@@ -190,11 +263,7 @@ where
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    let code = match e {
-                        GrpcDecodeError::TooLarge(_) => 8,
-                        GrpcDecodeError::BadFlag(_) => 13,
-                    };
-                    this.state = EchoState::Trailers(status_trailers(code, Some(&e.to_string())));
+                    this.state = EchoState::Trailers(decode_error_trailers(&e));
                     continue;
                 }
             }
@@ -210,15 +279,9 @@ where
                 }
                 None => {
                     let trailers = if this.decoder.has_partial() {
-                        status_trailers(13, Some("request ended inside a message"))
-                    } else if this.status == 0 {
-                        status_trailers(0, None)
+                        status_trailers(STATUS_INTERNAL, Some("request ended inside a message"))
                     } else {
-                        let default = format!("demo status {}", this.status);
-                        status_trailers(
-                            this.status,
-                            Some(this.message.as_deref().unwrap_or(&default)),
-                        )
+                        end_trailers(this.status, this.message.as_deref())
                     };
                     this.state = EchoState::Trailers(trailers);
                 }
@@ -228,6 +291,142 @@ where
 
     fn is_end_stream(&self) -> bool {
         matches!(self.state, EchoState::Done)
+    }
+}
+
+enum StreamState {
+    /// Collecting the one request message.
+    Reading(Option<Bytes>),
+    /// Sending the encoded request message `remaining` more times.
+    Sending {
+        message: Bytes,
+        remaining: u64,
+    },
+    Trailers(HeaderMap),
+    Done,
+}
+
+/// The response body of a server-streaming `Stream` call: reads exactly one
+/// request message from `B`, sends it back `count` times (each a separate
+/// frame, so HTTP/2 flow control paces the stream), then trailers with the
+/// configured status.
+pub struct GrpcStreamBody<B> {
+    inner: B,
+    decoder: GrpcDecoder,
+    state: StreamState,
+    count: u64,
+    status: u32,
+    message: Option<String>,
+}
+
+impl<B> GrpcStreamBody<B> {
+    /// Stream the request message of `inner` back `count` times, ending with
+    /// `grpc-status: status` (and `grpc-message`).
+    pub fn new(inner: B, count: u64, status: u32, message: Option<String>) -> Self {
+        GrpcStreamBody {
+            inner,
+            decoder: GrpcDecoder::default(),
+            state: StreamState::Reading(None),
+            count,
+            status,
+            message,
+        }
+    }
+
+    /// A call refused before reading the request: only `status` trailers.
+    pub fn refused(inner: B, status: u32, message: &str) -> Self {
+        GrpcStreamBody {
+            inner,
+            decoder: GrpcDecoder::default(),
+            state: StreamState::Trailers(status_trailers(status, Some(message))),
+            count: 0,
+            status,
+            message: None,
+        }
+    }
+}
+
+impl<B> Body for GrpcStreamBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let mut request = match std::mem::replace(&mut this.state, StreamState::Done) {
+                StreamState::Done => return Poll::Ready(None),
+                StreamState::Trailers(map) => return Poll::Ready(Some(Ok(Frame::trailers(map)))),
+                StreamState::Sending { remaining: 0, .. } => {
+                    this.state =
+                        StreamState::Trailers(end_trailers(this.status, this.message.as_deref()));
+                    continue;
+                }
+                StreamState::Sending { message, remaining } => {
+                    this.state = StreamState::Sending {
+                        message: message.clone(),
+                        remaining: remaining - 1,
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(message))));
+                }
+                StreamState::Reading(request) => request,
+            };
+            match this.decoder.next_message() {
+                Ok(Some(msg)) if request.is_none() => {
+                    request = Some(encode_message(msg.compressed, &msg.data));
+                    this.state = StreamState::Reading(request);
+                    continue;
+                }
+                Ok(Some(_)) => {
+                    this.state = StreamState::Trailers(status_trailers(
+                        STATUS_INVALID_ARGUMENT,
+                        Some("a server-streaming call takes exactly one request message"),
+                    ));
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    this.state = StreamState::Trailers(decode_error_trailers(&e));
+                    continue;
+                }
+            }
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            let Poll::Ready(polled) = polled else {
+                this.state = StreamState::Reading(request);
+                return Poll::Pending;
+            };
+            this.state = match (polled, request) {
+                (Some(Ok(frame)), request) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.decoder.push(&data);
+                    }
+                    StreamState::Reading(request)
+                }
+                (Some(Err(e)), _) => return Poll::Ready(Some(Err(e.into()))),
+                (None, _) if this.decoder.has_partial() => StreamState::Trailers(status_trailers(
+                    STATUS_INTERNAL,
+                    Some("request ended inside a message"),
+                )),
+                (None, None) => StreamState::Trailers(status_trailers(
+                    STATUS_INVALID_ARGUMENT,
+                    Some("a server-streaming call takes exactly one request message"),
+                )),
+                (None, Some(message)) => StreamState::Sending {
+                    message,
+                    remaining: this.count,
+                },
+            };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, StreamState::Done)
     }
 }
 
@@ -285,6 +484,98 @@ mod tests {
         let t = status_trailers(14, Some("unavailable"));
         assert_eq!(t["grpc-status"], "14");
         assert_eq!(t["grpc-message"], "unavailable");
+    }
+
+    fn wire_body(wire: &[u8], chunk: usize) -> impl Body<Data = Bytes, Error = BoxError> + Unpin {
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> = wire
+            .chunks(chunk)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        StreamBody::new(futures::stream::iter(chunks))
+    }
+
+    #[tokio::test]
+    async fn stream_body_repeats_the_request() {
+        let request = encode_message(false, b"tick");
+        for (count, chunk) in [(0u64, 3usize), (1, 1), (5, 2), (1000, 64)] {
+            let body = GrpcStreamBody::new(wire_body(&request, chunk), count, 0, None);
+            let collected = body.collect().await.unwrap();
+            assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+            let mut dec = GrpcDecoder::default();
+            dec.push(&collected.to_bytes());
+            let mut got = 0u64;
+            while let Some(m) = dec.next_message().unwrap() {
+                assert_eq!(m.data.as_ref(), b"tick");
+                got += 1;
+            }
+            assert_eq!(got, count, "chunk {chunk}");
+        }
+        let body = GrpcStreamBody::new(wire_body(&request, 5), 2, 14, Some("drain".into()));
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().unwrap().clone();
+        assert_eq!(collected.to_bytes().len(), 2 * request.len());
+        assert_eq!(trailers["grpc-status"], "14");
+        assert_eq!(trailers["grpc-message"], "drain");
+    }
+
+    #[tokio::test]
+    async fn stream_body_rejects_bad_requests() {
+        let mut two = encode_message(false, b"a").to_vec();
+        two.extend_from_slice(&encode_message(false, b"b"));
+        // (request wire, expected grpc-status)
+        let cases: [(Vec<u8>, &str); 4] = [
+            (Vec::new(), "3"),
+            (two, "3"),
+            (vec![0, 0, 0, 0, 9, 1], "13"),
+            (vec![7, 0, 0, 0, 0], "13"),
+        ];
+        for (wire, status) in cases {
+            let collected = GrpcStreamBody::new(wire_body(&wire, 2), 3, 0, None)
+                .collect()
+                .await
+                .unwrap();
+            assert_eq!(
+                collected.trailers().unwrap()["grpc-status"],
+                status,
+                "{wire:?}"
+            );
+            assert!(collected.to_bytes().is_empty(), "{wire:?}");
+        }
+        let refused = GrpcStreamBody::refused(wire_body(b"", 1), 3, "bad count")
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(refused.trailers().unwrap()["grpc-message"], "bad count");
+    }
+
+    #[test]
+    fn stream_method_and_count() {
+        for (path, want) in [
+            ("/trellis.demo.Echo/Stream", true),
+            ("/other.Svc/Stream", true),
+            ("/trellis.demo.Echo/Echo", false),
+            ("/Stream/Echo", false),
+        ] {
+            assert_eq!(is_stream_method(path), want, "{path}");
+        }
+        assert_eq!(parse_stream_messages(None), Ok(1));
+        assert_eq!(parse_stream_messages(Some(" 25 ")), Ok(25));
+        assert_eq!(parse_stream_messages(Some("0")), Ok(0));
+        assert!(parse_stream_messages(Some("-1")).is_err());
+        assert!(parse_stream_messages(Some("1000001")).is_err());
+    }
+
+    #[test]
+    fn call_status_prefers_trailers() {
+        let mut headers = HeaderMap::new();
+        let mut trailers = HeaderMap::new();
+        assert_eq!(call_status(&headers, None), None);
+        headers.insert("grpc-status", HeaderValue::from_static("14"));
+        assert_eq!(call_status(&headers, None), Some(14));
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        assert_eq!(call_status(&headers, Some(&trailers)), Some(0));
+        trailers.insert("grpc-status", HeaderValue::from_static("x"));
+        assert_eq!(call_status(&HeaderMap::new(), Some(&trailers)), None);
     }
 
     #[tokio::test]

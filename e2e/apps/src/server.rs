@@ -1,6 +1,9 @@
 //! The demo HTTP server: HTTP/1.1 and prior-knowledge HTTP/2 on one port,
 //! JSON echo of the request, per-request behaviour controls, streaming
-//! `/echo`, gRPC echo, WebSocket echo, and an optional opaque TCP echo.
+//! `/echo`, gRPC echo and server streaming, WebSocket echo, and an optional
+//! opaque TCP echo. Server-wide default controls
+//! ([`ServerState::with_default_controls`]) apply to every request that does
+//! not set the same control itself.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -24,7 +27,10 @@ use tokio::net::TcpListener;
 
 use crate::body::{BoxBody, FillerBody, empty, full};
 use crate::control::Controls;
-use crate::grpc::GrpcEchoBody;
+use crate::grpc::{
+    GrpcEchoBody, GrpcStreamBody, STATUS_INVALID_ARGUMENT, STREAM_MESSAGES_HEADER,
+    is_stream_method, parse_stream_messages,
+};
 use crate::ws;
 
 /// Who this server is, reported in every answer.
@@ -71,6 +77,7 @@ pub struct ServerState {
     pub identity: Identity,
     /// Suppress the per-request log line.
     pub quiet: bool,
+    defaults: Controls,
     rng: AtomicU64,
 }
 
@@ -85,19 +92,30 @@ impl ServerState {
         ServerState {
             identity,
             quiet,
+            defaults: Controls::default(),
             rng: AtomicU64::new(seed),
         }
     }
 
+    /// Applies `defaults` to every request, under the request's own
+    /// `x-demo-*` headers and query parameters.
+    pub fn with_default_controls(mut self, defaults: Controls) -> ServerState {
+        self.defaults = defaults;
+        self
+    }
+
+    /// The server-wide default controls.
+    pub fn default_controls(&self) -> &Controls {
+        &self.defaults
+    }
+
     /// A uniform random number in `[0, 100)` (splitmix64).
     pub fn roll(&self) -> f64 {
-        let mut z = self
-            .rng
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        let z = crate::splitmix64(
+            self.rng
+                .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+                .wrapping_add(0x9E37_79B9_7F4A_7C15),
+        );
         (z >> 11) as f64 / (1u64 << 53) as f64 * 100.0
     }
 }
@@ -190,7 +208,7 @@ async fn route(
     if req.uri().path() == "/healthz" {
         return text(StatusCode::OK, "ok\n");
     }
-    let controls = match Controls::from_request(req.uri().query(), req.headers()) {
+    let controls = match Controls::layered(&state.defaults, req.uri().query(), req.headers()) {
         Ok(c) => c,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
@@ -202,21 +220,27 @@ async fn route(
         // the server shuts down.
         std::future::pending::<()>().await;
     }
+    let status = status_code(controls.pick_status(state.roll()));
     if is_websocket(&req) {
+        // A failing status (say a "bad pod" default) refuses the upgrade.
+        if !status.is_success() {
+            return text(status, format!("websocket refused with {status}\n"));
+        }
         return websocket(&mut req);
     }
-    let status = status_code(controls.pick_status(state.roll()));
     if is_grpc(&req) {
         let content_type = req
             .headers()
             .get(CONTENT_TYPE)
             .cloned()
             .unwrap_or(HeaderValue::from_static("application/grpc"));
-        let body = if status == StatusCode::OK {
+        let body = if status != StatusCode::OK {
+            empty()
+        } else if is_stream_method(req.uri().path()) {
+            grpc_stream(req, &controls).boxed()
+        } else {
             let status = controls.grpc_status.unwrap_or(0);
             GrpcEchoBody::new(req.into_body(), status, controls.grpc_message).boxed()
-        } else {
-            empty()
         };
         let mut resp = Response::new(body);
         *resp.status_mut() = status;
@@ -285,6 +309,24 @@ async fn route(
         *resp.body_mut() = empty();
     }
     resp
+}
+
+/// The body of a server-streaming call, or its refusal when the requested
+/// message count is unusable.
+fn grpc_stream(req: Request<Incoming>, controls: &Controls) -> GrpcStreamBody<Incoming> {
+    let count = req
+        .headers()
+        .get(STREAM_MESSAGES_HEADER)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    match parse_stream_messages(count) {
+        Ok(count) => GrpcStreamBody::new(
+            req.into_body(),
+            count,
+            controls.grpc_status.unwrap_or(0),
+            controls.grpc_message.clone(),
+        ),
+        Err(e) => GrpcStreamBody::refused(req.into_body(), STATUS_INVALID_ARGUMENT, &e),
+    }
 }
 
 fn websocket(req: &mut Request<Incoming>) -> Response<BoxBody> {
@@ -414,6 +456,22 @@ mod tests {
         assert!(rolls.iter().all(|r| (0.0..100.0).contains(r)));
         let below_half = rolls.iter().filter(|&&r| r < 50.0).count();
         assert!((4000..6000).contains(&below_half), "{below_half}");
+    }
+
+    #[test]
+    fn default_controls_builder() {
+        let identity = Identity {
+            name: "n".into(),
+            version: "v1".into(),
+            namespace: String::new(),
+            pod: String::new(),
+        };
+        let plain = ServerState::new(identity.clone(), true);
+        assert_eq!(plain.default_controls(), &Controls::default());
+        let bad = Controls::parse_defaults("status=503").unwrap();
+        let state = ServerState::new(identity, true).with_default_controls(bad.clone());
+        assert_eq!(state.default_controls(), &bad);
+        assert!(state.quiet);
     }
 
     #[test]

@@ -40,22 +40,43 @@ impl Latency {
     }
 }
 
-/// The JSON summary printed by `demo-client`.
+/// The JSON summary printed by `demo-client`. One "request" is one unit of
+/// the client's mode: an HTTP request, a gRPC call, a WebSocket connection
+/// or an upload. Mode-specific fields are left out where they do not apply.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
+    /// The client mode (`http`, `grpc-unary`, `grpc-stream`, `websocket`,
+    /// `upload`).
+    pub mode: String,
     /// Requests started.
     pub sent: u64,
-    /// Requests answered 2xx.
+    /// Requests that succeeded by the mode's measure (HTTP: answered 2xx;
+    /// gRPC: `grpc-status` 0 and every message back; WebSocket: upgraded
+    /// and every message echoed; upload: the echo matched).
     pub ok: u64,
-    /// Requests not answered 2xx (other statuses and errors).
+    /// Requests that did not succeed (other statuses and errors).
     pub failed: u64,
     /// Requests not started because `max-in-flight` were outstanding.
     pub dropped: u64,
-    /// Answers by status code.
+    /// Answers by HTTP status code (101 for an upgraded WebSocket).
     pub by_status: BTreeMap<String, u64>,
-    /// Failures without an answer, by kind.
+    /// Failures by kind: no answer (`connect`, `timeout`, `reset`, …) or an
+    /// answer that failed the mode's check (`incomplete`, `mismatch`, …).
     pub errors: BTreeMap<String, u64>,
+    /// gRPC calls by the `grpc-status` they ended with (gRPC modes).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_grpc_status: BTreeMap<String, u64>,
+    /// Messages that came back intact (gRPC and WebSocket modes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages: Option<u64>,
+    /// Bytes echoed back intact (upload mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// `bytes` over the run's wall time, in MB (10^6 bytes) per second
+    /// (upload mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mb_per_sec: Option<f64>,
     /// Answers by the server's reported `version`.
     pub by_version: BTreeMap<String, u64>,
     /// Answers by the server's reported `name`.
@@ -69,6 +90,32 @@ pub struct Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mode_fields_only_when_set() {
+        let http = serde_json::to_value(Summary {
+            mode: "http".into(),
+            ..Summary::default()
+        })
+        .unwrap();
+        for absent in ["byGrpcStatus", "messages", "bytes", "mbPerSec"] {
+            assert!(http.get(absent).is_none(), "{absent} in {http}");
+        }
+        assert_eq!(http["mode"], "http");
+        assert!(http["latencyMs"]["p50"].is_number());
+        let upload = serde_json::to_value(Summary {
+            bytes: Some(10),
+            mb_per_sec: Some(1.5),
+            messages: Some(0),
+            by_grpc_status: BTreeMap::from([("0".to_string(), 2)]),
+            ..Summary::default()
+        })
+        .unwrap();
+        assert_eq!(upload["bytes"], 10);
+        assert_eq!(upload["mbPerSec"], 1.5);
+        assert_eq!(upload["messages"], 0);
+        assert_eq!(upload["byGrpcStatus"]["0"], 2);
+    }
 
     #[test]
     fn percentiles() {

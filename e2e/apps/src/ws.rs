@@ -2,7 +2,8 @@
 //! `Sec-WebSocket-Accept` computation (SHA-1 + base64, implemented here),
 //! a frame parser that unmasks client frames, and an echo loop. No
 //! extensions, no fragmentation reassembly (fragments are echoed as they
-//! come, which is valid).
+//! come, which is valid). For the client side: the opening handshake
+//! request and the check of the server's answer to it.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -101,6 +102,95 @@ pub fn accept_key(key: &str) -> String {
     let mut input = key.trim().as_bytes().to_vec();
     input.extend_from_slice(WS_GUID.as_bytes());
     base64_encode(&sha1(&input))
+}
+
+/// A `Sec-WebSocket-Key`: 16 bytes derived from `seed`, base64-encoded.
+pub fn client_key(seed: u64) -> String {
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&crate::splitmix64(seed).to_be_bytes());
+    raw[8..].copy_from_slice(&crate::splitmix64(!seed).to_be_bytes());
+    base64_encode(&raw)
+}
+
+/// The HTTP/1.1 opening handshake for `path` (with query) on `authority`,
+/// with `key` and extra header lines; an extra `host` header replaces the
+/// default one.
+pub fn client_handshake(
+    authority: &str,
+    path: &str,
+    key: &str,
+    extra: &[(http::HeaderName, http::HeaderValue)],
+) -> Vec<u8> {
+    let mut out = format!("GET {path} HTTP/1.1\r\n").into_bytes();
+    if !extra.iter().any(|(n, _)| n == http::header::HOST) {
+        out.extend_from_slice(format!("host: {authority}\r\n").as_bytes());
+    }
+    for (name, value) in extra {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(
+        format!(
+            "upgrade: websocket\r\nconnection: Upgrade\r\n\
+             sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+/// Parses an HTTP/1.x response head (status line and headers, up to and
+/// including the blank line) into the status code and headers.
+pub fn parse_response_head(head: &[u8]) -> Result<(u16, http::HeaderMap), String> {
+    let text = std::str::from_utf8(head).map_err(|_| "response head is not UTF-8".to_string())?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let (version, code) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("bad status line {status_line:?}"));
+    }
+    let status: u16 = code
+        .parse()
+        .map_err(|_| format!("bad status code in {status_line:?}"))?;
+    let mut headers = http::HeaderMap::new();
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("bad header line {line:?}"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("bad header name in {line:?}"))?;
+        let value = http::HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("bad header value in {line:?}"))?;
+        headers.append(name, value);
+    }
+    Ok((status, headers))
+}
+
+/// Checks that a 101 answer's headers accept the handshake made with `key`.
+pub fn check_accept(headers: &http::HeaderMap, key: &str) -> Result<(), String> {
+    let has_token = |name: http::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(http::header::UPGRADE, "websocket") {
+        return Err("101 without `upgrade: websocket`".to_string());
+    }
+    if !has_token(http::header::CONNECTION, "upgrade") {
+        return Err("101 without `connection: upgrade`".to_string());
+    }
+    let want = accept_key(key);
+    match headers.get("sec-websocket-accept").map(|v| v.to_str()) {
+        Some(Ok(got)) if got.trim() == want => Ok(()),
+        Some(got) => Err(format!(
+            "sec-websocket-accept is {got:?}, expected {want:?}"
+        )),
+        None => Err("101 without sec-websocket-accept".to_string()),
+    }
 }
 
 /// One WebSocket frame, payload already unmasked.
@@ -327,6 +417,62 @@ mod tests {
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    #[test]
+    fn client_handshake_round_trip() {
+        let key = client_key(42);
+        assert_eq!(key.len(), 24);
+        assert_ne!(key, client_key(43));
+        let extra = [(
+            http::HeaderName::from_static("x-test"),
+            http::HeaderValue::from_static("1"),
+        )];
+        let req = String::from_utf8(client_handshake("web:80", "/ws?a=b", &key, &extra)).unwrap();
+        assert!(
+            req.starts_with("GET /ws?a=b HTTP/1.1\r\nhost: web:80\r\nx-test: 1\r\n"),
+            "{req}"
+        );
+        assert!(
+            req.contains(&format!("sec-websocket-key: {key}\r\n")),
+            "{req}"
+        );
+        assert!(req.ends_with("sec-websocket-version: 13\r\n\r\n"), "{req}");
+        let host = [(http::header::HOST, http::HeaderValue::from_static("other"))];
+        let req = String::from_utf8(client_handshake("web:80", "/", &key, &host)).unwrap();
+        assert_eq!(req.matches("host:").count(), 1, "{req}");
+        assert!(req.contains("host: other\r\n"), "{req}");
+
+        let head = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\nx-demo-version: v2\r\n\r\n",
+            accept_key(&key)
+        );
+        let (status, headers) = parse_response_head(head.as_bytes()).unwrap();
+        assert_eq!(status, 101);
+        assert_eq!(headers["x-demo-version"], "v2");
+        assert_eq!(check_accept(&headers, &key), Ok(()));
+        let err = check_accept(&headers, &client_key(1)).unwrap_err();
+        assert!(err.contains("sec-websocket-accept is"), "{err}");
+    }
+
+    #[test]
+    fn bad_response_heads() {
+        let (status, _) = parse_response_head(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+        assert_eq!(status, 400);
+        for (head, needle) in [
+            (&b"SSH-2.0-x\r\n\r\n"[..], "bad status line"),
+            (b"HTTP/1.1 abc x\r\n\r\n", "bad status code"),
+            (b"HTTP/1.1 101 x\r\nnocolon\r\n\r\n", "bad header line"),
+            (b"HTTP/1.1 101 x\r\n\xff: y\r\n\r\n", "not UTF-8"),
+        ] {
+            let err = parse_response_head(head).unwrap_err();
+            assert!(err.contains(needle), "{head:?}: {err}");
+        }
+        let mut headers = http::HeaderMap::new();
+        headers.insert("upgrade", http::HeaderValue::from_static("h2c"));
+        let err = check_accept(&headers, "k").unwrap_err();
+        assert!(err.contains("upgrade: websocket"), "{err}");
     }
 
     #[test]

@@ -1,37 +1,68 @@
-//! `demo-client`: an open-loop, fixed-rate HTTP load generator for Trellis
-//! end-to-end tests. A request is started every `1/rate` seconds whatever
-//! the completions, with at most `--max-in-flight` outstanding (requests
-//! that cannot start are counted as `dropped`). At the end it prints one
-//! JSON summary (see `trellis_demo::stats::Summary`) and exits 0, whatever
-//! failed. `--until-ok` instead retries one request every 200 ms until it
-//! is answered 2xx (exit 0) or `--timeout-total` elapses (exit 1).
+//! `demo-client`: an open-loop, fixed-rate load generator for Trellis
+//! end-to-end tests. A unit of work is started every `1/rate` seconds
+//! whatever the completions, with at most `--max-in-flight` outstanding
+//! (units that cannot start are counted as `dropped`). At the end it prints
+//! one JSON summary (see `trellis_demo::stats::Summary`) and exits 0,
+//! whatever failed. `--until-ok` instead retries one unit every 200 ms until
+//! it succeeds (exit 0) or `--timeout-total` elapses (exit 1).
+//!
+//! `--mode` picks the unit of work (see `trellis_demo::client::Mode`):
+//! - `http` (default): one request (`--method`, `--data`, `-H`); ok when 2xx.
+//! - `grpc-unary`: one unary call to the demo gRPC echo (`--data` is the
+//!   message); ok when the trailers say `grpc-status: 0` and the message
+//!   came back. Adds `byGrpcStatus` and `messages`.
+//! - `grpc-stream`: one server-streaming call asking for `--messages` M
+//!   copies (`x-demo-stream-messages`); ok when all M arrive intact and the
+//!   status is 0.
+//! - `websocket`: one connection (HTTP/1.1 upgrade) sending M text messages,
+//!   each checked against its echo, then the close handshake; `--count` and
+//!   `--rate` count connections. Adds `messages`.
+//! - `upload`: one POST to `/echo` of `--bytes` N (`100MB`, `1GiB`)
+//!   generated on the fly, sent chunked while the echo is read back and
+//!   checked for length and a running checksum. Adds `bytes` and `mbPerSec`.
+//!
+//! `--http2` uses prior-knowledge h2c for `http` and `upload`; gRPC always
+//! uses HTTP/2 and WebSocket always HTTP/1.1 (`--http2` is refused there).
+//! A URL without a path (`http://host:port`) gets the mode's demo-server
+//! path: `/`, `/trellis.demo.Echo/Echo`, `/trellis.demo.Echo/Stream`, `/ws`,
+//! `/echo`.
 
-use std::error::Error as StdError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
 use http::header::{HeaderName, HeaderValue};
-use http::{Method, Request, Uri};
-use http_body_util::{BodyExt, Full};
+use http::uri::PathAndQuery;
+use http::{Method, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::sync::Semaphore;
+use trellis_demo::client::{Answer, HttpClient, Mode, Outcome, Plan, attempt};
 use trellis_demo::duration::parse_duration;
+use trellis_demo::size::parse_size;
 use trellis_demo::stats::{Latency, Summary};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "demo-client",
-    about = "Fixed-rate HTTP client printing a JSON summary"
+    about = "Fixed-rate HTTP/gRPC/WebSocket/upload client printing a JSON summary"
 )]
 struct Args {
     /// Target URL (http:// only).
     #[arg(long)]
     url: String,
+    /// What each unit of work is.
+    #[arg(long, value_enum, default_value_t = Mode::Http)]
+    mode: Mode,
+    /// Messages per gRPC stream (grpc-stream) or per connection (websocket).
+    #[arg(long, default_value_t = 10)]
+    messages: u64,
+    /// Upload size (upload): `100MB`, `1GiB`, `512KiB`, or plain bytes.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    bytes: u64,
     /// Requests started per second.
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
@@ -50,16 +81,18 @@ struct Args {
     /// Request method.
     #[arg(long, default_value = "GET")]
     method: String,
-    /// Request body.
+    /// Request body (http); message payload (gRPC, WebSocket; default
+    /// `hello`).
     #[arg(long)]
     data: Option<String>,
-    /// Use HTTP/2 with prior knowledge (h2c).
+    /// Use HTTP/2 with prior knowledge (h2c) for http and upload.
     #[arg(long)]
     http2: bool,
-    /// Per-request timeout (connect, answer and body).
+    /// Per-unit timeout (connect, answer and body; the whole stream,
+    /// connection or upload).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
-    /// Retry one request every 200 ms until it is answered 2xx.
+    /// Retry one unit every 200 ms until it succeeds.
     #[arg(long)]
     until_ok: bool,
     /// Give up --until-ok after this long.
@@ -70,34 +103,6 @@ struct Args {
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     linger: Duration,
 }
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-struct Plan {
-    uri: Uri,
-    method: Method,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    body: Bytes,
-    timeout: Duration,
-}
-
-/// What one request came to.
-enum Outcome {
-    Answered {
-        status: u16,
-        version: Option<String>,
-        name: Option<String>,
-        latency_ms: f64,
-        body: Bytes,
-    },
-    Failed {
-        kind: &'static str,
-        message: String,
-    },
-}
-
-/// Bodies above this are drained but not kept.
-const MAX_KEPT_BODY: usize = 1 << 20;
 
 fn usage_error(msg: impl std::fmt::Display) -> ! {
     eprintln!("demo-client: {msg}");
@@ -115,167 +120,72 @@ fn parse_header(raw: &str) -> Result<(HeaderName, HeaderValue), String> {
     Ok((name, value))
 }
 
-/// Classifies an error by walking its source chain.
-fn classify(err: &(dyn StdError + 'static)) -> &'static str {
-    let mut text = String::new();
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(legacy) = e.downcast_ref::<hyper_util::client::legacy::Error>()
-            && legacy.is_connect()
-        {
-            return "connect";
-        }
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_timeout() {
-                return "timeout";
-            }
-            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                return "closed";
-            }
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => return "connect",
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
-                    return "reset";
-                }
-                _ => {}
-            }
-        }
-        text.push_str(&e.to_string().to_ascii_lowercase());
-        text.push(' ');
-        cur = e.source();
-    }
-    if text.contains("reset") || text.contains("goaway") || text.contains("go_away") {
-        "reset"
-    } else if text.contains("connection closed") || text.contains("broken pipe") {
-        "closed"
-    } else {
-        "other"
-    }
-}
-
-fn error_message(err: &(dyn StdError + 'static)) -> String {
-    let mut msg = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        msg.push_str(": ");
-        msg.push_str(&e.to_string());
-        cur = e.source();
-    }
-    msg
-}
-
-async fn one_request(client: &HttpClient, plan: &Plan) -> Outcome {
-    let start = Instant::now();
-    let mut req = Request::new(Full::new(plan.body.clone()));
-    *req.method_mut() = plan.method.clone();
-    *req.uri_mut() = plan.uri.clone();
-    for (name, value) in &plan.headers {
-        req.headers_mut().append(name.clone(), value.clone());
-    }
-    let work = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| (classify(&e), error_message(&e)))?;
-        let status = resp.status().as_u16();
-        let is_json = resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        let header = |name: &str| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let (header_version, header_name) = (header("x-demo-version"), header("x-demo-name"));
-        let mut body = resp.into_body();
-        let mut kept = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ("body", error_message(&e)))?;
-            if let Ok(data) = frame.into_data()
-                && kept.len() + data.len() <= MAX_KEPT_BODY
-            {
-                kept.extend_from_slice(&data);
-            }
-        }
-        Ok::<_, (&'static str, String)>((
-            status,
-            is_json,
-            Bytes::from(kept),
-            header_version,
-            header_name,
-        ))
-    };
-    match tokio::time::timeout(plan.timeout, work).await {
-        Err(_) => Outcome::Failed {
-            kind: "timeout",
-            message: format!("no complete answer within {:?}", plan.timeout),
-        },
-        Ok(Err((kind, message))) => Outcome::Failed { kind, message },
-        Ok(Ok((status, is_json, body, header_version, header_name))) => {
-            let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
-            // The server's identity: from its JSON answer, else from the
-            // x-demo-* headers it puts on every answer (echo, size, gRPC).
-            let (mut version, mut name) = (header_version, header_name);
-            if is_json && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
-                if let Some(s) = v.get("version").and_then(|s| s.as_str()) {
-                    version = Some(s.to_string());
-                }
-                if let Some(s) = v.get("name").and_then(|s| s.as_str()) {
-                    name = Some(s.to_string());
-                }
-            }
-            Outcome::Answered {
-                status,
-                version,
-                name,
-                latency_ms,
-                body,
-            }
-        }
-    }
-}
-
 #[derive(Default)]
 struct Tally {
     summary: Summary,
     latencies: Vec<f64>,
+    messages: u64,
+    bytes: u64,
 }
 
 impl Tally {
     fn record(&mut self, outcome: Outcome) {
-        let s = &mut self.summary;
         match outcome {
-            Outcome::Answered {
-                status,
-                version,
-                name,
-                latency_ms,
-                ..
-            } => {
-                if (200..300).contains(&status) {
-                    s.ok += 1;
-                } else {
-                    s.failed += 1;
-                }
-                *s.by_status.entry(status.to_string()).or_default() += 1;
-                if let Some(v) = version {
-                    *s.by_version.entry(v).or_default() += 1;
-                }
-                if let Some(n) = name {
-                    *s.by_name.entry(n).or_default() += 1;
-                }
-                self.latencies.push(latency_ms);
-            }
+            Outcome::Answered(a) => self.record_answer(a),
             Outcome::Failed { kind, .. } => {
-                s.failed += 1;
-                *s.errors.entry(kind.to_string()).or_default() += 1;
+                self.summary.failed += 1;
+                *self.summary.errors.entry(kind.to_string()).or_default() += 1;
             }
         }
+    }
+
+    fn record_answer(&mut self, a: Answer) {
+        let s = &mut self.summary;
+        if a.ok {
+            s.ok += 1;
+        } else {
+            s.failed += 1;
+        }
+        *s.by_status.entry(a.status.to_string()).or_default() += 1;
+        if let Some(code) = a.grpc_status {
+            *s.by_grpc_status.entry(code.to_string()).or_default() += 1;
+        }
+        if let Some(problem) = a.problem {
+            *s.errors.entry(problem.to_string()).or_default() += 1;
+        }
+        if let Some(v) = a.version {
+            *s.by_version.entry(v).or_default() += 1;
+        }
+        if let Some(n) = a.name {
+            *s.by_name.entry(n).or_default() += 1;
+        }
+        self.messages += a.messages;
+        self.bytes += a.bytes;
+        self.latencies.push(a.latency_ms);
+    }
+
+    /// The summary, with the fields that apply to `mode`.
+    fn finish(mut self, mode: Mode, elapsed_secs: f64) -> Summary {
+        let mut summary = std::mem::take(&mut self.summary);
+        summary.mode = mode.name().to_string();
+        summary.latency_ms = Latency::from_samples(&mut self.latencies);
+        summary.duration_secs = (elapsed_secs * 1000.0).round() / 1000.0;
+        match mode {
+            Mode::Http => {}
+            Mode::GrpcUnary | Mode::GrpcStream | Mode::Websocket => {
+                summary.messages = Some(self.messages);
+            }
+            Mode::Upload => {
+                summary.bytes = Some(self.bytes);
+                let rate = if elapsed_secs > 0.0 {
+                    self.bytes as f64 / elapsed_secs / 1e6
+                } else {
+                    0.0
+                };
+                summary.mb_per_sec = Some((rate * 1000.0).round() / 1000.0);
+            }
+        }
+        summary
     }
 }
 
@@ -300,7 +210,7 @@ async fn run_load(client: HttpClient, plan: Arc<Plan>, args: &Args) -> Summary {
         sent += 1;
         let (client, plan, tally) = (client.clone(), plan.clone(), tally.clone());
         tasks.spawn(async move {
-            let outcome = one_request(&client, &plan).await;
+            let outcome = attempt(&client, &plan).await;
             drop(permit);
             if let Ok(mut t) = tally.lock() {
                 t.record(outcome);
@@ -311,15 +221,13 @@ async fn run_load(client: HttpClient, plan: Arc<Plan>, args: &Args) -> Summary {
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = start.elapsed().as_secs_f64();
-    let mut tally = match Arc::try_unwrap(tally) {
+    let tally = match Arc::try_unwrap(tally) {
         Ok(m) => m.into_inner().unwrap_or_default(),
         Err(shared) => std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner())),
     };
-    let mut summary = std::mem::take(&mut tally.summary);
+    let mut summary = tally.finish(plan.mode, elapsed);
     summary.sent = sent;
     summary.dropped = dropped;
-    summary.latency_ms = Latency::from_samples(&mut tally.latencies);
-    summary.duration_secs = (elapsed * 1000.0).round() / 1000.0;
     summary
 }
 
@@ -329,15 +237,17 @@ async fn run_until_ok(client: HttpClient, plan: Plan, total: Duration) -> i32 {
     loop {
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let attempt = Plan {
+        let one = Plan {
             timeout: plan.timeout.min(remaining.max(Duration::from_millis(1))),
-            uri: plan.uri.clone(),
-            method: plan.method.clone(),
-            headers: plan.headers.clone(),
-            body: plan.body.clone(),
+            ..plan.clone()
         };
-        let last = match one_request(&client, &attempt).await {
-            Outcome::Answered { status, body, .. } if (200..300).contains(&status) => {
+        let last = match attempt(&client, &one).await {
+            Outcome::Answered(Answer {
+                ok: true,
+                status,
+                body,
+                ..
+            }) => {
                 let body_json = serde_json::from_slice::<serde_json::Value>(&body)
                     .unwrap_or_else(|_| json!(String::from_utf8_lossy(&body)));
                 println!(
@@ -346,7 +256,7 @@ async fn run_until_ok(client: HttpClient, plan: Plan, total: Duration) -> i32 {
                 );
                 return 0;
             }
-            Outcome::Answered { status, .. } => format!("status {status}"),
+            Outcome::Answered(answer) => failure_text(&answer),
             Outcome::Failed { kind, message } => format!("{kind}: {message}"),
         };
         if Instant::now() + Duration::from_millis(200) >= deadline {
@@ -361,6 +271,29 @@ async fn run_until_ok(client: HttpClient, plan: Plan, total: Duration) -> i32 {
     }
 }
 
+/// Why an answered unit failed, for `--until-ok`'s `lastError`.
+fn failure_text(answer: &Answer) -> String {
+    let mut text = format!("status {}", answer.status);
+    if let Some(code) = answer.grpc_status {
+        text.push_str(&format!(", grpc-status {code}"));
+    }
+    if let Some(problem) = answer.problem {
+        text.push_str(&format!(", {problem}"));
+    }
+    text
+}
+
+/// `uri` with `path` when it has none of its own (only `/`, no query).
+fn with_default_path(uri: Uri, path: &'static str) -> Uri {
+    let bare = uri.path_and_query().is_none_or(|p| p.as_str() == "/");
+    if !bare {
+        return uri;
+    }
+    let mut parts = uri.into_parts();
+    parts.path_and_query = Some(PathAndQuery::from_static(path));
+    Uri::from_parts(parts).expect("an absolute URI with a new path stays valid")
+}
+
 fn build_plan(args: &Args) -> Plan {
     let uri: Uri = args
         .url
@@ -373,6 +306,11 @@ fn build_plan(args: &Args) -> Plan {
     if uri.host().is_none() {
         usage_error(format!("--url {:?} has no host", args.url));
     }
+    if args.http2 && args.mode == Mode::Websocket {
+        usage_error(
+            "--http2 does not apply to --mode websocket (the demo WebSocket is HTTP/1.1 Upgrade)",
+        );
+    }
     let method = Method::from_bytes(args.method.to_ascii_uppercase().as_bytes())
         .unwrap_or_else(|e| usage_error(format!("bad --method: {e}")));
     let headers = args
@@ -380,12 +318,20 @@ fn build_plan(args: &Args) -> Plan {
         .iter()
         .map(|h| parse_header(h).unwrap_or_else(|e| usage_error(e)))
         .collect();
+    let body = match (&args.data, args.mode) {
+        (Some(data), _) => Bytes::from(data.clone()),
+        (None, Mode::Http | Mode::Upload) => Bytes::new(),
+        (None, _) => Bytes::from_static(b"hello"),
+    };
     Plan {
-        uri,
+        mode: args.mode,
+        uri: with_default_path(uri, args.mode.default_path()),
         method,
         headers,
-        body: Bytes::from(args.data.clone().unwrap_or_default()),
+        body,
         timeout: args.timeout,
+        messages: args.messages,
+        upload_bytes: args.bytes,
     }
 }
 
@@ -405,7 +351,7 @@ async fn main() {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: HttpClient = Client::builder(TokioExecutor::new())
-        .http2_only(args.http2)
+        .http2_only(args.http2 || args.mode.forces_http2())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
     if args.until_ok {
@@ -461,6 +407,87 @@ mod tests {
         assert_eq!(a.headers.len(), 2);
         assert!(a.http2);
         assert_eq!(a.timeout, Duration::from_secs(5));
+        assert_eq!(a.mode, Mode::Http);
         assert!(Args::try_parse_from(["demo-client"]).is_err());
+    }
+
+    #[test]
+    fn mode_args_parse() {
+        let a = Args::try_parse_from([
+            "demo-client",
+            "--url",
+            "http://x/",
+            "--mode",
+            "upload",
+            "--bytes",
+            "100MB",
+        ])
+        .unwrap();
+        assert_eq!((a.mode, a.bytes), (Mode::Upload, 100_000_000));
+        let a = Args::try_parse_from([
+            "demo-client",
+            "--url",
+            "http://x",
+            "--mode",
+            "grpc-stream",
+            "--messages",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!((a.mode, a.messages), (Mode::GrpcStream, 7));
+        let plan = build_plan(&a);
+        assert_eq!(plan.uri, "http://x/trellis.demo.Echo/Stream");
+        assert_eq!(plan.body, "hello");
+        for bad in [["--mode", "ftp"], ["--bytes", "lots"]] {
+            let mut argv = vec!["demo-client", "--url", "http://x/"];
+            argv.extend(bad);
+            assert!(Args::try_parse_from(&argv).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn failure_texts() {
+        for (answer, want) in [
+            (
+                Answer {
+                    status: 503,
+                    ..Answer::default()
+                },
+                "status 503",
+            ),
+            (
+                Answer {
+                    status: 200,
+                    grpc_status: Some(5),
+                    ..Answer::default()
+                },
+                "status 200, grpc-status 5",
+            ),
+            (
+                Answer {
+                    status: 200,
+                    grpc_status: Some(0),
+                    problem: Some("incomplete"),
+                    ..Answer::default()
+                },
+                "status 200, grpc-status 0, incomplete",
+            ),
+        ] {
+            assert_eq!(failure_text(&answer), want);
+        }
+    }
+
+    #[test]
+    fn default_paths() {
+        for (url, path, want) in [
+            ("http://x", "/echo", "http://x/echo"),
+            ("http://x/", "/ws", "http://x/ws"),
+            ("http://x:81/", "/echo", "http://x:81/echo"),
+            ("http://x/?a=1", "/echo", "http://x/?a=1"),
+            ("http://x/other", "/echo", "http://x/other"),
+        ] {
+            let uri: Uri = url.parse().unwrap();
+            assert_eq!(with_default_path(uri, path), want, "{url}");
+        }
     }
 }

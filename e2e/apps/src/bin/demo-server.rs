@@ -2,8 +2,16 @@
 //! prior-knowledge HTTP/2 on one port and answers every request with a JSON
 //! description of itself and the request; behaviour (status, failure rate,
 //! delay, hang, body size) is controlled per request by query parameters or
-//! `x-demo-*` headers. Also does streaming `/echo`, gRPC echo, WebSocket
-//! echo and, optionally, an opaque TCP echo on a second port.
+//! `x-demo-*` headers. Also does streaming `/echo`, gRPC echo (unary and
+//! bidi on any method; server streaming on `…/Stream`, which sends its one
+//! request message back `x-demo-stream-messages` times), WebSocket echo and,
+//! optionally, an opaque TCP echo on a second port.
+//!
+//! `--defaults <query-string>` (env `DEMO_DEFAULTS`) sets controls for every
+//! request that does not set the same control itself: `--defaults
+//! status=503` makes a "bad" pod, `--defaults delay=2s` a slow one, while a
+//! request can still override (`?status=200`). `/healthz` ignores them, so
+//! such a pod stays Ready.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,6 +22,7 @@ use clap::Parser;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use trellis_demo::control::Controls;
 use trellis_demo::duration::parse_duration;
 use trellis_demo::print_json;
 use trellis_demo::server::{Identity, ServerState, serve_http, serve_tcp_echo};
@@ -39,6 +48,10 @@ struct Args {
     /// Do not log a line per request.
     #[arg(long)]
     quiet: bool,
+    /// Default controls for every request, as a query string
+    /// (`status=503&delay=2s`); a request's own controls win.
+    #[arg(long, env = "DEMO_DEFAULTS", default_value = "", value_parser = Controls::parse_defaults)]
+    defaults: Controls,
     /// How long to drain connections after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     grace: Duration,
@@ -92,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         "tcpEcho": tcp_addr,
         "name": identity.name,
         "version": identity.version,
+        "defaults": format!("{:?}", args.defaults),
     }));
 
     let (tx, rx) = watch::channel(false);
@@ -100,7 +114,8 @@ async fn main() -> anyhow::Result<()> {
         let greeting = args.tcp_greeting.then(|| identity.name.clone());
         tokio::spawn(serve_tcp_echo(listener, greeting, wait_for(&rx)));
     }
-    let state = Arc::new(ServerState::new(identity, args.quiet));
+    let state =
+        Arc::new(ServerState::new(identity, args.quiet).with_default_controls(args.defaults));
     serve_http(http, state, wait_for(&rx), args.grace).await;
     print_json(&json!({"msg": "stopped"}));
     Ok(())
