@@ -1,7 +1,7 @@
 //! Istio's `security.istio.io` resources, schema-compatible with Istio's API so that existing YAML
-//! applies unchanged. Only `PeerAuthentication` so far.
+//! applies unchanged: `PeerAuthentication` and `AuthorizationPolicy`.
 //!
-//! The CRD is generated for `v1` (the stored version); the install manifest adds `v1beta1` with
+//! The CRDs are generated for `v1` (the stored version); the install manifest adds `v1beta1` with
 //! the same schema (served, not stored), as Istio serves both.
 
 use std::collections::BTreeMap;
@@ -161,6 +161,383 @@ impl PeerAuthenticationSpec {
     }
 }
 
+/// Access control on workloads (Istio's `security.istio.io/v1` `AuthorizationPolicy`).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "security.istio.io",
+    version = "v1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    derive = "PartialEq",
+    shortname = "ap",
+    category = "istio-io",
+    category = "security-istio-io",
+    doc = "AuthorizationPolicy enables access control on workloads.",
+    printcolumn(
+        name = "Action",
+        type_ = "string",
+        json_path = ".spec.action",
+        description = "The operation to take."
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    /// The workloads the policy applies to. Without a selector (or with no labels) the policy
+    /// applies to every workload of the namespace, or of the mesh in the root namespace.
+    #[serde(
+        default,
+        skip_serializing_if = "WorkloadSelector::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub selector: WorkloadSelector,
+    /// A gateway, waypoint or Service the policy is attached to (Istio's alternative to
+    /// `selector`). Accepted, but such a policy does not apply to sidecars and is reported.
+    #[serde(
+        default,
+        skip_serializing_if = "PolicyTargetReference::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub target_ref: PolicyTargetReference,
+    /// Several `targetRef`s; the same as `targetRef`.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// Optional. The action to take if the request is matched with the rules. Default is ALLOW
+    /// if not specified.
+    #[serde(
+        default,
+        skip_serializing_if = "AuthorizationAction::is_allow",
+        deserialize_with = "null_as_default"
+    )]
+    pub action: AuthorizationAction,
+    /// The external authorizer of a CUSTOM policy.
+    #[serde(
+        default,
+        skip_serializing_if = "ExtensionProvider::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub provider: ExtensionProvider,
+    /// Optional. A list of rules to match the request. A match occurs when at least one rule
+    /// matches the request. No rules: the policy never matches.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+/// Istio's `AuthorizationPolicy.Action`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthorizationAction {
+    /// Allow a request only if it matches the rules. This is the default type.
+    #[default]
+    Allow,
+    /// Deny a request if it matches any of the rules.
+    Deny,
+    /// Audit a request if it matches any of the rules.
+    Audit,
+    /// The CUSTOM action allows an extension to handle the user request if the matching rules
+    /// evaluate to true.
+    Custom,
+    /// A value this version does not know (the schema refuses it, so only an object written
+    /// around the schema has one); such a policy is reported and ignored.
+    #[serde(other)]
+    #[schemars(skip)]
+    Unknown,
+}
+
+/// Istio's `AuthorizationPolicy.ExtensionProvider`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    /// Specifies the name of the extension provider.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+/// Istio's `istio.type.v1beta1.PolicyTargetReference`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyTargetReference {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+}
+
+impl AuthorizationSource {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl AuthorizationOperation {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl AuthorizationAction {
+    pub fn is_allow(&self) -> bool {
+        *self == Self::Allow
+    }
+}
+
+impl PolicyTargetReference {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl ExtensionProvider {
+    pub fn is_empty(&self) -> bool {
+        self.name.is_empty()
+    }
+}
+
+/// Istio's `Rule`: `from`, `to` and `when` must all match; one entry of `from` (of `to`)
+/// suffices. An empty rule matches everything.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationRule {
+    /// Optional. `from` specifies the source of a request.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub from: Vec<RuleFrom>,
+    /// Optional. `to` specifies the operation of a request.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub to: Vec<RuleTo>,
+    /// Optional. `when` specifies a list of additional conditions of a request.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub when: Vec<AuthorizationCondition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleFrom {
+    /// Source specifies the source of a request.
+    #[serde(
+        default,
+        skip_serializing_if = "AuthorizationSource::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub source: AuthorizationSource,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleTo {
+    /// Operation specifies the operation of a request.
+    #[serde(
+        default,
+        skip_serializing_if = "AuthorizationOperation::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub operation: AuthorizationOperation,
+}
+
+/// Istio's `Source`. Every field is optional; the non-empty ones must all match.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationSource {
+    /// Peer identities (`<trust domain>/ns/<namespace>/sa/<service account>`), mutual TLS only.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub principals: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_principals: Vec<String>,
+    /// Request identities from a JWT (`<iss>/<sub>`). Trellis has no RequestAuthentication, so
+    /// these are reported and resolved as unsupported.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub request_principals: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_request_principals: Vec<String>,
+    /// Namespaces of the peer identity, mutual TLS only.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub namespaces: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_namespaces: Vec<String>,
+    /// Service accounts (`<namespace>/<name>` or `<name>`). Accepted so that the field is not
+    /// pruned away (which would widen the rule); reported and resolved as unsupported.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub service_accounts: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_service_accounts: Vec<String>,
+    /// Peer addresses: single IPs or CIDR blocks.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub ip_blocks: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_ip_blocks: Vec<String>,
+    /// Original client addresses (the peer address, as no trusted proxies are configured).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+/// Istio's `Operation`. Every field is optional; the non-empty ones must all match.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationOperation {
+    /// Hosts as in the request's `Host`/`:authority` (case-insensitive). HTTP only.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub hosts: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_hosts: Vec<String>,
+    /// Workload ports the connection is for.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub ports: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_ports: Vec<String>,
+    /// HTTP methods (case-sensitive). HTTP only.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub methods: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_methods: Vec<String>,
+    /// Normalised request paths without the query (case-sensitive). HTTP only.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub paths: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_paths: Vec<String>,
+}
+
+/// Istio's `Condition`: `key` must match one of `values` (if any) and none of `notValues`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationCondition {
+    /// The name of an Istio attribute (`request.headers[x-user]`, `source.ip`, ...).
+    pub key: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub values: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub not_values: Vec<String>,
+}
+
+impl AuthorizationPolicySpec {
+    /// The selector's labels when it selects workloads; `None` for a namespace- or mesh-wide
+    /// policy (no selector, or a selector without labels).
+    pub fn workload_labels(&self) -> Option<&BTreeMap<String, String>> {
+        Some(&self.selector.match_labels).filter(|labels| !labels.is_empty())
+    }
+
+    /// Whether the policy names a target instead of (or besides) selecting workloads.
+    pub fn has_target_ref(&self) -> bool {
+        !self.target_ref.is_empty() || !self.target_refs.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +632,167 @@ spec:
             "allOf",
             "\"default\"",
             "nullable",
+        ] {
+            assert!(!text.contains(forbidden), "schema contains {forbidden}");
+        }
+    }
+
+    #[test]
+    fn reads_istio_authorization_policies_unchanged() {
+        let policy: AuthorizationPolicy = serde_yaml::from_str(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: httpbin
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/sleep"]
+        notNamespaces: ["prod"]
+        ipBlocks: ["10.0.0.0/8"]
+        requestPrincipals: ["issuer/subject"]
+    to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/admin/*"]
+        ports: ["8080"]
+        notHosts: ["*.example.com"]
+    when:
+    - key: request.headers[x-user]
+      notValues: ["alice"]
+  - {}
+"#,
+        )
+        .unwrap();
+        let spec = &policy.spec;
+        assert_eq!(spec.action, AuthorizationAction::Deny);
+        assert_eq!(
+            spec.workload_labels()
+                .unwrap()
+                .get("app")
+                .map(String::as_str),
+            Some("httpbin")
+        );
+        let source = &spec.rules[0].from[0].source;
+        assert_eq!(source.principals, ["cluster.local/ns/default/sa/sleep"]);
+        assert_eq!(source.not_namespaces, ["prod"]);
+        assert_eq!(source.request_principals, ["issuer/subject"]);
+        let operation = &spec.rules[0].to[0].operation;
+        assert_eq!(operation.ports, ["8080"]);
+        assert_eq!(operation.not_hosts, ["*.example.com"]);
+        assert_eq!(spec.rules[0].when[0].key, "request.headers[x-user]");
+        assert_eq!(spec.rules[1], AuthorizationRule::default());
+        assert!(!spec.has_target_ref());
+
+        let table = [
+            (json!({}), AuthorizationAction::Allow, 0),
+            (
+                json!({"action": null, "rules": null}),
+                AuthorizationAction::Allow,
+                0,
+            ),
+            (
+                json!({"action": "AUDIT", "rules": [{}]}),
+                AuthorizationAction::Audit,
+                1,
+            ),
+            (
+                json!({"action": "CUSTOM", "provider": {"name": "ext"}, "rules": [{}]}),
+                AuthorizationAction::Custom,
+                1,
+            ),
+            (
+                json!({"action": "SOMETHING_NEW"}),
+                AuthorizationAction::Unknown,
+                0,
+            ),
+        ];
+        for (spec, action, rules) in table {
+            let parsed: AuthorizationPolicySpec = serde_json::from_value(spec.clone()).unwrap();
+            assert_eq!(parsed.action, action, "{spec}");
+            assert_eq!(parsed.rules.len(), rules, "{spec}");
+        }
+        let targeted: AuthorizationPolicySpec = serde_json::from_value(
+            json!({"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "gw"}]}),
+        )
+        .unwrap();
+        assert!(targeted.has_target_ref());
+        assert_eq!(
+            serde_json::to_value(AuthorizationPolicySpec::default()).unwrap(),
+            json!({}),
+            "an empty spec stays empty (`spec: {{}}` is the deny-all idiom)"
+        );
+    }
+
+    #[test]
+    fn authorization_policy_schema_is_structural_and_closed() {
+        let crd = serde_json::to_value(AuthorizationPolicy::crd()).unwrap();
+        assert_eq!(
+            crd["metadata"]["name"],
+            "authorizationpolicies.security.istio.io"
+        );
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], "v1");
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(
+            spec["properties"]["action"]["enum"],
+            json!(["ALLOW", "DENY", "AUDIT", "CUSTOM"])
+        );
+        let rule = &spec["properties"]["rules"]["items"]["properties"];
+        let source = &rule["from"]["items"]["properties"]["source"]["properties"];
+        for field in [
+            "principals",
+            "notPrincipals",
+            "requestPrincipals",
+            "notRequestPrincipals",
+            "namespaces",
+            "notNamespaces",
+            "ipBlocks",
+            "notIpBlocks",
+            "remoteIpBlocks",
+            "notRemoteIpBlocks",
+        ] {
+            assert_eq!(source[field]["items"]["type"], "string", "source.{field}");
+        }
+        let operation = &rule["to"]["items"]["properties"]["operation"]["properties"];
+        for field in [
+            "hosts",
+            "notHosts",
+            "ports",
+            "notPorts",
+            "methods",
+            "notMethods",
+            "paths",
+            "notPaths",
+        ] {
+            assert_eq!(
+                operation[field]["items"]["type"], "string",
+                "operation.{field}"
+            );
+        }
+        let when = &rule["when"]["items"];
+        assert_eq!(when["required"], json!(["key"]));
+        for field in ["targetRef", "targetRefs", "provider", "selector"] {
+            assert!(spec["properties"][field].is_object(), "{field}");
+        }
+        let text = crd.to_string();
+        for forbidden in [
+            "x-kubernetes-preserve-unknown-fields",
+            "\"$ref\"",
+            "anyOf",
+            "oneOf",
+            "allOf",
+            "\"default\"",
+            "nullable",
+            "UNKNOWN",
         ] {
             assert!(!text.contains(forbidden), "schema contains {forbidden}");
         }
