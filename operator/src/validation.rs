@@ -1,0 +1,406 @@
+//! The validating admission webhook for Istio's traffic resources (`VirtualService`,
+//! `DestinationRule`, `ServiceEntry`) on 15017 (`POST /validate/networking`), and the
+//! `ValidatingWebhookConfiguration` that sends their creations and updates to it.
+//!
+//! This module only adapts: it decodes the AdmissionReview (garbage is a 400, a body over the
+//! bound a 413), reads the namespace's DestinationRules for a VirtualService's subset check, and
+//! answers with the verdict of the pure [`trellis_api::networking::validate`], whose message
+//! names the offending field.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
+    WebhookClientConfig,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse};
+use kube::core::{ApiResource, DynamicObject};
+use kube::{Api, Client, Resource};
+use tracing::{debug, info, warn};
+use trellis_api::Mesh;
+use trellis_api::networking::validate::{Kind, validate_object};
+use trellis_api::networking::{DestinationRule, EXTRA_VERSIONS, NETWORKING_GROUP, STORED_VERSION};
+use trellis_api::wellknown::OPERATOR_NAME;
+
+use crate::controller::{Context, MANAGER, MeshState};
+use crate::error::{Error, Result};
+use crate::https::{self, Body, Peer};
+use crate::webhook::decode_review;
+
+/// Path of the validating webhook on the webhook port.
+pub const VALIDATE_PATH: &str = "/validate/networking";
+/// Name of the `ValidatingWebhookConfiguration` the controller applies.
+pub const WEBHOOK_CONFIGURATION: &str = "trellis-networking-validator";
+/// Name of its single webhook (API servers want a fully qualified name).
+pub const WEBHOOK_NAME: &str = "validation.networking.trellis.dev";
+/// Resources of `networking.istio.io` sent to the webhook.
+pub const RESOURCES: &[&str] = &["virtualservices", "destinationrules", "serviceentries"];
+
+/// The same bound as the injector's: the API server caps objects at about 3 MiB, and a review
+/// of an update carries the old object too. Anything larger is refused unread.
+const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
+
+pub struct Validation {
+    pub client: Client,
+}
+
+impl Validation {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        _peer: Arc<Peer>,
+    ) -> Response<Body> {
+        if request.uri().path() != VALIDATE_PATH {
+            return https::error(StatusCode::NOT_FOUND, "no such endpoint");
+        }
+        if request.method() != Method::POST {
+            return https::method_not_allowed(&Method::POST);
+        }
+        let body = match https::read_body(request.into_body(), MAX_REVIEW_BYTES).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        let admission = match decode_review(&body) {
+            Ok(request) => request,
+            Err(e) => return https::error(StatusCode::BAD_REQUEST, e),
+        };
+        let destination_rules = match (&admission.object, kind_of(&admission)) {
+            (Some(_), Some(Kind::VirtualService)) => {
+                self.destination_rules(admission.namespace.as_deref().unwrap_or_default())
+                    .await
+            }
+            _ => Vec::new(),
+        };
+        let response = review(&admission, &destination_rules);
+        https::full(
+            StatusCode::OK,
+            serde_json::to_vec(&response.into_review()).unwrap_or_default(),
+        )
+    }
+
+    /// The DestinationRules of `namespace`, for the subset check. A failure to read them skips
+    /// that one check rather than refusing every VirtualService while the read fails; rules that
+    /// do not decode (stored before this validation existed) are left out.
+    async fn destination_rules(&self, namespace: &str) -> Vec<DestinationRule> {
+        let resource = ApiResource::erase::<DestinationRule>(&());
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), namespace, &resource);
+        match api.list(&ListParams::default()).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter_map(|object| {
+                    let name = object.metadata.name.clone().unwrap_or_default();
+                    serde_json::to_value(object)
+                        .and_then(serde_json::from_value::<DestinationRule>)
+                        .inspect_err(|e| {
+                            debug!(%namespace, rule = %name, error = %e, "DestinationRule does not decode; not used for subset checks");
+                        })
+                        .ok()
+                })
+                .collect(),
+            Err(e) => {
+                warn!(%namespace, error = %e, "could not list DestinationRules; skipping the subset check");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Our kind for the request's resource, if it is one of `networking.istio.io`'s we validate.
+fn kind_of(request: &AdmissionRequest<DynamicObject>) -> Option<Kind> {
+    (request.kind.group == NETWORKING_GROUP)
+        .then(|| Kind::from_name(&request.kind.kind))
+        .flatten()
+}
+
+/// The verdict on one admission request, given the DestinationRules of its namespace. Pure.
+pub fn review(
+    request: &AdmissionRequest<DynamicObject>,
+    destination_rules: &[DestinationRule],
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    // Deletions carry no object: nothing to validate.
+    let Some(object) = &request.object else {
+        return allow;
+    };
+    let Some(kind) = kind_of(request) else {
+        // Only our three kinds are registered; anything else is not ours to judge.
+        debug!(kind = ?request.kind, "not a validated kind; allowing");
+        return allow;
+    };
+    let value = match serde_json::to_value(object) {
+        Ok(value) => value,
+        Err(e) => return allow.deny(format!("trellis validation: unreadable object: {e}")),
+    };
+    let namespace = request.namespace.as_deref().unwrap_or_default();
+    match validate_object(kind, &value, namespace, destination_rules) {
+        Ok(()) => allow,
+        Err(rejection) => {
+            let name = object
+                .metadata
+                .name
+                .as_deref()
+                .or(object.metadata.generate_name.as_deref())
+                .unwrap_or_default();
+            let message = format!(
+                "{} {namespace}/{name} is invalid: {rejection}",
+                request.kind.kind
+            );
+            info!(%message, "refused");
+            allow.deny(message)
+        }
+    }
+}
+
+/// The configuration that sends creations and updates of our kinds, in every served version,
+/// to [`VALIDATE_PATH`] of the operator's Service.
+pub fn webhook_configuration(
+    operator_namespace: &str,
+    ca_bundle: &str,
+    owner: OwnerReference,
+) -> ValidatingWebhookConfiguration {
+    let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let versions: Vec<String> = std::iter::once(STORED_VERSION)
+        .chain(EXTRA_VERSIONS.iter().copied())
+        .map(str::to_owned)
+        .collect();
+    ValidatingWebhookConfiguration {
+        metadata: kube::api::ObjectMeta {
+            name: Some(WEBHOOK_CONFIGURATION.to_owned()),
+            owner_references: Some(vec![owner]),
+            labels: Some([("app.kubernetes.io/part-of".to_owned(), "trellis".to_owned())].into()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![ValidatingWebhook {
+            name: WEBHOOK_NAME.to_owned(),
+            admission_review_versions: strings(&["v1", "v1beta1"]),
+            client_config: WebhookClientConfig {
+                ca_bundle: Some(ByteString(ca_bundle.as_bytes().to_vec())),
+                service: Some(ServiceReference {
+                    name: OPERATOR_NAME.to_owned(),
+                    namespace: operator_namespace.to_owned(),
+                    path: Some(VALIDATE_PATH.to_owned()),
+                    port: Some(443),
+                }),
+                ..WebhookClientConfig::default()
+            },
+            // As Istio's: an object that was not validated is not admitted. Only these three
+            // kinds are sent, so an operator outage blocks traffic-rule edits, nothing else.
+            failure_policy: Some("Fail".to_owned()),
+            match_policy: Some("Equivalent".to_owned()),
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(strings(&[NETWORKING_GROUP])),
+                api_versions: Some(versions),
+                operations: Some(strings(&["CREATE", "UPDATE"])),
+                resources: Some(strings(RESOURCES)),
+                scope: Some("Namespaced".to_owned()),
+            }]),
+            side_effects: "None".to_owned(),
+            timeout_seconds: Some(10),
+            ..ValidatingWebhook::default()
+        }]),
+    }
+}
+
+/// Applies [`webhook_configuration`] with the mesh root as its CA bundle (server-side apply,
+/// owned by the Mesh).
+pub async fn apply_webhook_configuration(
+    ctx: &Context,
+    mesh: &Mesh,
+    state: &MeshState,
+) -> Result<()> {
+    let owner = mesh
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("Mesh"))?;
+    let configuration =
+        webhook_configuration(&ctx.namespace, &state.ca.trust_bundle().concat(), owner);
+    let mut value = serde_json::to_value(&configuration)?;
+    value["apiVersion"] = "admissionregistration.k8s.io/v1".into();
+    value["kind"] = "ValidatingWebhookConfiguration".into();
+    Api::<ValidatingWebhookConfiguration>::all(ctx.client.clone())
+        .patch(
+            WEBHOOK_CONFIGURATION,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&value),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+    use trellis_api::networking::examples;
+
+    fn admission(
+        operation: &str,
+        kind: &str,
+        version: &str,
+        object: Option<Value>,
+    ) -> AdmissionRequest<DynamicObject> {
+        let review = json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "0df28fbd-5f5f-4f7a-8b5a-1b2a3c4d5e6f",
+                "kind": {"group": NETWORKING_GROUP, "version": version, "kind": kind},
+                "resource": {"group": NETWORKING_GROUP, "version": version, "resource": "x"},
+                "name": "reviews",
+                "namespace": "shop",
+                "operation": operation,
+                "userInfo": {"username": "alice"},
+                "object": object,
+            },
+        });
+        decode_review(review.to_string().as_bytes()).unwrap()
+    }
+
+    fn object(yaml: &str, version: &str) -> Value {
+        let mut value: Value = serde_yaml::from_str(yaml).unwrap();
+        value["apiVersion"] = format!("{NETWORKING_GROUP}/{version}").into();
+        value["metadata"]["namespace"] = "shop".into();
+        value
+    }
+
+    fn reviews_rule() -> DestinationRule {
+        serde_json::from_value(object(examples::REVIEWS_DESTINATION_RULE, "v1")).unwrap()
+    }
+
+    #[test]
+    fn answers_with_the_verdict_and_the_field_path() {
+        let mut bad_weights = object(examples::REVIEWS_JASON_V2, "v1");
+        bad_weights["spec"]["http"][1]["route"][0]["weight"] = json!(-5);
+        let mut missing_subset = object(examples::REVIEWS_JASON_V2, "v1");
+        missing_subset["spec"]["http"][0]["route"][0]["destination"]["subset"] = json!("v9");
+        let cases = [
+            (
+                "valid, v1",
+                "CREATE",
+                "v1",
+                Some(object(examples::REVIEWS_JASON_V2, "v1")),
+                Ok(()),
+            ),
+            (
+                "valid, v1alpha3 update",
+                "UPDATE",
+                "v1alpha3",
+                Some(object(examples::REVIEWS_JASON_V2, "v1alpha3")),
+                Ok(()),
+            ),
+            (
+                "negative weight",
+                "CREATE",
+                "v1beta1",
+                Some(bad_weights),
+                Err(
+                    "VirtualService shop/reviews is invalid: spec.http[1].route[0].weight: weight -5 must not be negative",
+                ),
+            ),
+            (
+                "subset missing from the namespace's rule",
+                "CREATE",
+                "v1",
+                Some(missing_subset),
+                Err(
+                    "spec.http[0].route[0].destination.subset: subset \"v9\" is not defined by DestinationRule reviews",
+                ),
+            ),
+            ("deletion", "DELETE", "v1", None, Ok(())),
+        ];
+        for (name, operation, version, object, expected) in cases {
+            let request = admission(operation, "VirtualService", version, object);
+            let response = review(&request, &[reviews_rule()]);
+            assert_eq!(response.uid, request.uid, "{name}");
+            match expected {
+                Ok(()) => assert!(response.allowed, "{name}: {:?}", response.result),
+                Err(fragment) => {
+                    assert!(!response.allowed, "{name}");
+                    assert!(
+                        response.result.message.contains(fragment),
+                        "{name}: {}",
+                        response.result.message
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn validates_each_kind_by_its_own_rules_and_leaves_other_kinds_alone() {
+        let mut duplicate_subsets = object(examples::REVIEWS_DESTINATION_RULE, "v1");
+        duplicate_subsets["spec"]["subsets"][1]["name"] = json!("v1");
+        let response = review(
+            &admission("CREATE", "DestinationRule", "v1", Some(duplicate_subsets)),
+            &[],
+        );
+        assert!(!response.allowed);
+        assert!(
+            response
+                .result
+                .message
+                .contains("spec.subsets[1].name: duplicate subset name \"v1\""),
+            "{}",
+            response.result.message
+        );
+
+        let mut static_without_endpoints = object(examples::HTTPBIN_EXTERNAL, "v1beta1");
+        static_without_endpoints["spec"]["resolution"] = json!("STATIC");
+        let response = review(
+            &admission(
+                "CREATE",
+                "ServiceEntry",
+                "v1beta1",
+                Some(static_without_endpoints),
+            ),
+            &[],
+        );
+        assert!(!response.allowed);
+        assert!(response.result.message.contains("spec.endpoints"));
+
+        let gateway = json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"name": "g"}, "spec": {"anything": 1}});
+        assert!(review(&admission("CREATE", "Gateway", "v1", Some(gateway)), &[]).allowed);
+    }
+
+    #[test]
+    fn configuration_sends_our_kinds_to_the_validation_path_and_fails_closed() {
+        let owner = OwnerReference {
+            api_version: "trellis.dev/v1alpha1".to_owned(),
+            kind: "Mesh".to_owned(),
+            name: "default".to_owned(),
+            uid: "u".to_owned(),
+            controller: Some(true),
+            ..OwnerReference::default()
+        };
+        let value =
+            serde_json::to_value(webhook_configuration("trellis-system", "PEM", owner)).unwrap();
+        assert_eq!(value["metadata"]["name"], WEBHOOK_CONFIGURATION);
+        assert_eq!(value["metadata"]["ownerReferences"][0]["kind"], "Mesh");
+        let webhook = &value["webhooks"][0];
+        assert_eq!(webhook["name"], WEBHOOK_NAME);
+        assert_eq!(webhook["failurePolicy"], "Fail");
+        assert_eq!(webhook["sideEffects"], "None");
+        assert_eq!(webhook["admissionReviewVersions"], json!(["v1", "v1beta1"]));
+        assert_eq!(
+            webhook["clientConfig"]["service"],
+            json!({"name": "trellis-operator", "namespace": "trellis-system", "path": "/validate/networking", "port": 443})
+        );
+        // base64 of "PEM"
+        assert_eq!(webhook["clientConfig"]["caBundle"], "UEVN");
+        assert_eq!(
+            webhook["rules"],
+            json!([{
+                "apiGroups": ["networking.istio.io"],
+                "apiVersions": ["v1", "v1beta1", "v1alpha3"],
+                "operations": ["CREATE", "UPDATE"],
+                "resources": ["virtualservices", "destinationrules", "serviceentries"],
+                "scope": "Namespaced",
+            }])
+        );
+    }
+}
