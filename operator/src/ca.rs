@@ -1,6 +1,7 @@
 //! The mesh certificate authority: an ECDSA P-256 root created once and kept in a Secret (or the
 //! user's CA in Istio's `cacerts` layout), signing workload certificates whose only identity is
-//! a SPIFFE URI, and the operator's own serving certificates.
+//! a SPIFFE URI, and the operator's own serving certificates. The trust bundle it hands out is
+//! its root plus, during a root rotation, the other root still trusted (see `rotation`).
 
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ pub const ROOT_CERT_KEY: &str = "root-cert.pem";
 pub const CERT_CHAIN_KEY: &str = "cert-chain.pem";
 
 /// Allowed clock skew between nodes: certificates start being valid this long before issue.
-const BACKDATE: Duration = Duration::from_secs(300);
+pub const BACKDATE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -34,6 +35,8 @@ pub enum CaError {
     MissingKey(&'static str),
     #[error("the CA material is not valid PEM: {0}")]
     BadPem(String),
+    #[error("the CA Secret's root-rotation record is inconsistent: {0}")]
+    RotationState(String),
 }
 
 /// PEM material of a CA, as stored in the Secret.
@@ -50,13 +53,18 @@ pub struct CaMaterial {
 pub struct CertificateAuthority {
     material: CaMaterial,
     issuer: Issuer<'static, KeyPair>,
+    /// Expiry of the signing CA certificate (the root itself, or the user's intermediate).
     not_after: OffsetDateTime,
+    root_not_after: OffsetDateTime,
+    /// Roots proxies must trust: ours first, then any other root still trusted.
+    trust_bundle: Vec<String>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertificateAuthority")
             .field("not_after", &self.not_after)
+            .field("roots", &self.trust_bundle.len())
             .finish_non_exhaustive()
     }
 }
@@ -121,13 +129,29 @@ fn chain_without_root(chain: &str, root: &str) -> String {
 
 impl CertificateAuthority {
     pub fn load(material: CaMaterial) -> Result<Self, CaError> {
+        Self::load_trusting(material, &[])
+    }
+
+    /// Loads the CA and also hands out `other_roots` (PEM) in its trust bundle: during a root
+    /// rotation, the root that is not signing is still trusted.
+    pub fn load_trusting(material: CaMaterial, other_roots: &[String]) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(&material.ca_key)?;
         let issuer = Issuer::from_ca_cert_pem(&material.ca_cert, key)?;
         let not_after = not_after_of(&material.ca_cert)?;
+        let root_not_after = not_after_of(&material.root_cert)?;
+        let mut trust_bundle = vec![material.root_cert.clone()];
+        for root in other_roots {
+            not_after_of(root)?;
+            if !trust_bundle.iter().any(|r| r.trim() == root.trim()) {
+                trust_bundle.push(root.clone());
+            }
+        }
         Ok(Self {
             material,
             issuer,
             not_after,
+            root_not_after,
+            trust_bundle,
         })
     }
 
@@ -135,13 +159,24 @@ impl CertificateAuthority {
         &self.material
     }
 
-    /// PEM roots proxies must trust.
+    /// PEM roots proxies must trust (two during a root rotation).
     pub fn trust_bundle(&self) -> Vec<String> {
-        vec![self.material.root_cert.clone()]
+        self.trust_bundle.clone()
     }
 
+    /// Expiry of the signing CA certificate: no certificate it signs outlives it.
     pub fn not_after(&self) -> OffsetDateTime {
         self.not_after
+    }
+
+    /// Expiry of the root this CA chains to.
+    pub fn root_not_after(&self) -> OffsetDateTime {
+        self.root_not_after
+    }
+
+    /// Expiry of the signing intermediate, when the CA signs with one (a user's `cacerts`).
+    pub fn intermediate_not_after(&self) -> Option<OffsetDateTime> {
+        (self.material.ca_cert.trim() != self.material.root_cert.trim()).then_some(self.not_after)
     }
 
     /// Chain to send with a leaf: the leaf, the signing CA when it is not the root, and the
@@ -227,6 +262,13 @@ impl CertificateAuthority {
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((self.chain_for(cert.pem()), key.serialize_pem()))
     }
+}
+
+/// When a certificate this CA signed was issued: its notBefore is backdated by [`BACKDATE`].
+/// Second precision, rounded down (X.509 times carry no fractions).
+pub fn issued_at(leaf_der: &[u8]) -> Option<OffsetDateTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf_der).ok()?;
+    Some(cert.validity().not_before.to_datetime() + BACKDATE)
 }
 
 fn not_after_of(cert_pem: &str) -> Result<OffsetDateTime, CaError> {
@@ -322,6 +364,41 @@ mod tests {
             ca.sign_workload("garbage", &id, Duration::from_secs(60))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_rotating_ca_hands_out_both_roots_and_dates_its_certificates() {
+        let old = CaMaterial::generate_root("td", Duration::from_secs(3600)).unwrap();
+        let new = CaMaterial::generate_root("td", Duration::from_secs(7200)).unwrap();
+        let ca = CertificateAuthority::load_trusting(
+            new.clone(),
+            &[old.root_cert.clone(), new.root_cert.clone()],
+        )
+        .unwrap();
+        assert_eq!(ca.trust_bundle(), [new.root_cert.clone(), old.root_cert]);
+        assert_eq!(ca.intermediate_not_after(), None);
+        assert!(ca.root_not_after() > OffsetDateTime::now_utc() + Duration::from_secs(7000));
+        assert!(
+            CertificateAuthority::load_trusting(new, &["not pem".to_owned()]).is_err(),
+            "a corrupt extra root is refused, not silently dropped"
+        );
+
+        let id = SpiffeId::new("td", "demo", "client");
+        let before = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let chain = ca
+            .sign_workload(
+                &csr_for(&["spiffe://td/ns/demo/sa/client"]),
+                &id,
+                Duration::from_secs(120),
+            )
+            .unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(chain[0].as_bytes()).unwrap();
+        let issued = issued_at(&pem.contents).unwrap();
+        assert!(
+            issued >= before && issued <= OffsetDateTime::now_utc(),
+            "{issued} not within the signing call"
+        );
+        assert_eq!(issued_at(b"garbage"), None);
     }
 
     #[test]

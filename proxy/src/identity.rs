@@ -36,6 +36,11 @@ pub struct Identity {
     /// Validity of the leaf, seconds since the epoch.
     pub not_before: i64,
     pub not_after: i64,
+    /// When this proxy received the certificate. The rotation point is measured from here, not
+    /// from `not_before`: the CA backdates that to absorb clock skew (by minutes, more than a
+    /// short-lived certificate's whole lifetime), and this clock is the one that will judge
+    /// expiry on this side.
+    pub received: SystemTime,
 }
 
 impl Identity {
@@ -68,6 +73,7 @@ impl Identity {
             cert_chain,
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             trust_bundle,
+            received: SystemTime::now(),
         })
     }
 
@@ -103,14 +109,27 @@ impl Identity {
             cert_chain,
             key,
             trust_bundle: Vec::new(),
+            received: SystemTime::now(),
         })
     }
 
-    /// When the certificate should be renewed: once `percent` of its lifetime has passed.
+    /// When the certificate should be renewed: once `percent` of the time between receiving it
+    /// and its expiry has passed.
     pub fn renew_at(&self, percent: u8) -> SystemTime {
-        let lifetime = (self.not_after - self.not_before).max(0);
-        let at = self.not_before + lifetime * i64::from(percent) / 100;
-        UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0))
+        let expiry = UNIX_EPOCH + Duration::from_secs(u64::try_from(self.not_after).unwrap_or(0));
+        let remaining = expiry
+            .duration_since(self.received)
+            .unwrap_or(Duration::ZERO);
+        self.received + remaining * u32::from(percent) / 100
+    }
+
+    /// The leaf's serial number in hex, as `openssl x509 -serial` prints it.
+    pub fn serial(&self) -> String {
+        self.cert_chain
+            .first()
+            .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+            .map(|(_, cert)| cert.raw_serial_as_string().replace(':', "").to_uppercase())
+            .unwrap_or_default()
     }
 
     /// What `/config_dump` shows about the certificate.
@@ -119,6 +138,7 @@ impl Identity {
             "spiffeId": self.spiffe_id.to_string(),
             "notBefore": rfc3339(self.not_before),
             "notAfter": rfc3339(self.not_after),
+            "serial": self.serial(),
             "chainLength": self.cert_chain.len(),
             // Public certificates only (as Envoy's config dump shows them): base64 DER, leaf first.
             "certChain": self
@@ -241,16 +261,31 @@ mod tests {
         );
         request.params.not_before = rcgen::date_time_ymd(2030, 1, 1);
         request.params.not_after = rcgen::date_time_ymd(2030, 1, 3);
+        request.params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x4a, 0x7f]));
         let leaf = request.signed_by(&issuer).unwrap();
         let response = CertificateResponse {
             cert_chain: vec![leaf.pem()],
             trust_bundle: vec![ca_cert.pem()],
         };
 
-        let identity = Identity::from_response(id.clone(), &key, &response).unwrap();
+        let mut identity = Identity::from_response(id.clone(), &key, &response).unwrap();
         assert_eq!(rfc3339(identity.not_after), "2030-01-03T00:00:00Z");
-        let halfway = UNIX_EPOCH + Duration::from_secs(1_893_542_400); // 2030-01-02
-        assert_eq!(identity.renew_at(50), halfway);
+        assert_eq!(identity.serial(), "4A7F");
+        // Measured from receipt, not from notBefore: received on 2030-01-01T12:00Z, half of the
+        // remaining 36 h is 18 h later.
+        identity.received = UNIX_EPOCH + Duration::from_secs(1_893_499_200);
+        let at = UNIX_EPOCH + Duration::from_secs(1_893_499_200 + 18 * 3600);
+        assert_eq!(identity.renew_at(50), at);
+        // A backdated certificate whose notBefore lies long before receipt (the CA backdates by
+        // minutes; a 2-minute certificate) still renews within its lifetime after receipt.
+        identity.received = UNIX_EPOCH + Duration::from_secs(1_893_628_800 - 120);
+        assert_eq!(
+            identity.renew_at(50),
+            UNIX_EPOCH + Duration::from_secs(1_893_628_800 - 60)
+        );
+        // Received after expiry (a wrong clock): renew at once.
+        identity.received = UNIX_EPOCH + Duration::from_secs(1_893_628_800 + 5);
+        assert_eq!(identity.renew_at(50), identity.received);
         assert_eq!(
             identity.summary()["spiffeId"],
             "spiffe://cluster.local/ns/demo/sa/client"

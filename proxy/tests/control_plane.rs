@@ -1,7 +1,8 @@
 //! The real binary against a real (in-test) control plane: HTTPS + HTTP/2 with a test CA. The
 //! proxy gets its certificate with its token and CSR, opens the config stream with mutual TLS,
 //! applies good snapshots, rejects bad ones whole, survives a disconnect with its last good
-//! config, and exits 0 on `exit`.
+//! config, renews its certificate and reopens the stream with it on `renew`, and exits 0 on
+//! `exit`.
 
 mod support;
 
@@ -317,6 +318,34 @@ fn bootstraps_identity_follows_the_config_stream_and_exits_on_request() {
     wait_for("cp-3", &proxy, || {
         config_version(&proxy).as_deref() == Some("cp-3")
     });
+
+    // `renew`: a new certificate at once, and the config stream reopened with it; the last
+    // good config keeps serving in between.
+    let serial = |proxy: &Proxy| {
+        let (_, dump) = proxy.admin("GET", "/config_dump");
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        dump["certificate"]["serial"].as_str().unwrap().to_owned()
+    };
+    let before = serial(&proxy);
+    stream
+        .body
+        .send(line(r#"{"type":"renew","reason":"root rotation"}"#))
+        .unwrap();
+    let stream = streams
+        .recv_timeout(Duration::from_secs(15))
+        .unwrap_or_else(|_| panic!("no stream with the renewed certificate:\n{}", proxy.logs()));
+    assert_eq!(
+        stream.client_identity,
+        vec!["spiffe://cluster.local/ns/demo/sa/client".to_owned()]
+    );
+    assert_ne!(serial(&proxy), before, "{}", proxy.logs());
+    assert!(
+        proxy.logs().contains("reopening the config stream with it"),
+        "{}",
+        proxy.logs()
+    );
+    assert_eq!(http("GET", proxy.ports.readiness, "/healthz/ready").0, 200);
+    assert_eq!(config_version(&proxy).as_deref(), Some("cp-3"));
 
     // `exit`: drain and exit 0 (a Job's pod must complete).
     stream

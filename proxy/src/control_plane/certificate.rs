@@ -1,5 +1,6 @@
 //! The workload certificate: requested with the pod's ServiceAccount token, renewed once
-//! `--rotation-percent` of its lifetime has passed, the old one kept until a new one is held.
+//! `--rotation-percent` of its remaining lifetime has passed (or at once when the control plane
+//! sends `renew`), the old one kept until a new one is held.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,7 +16,7 @@ use trellis_api::wellknown::CERTIFICATE_PATH;
 use super::backoff::Backoff;
 use super::{ControlPlane, MAX_ANSWER_BYTES, error_from};
 use crate::identity::{self, Identity};
-use crate::state::{ProxyState, Workload};
+use crate::state::ProxyState;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Never renew more often than this, whatever the certificate's validity says.
@@ -25,7 +26,7 @@ const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(control_plane: Arc<ControlPlane>, state: Arc<ProxyState>, rotation_percent: u8) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        match request(&control_plane, &state.workload).await {
+        match request(&control_plane, &state).await {
             Ok(identity) => {
                 let renew_at = identity.renew_at(rotation_percent);
                 info!(
@@ -39,7 +40,16 @@ pub async fn run(control_plane: Arc<ControlPlane>, state: Arc<ProxyState>, rotat
                     .duration_since(SystemTime::now())
                     .unwrap_or_default()
                     .max(MIN_RENEW_INTERVAL);
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = control_plane.renew.notified() => {
+                        // The control plane asks when a rotation phase began after this
+                        // certificate was issued, and counts certificates by issue time with
+                        // second precision: waiting a second makes the new one count.
+                        tokio::time::sleep(MIN_RENEW_INTERVAL).await;
+                        info!("renewing the workload certificate at the control plane's request");
+                    }
+                }
             }
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -55,8 +65,8 @@ pub async fn run(control_plane: Arc<ControlPlane>, state: Arc<ProxyState>, rotat
 }
 
 /// Creates a new key and has the control plane sign a certificate for it.
-async fn request(control_plane: &ControlPlane, workload: &Workload) -> anyhow::Result<Identity> {
-    let spiffe_id = workload.spiffe_id();
+async fn request(control_plane: &ControlPlane, state: &ProxyState) -> anyhow::Result<Identity> {
+    let spiffe_id = state.workload.spiffe_id();
     let (key, csr) = identity::new_csr(&spiffe_id)?;
     // The projected token rotates: read it fresh for every request.
     let token = tokio::fs::read_to_string(&control_plane.token)
@@ -68,7 +78,7 @@ async fn request(control_plane: &ControlPlane, workload: &Workload) -> anyhow::R
         .header(header::AUTHORIZATION, format!("Bearer {}", token.trim()))
         .body(Full::new(Bytes::from(body)))?;
     let exchange = async {
-        let mut sender = control_plane.connect(None).await?;
+        let mut sender = control_plane.connect(state, None).await?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         if !status.is_success() {

@@ -1,12 +1,16 @@
 //! The config stream: a long-lived `GET /v1/config` whose body is newline-delimited JSON
 //! `ControlMessage`s. Good snapshots are swapped in whole; bad ones are rejected and logged; on
-//! disconnect the proxy reconnects with backoff and keeps serving the last good config.
+//! disconnect the proxy reconnects with backoff and keeps serving the last good config. When the
+//! workload certificate is renewed the stream is reopened at once with the new one, so the
+//! control plane always sees the certificate the proxy holds and no stream outlives the
+//! certificate it was opened with.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use tokio::sync::watch;
 use tracing::{info, warn};
 use trellis_api::protocol::{ControlMessage, POD_NAME_HEADER, PROXY_VERSION_HEADER};
 use trellis_api::wellknown::CONFIG_STREAM_PATH;
@@ -26,6 +30,8 @@ enum StreamEnd {
     Closed,
     /// The server told the proxy to exit.
     Exit(String),
+    /// The workload certificate changed: reconnect with the new one.
+    Renewed,
 }
 
 /// Follows the config stream until the control plane says `exit` (then starts the drain).
@@ -39,11 +45,24 @@ pub async fn run(control_plane: Arc<ControlPlane>, state: Arc<ProxyState>) {
         };
         let Some(identity) = identity else { continue };
         let mut applied_any = false;
-        match follow(&control_plane, &state, &identity, &mut applied_any).await {
+        let followed = follow(
+            &control_plane,
+            &state,
+            &identity,
+            &mut identity_updates,
+            &mut applied_any,
+        )
+        .await;
+        match followed {
             Ok(StreamEnd::Exit(reason)) => {
                 info!(reason, "control plane asked the proxy to exit");
                 state.drain.start("control plane exit");
                 return;
+            }
+            Ok(StreamEnd::Renewed) => {
+                info!("workload certificate renewed; reopening the config stream with it");
+                backoff.reset();
+                continue;
             }
             Ok(StreamEnd::Closed) => warn!("control plane closed the config stream"),
             Err(e) => warn!(error = format!("{e:#}"), "config stream failed"),
@@ -64,9 +83,10 @@ async fn follow(
     control_plane: &ControlPlane,
     state: &ProxyState,
     identity: &Identity,
+    identity_updates: &mut watch::Receiver<Option<Arc<Identity>>>,
     applied_any: &mut bool,
 ) -> anyhow::Result<StreamEnd> {
-    let mut sender = control_plane.connect(Some(identity)).await?;
+    let mut sender = control_plane.connect(state, Some(identity)).await?;
     let request = http::Request::get(control_plane.url(CONFIG_STREAM_PATH))
         .header(POD_NAME_HEADER, &control_plane.pod_name)
         .header(PROXY_VERSION_HEADER, &control_plane.proxy_version)
@@ -79,7 +99,17 @@ async fn follow(
     info!("config stream connected");
     let mut body = response.into_body();
     let mut lines = LineSplitter::new(MAX_LINE_BYTES);
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            changed = identity_updates.changed() => {
+                // The sender lives as long as the proxy state; a closed channel is shutdown.
+                return Ok(if changed.is_ok() { StreamEnd::Renewed } else { StreamEnd::Closed });
+            }
+        };
+        let Some(frame) = frame else {
+            return Ok(StreamEnd::Closed);
+        };
         let Ok(data) = frame?.into_data() else {
             continue;
         };
@@ -87,17 +117,21 @@ async fn follow(
             match apply(state, &line) {
                 Applied::Config => *applied_any = true,
                 Applied::Rejected => {}
+                Applied::Renew(reason) => {
+                    info!(reason, "control plane asked for a new certificate");
+                    control_plane.renew.notify_one();
+                }
                 Applied::Exit(reason) => return Ok(StreamEnd::Exit(reason)),
             }
         }
     }
-    Ok(StreamEnd::Closed)
 }
 
 #[derive(Debug, PartialEq)]
 enum Applied {
     Config,
     Rejected,
+    Renew(String),
     Exit(String),
 }
 
@@ -115,7 +149,7 @@ fn apply(state: &ProxyState, line: &[u8]) -> Applied {
         ControlMessage::Config(config) => match config.validate() {
             Ok(()) => {
                 info!(version = config.version, "config applied");
-                state.config.store(Some(Arc::from(config)));
+                state.set_config(Arc::from(config));
                 Applied::Config
             }
             Err(e) => {
@@ -123,6 +157,7 @@ fn apply(state: &ProxyState, line: &[u8]) -> Applied {
                 Applied::Rejected
             }
         },
+        ControlMessage::Renew { reason } => Applied::Renew(reason),
         ControlMessage::Exit { reason } => Applied::Exit(reason),
     }
 }
@@ -165,6 +200,11 @@ mod tests {
             assert_eq!(apply(&state, bad), Applied::Rejected);
             assert_eq!(version(&state).as_deref(), Some("1"));
         }
+        assert_eq!(
+            apply(&state, br#"{"type":"renew","reason":"root rotation"}"#),
+            Applied::Renew("root rotation".into())
+        );
+        assert_eq!(version(&state).as_deref(), Some("1"));
         assert_eq!(
             apply(&state, br#"{"type":"exit","reason":"job done"}"#),
             Applied::Exit("job done".into())

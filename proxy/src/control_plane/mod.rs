@@ -4,7 +4,7 @@
 mod backoff;
 pub mod certificate;
 pub mod config_stream;
-mod ndjson;
+pub mod ndjson;
 mod tls;
 
 use std::path::PathBuf;
@@ -16,14 +16,15 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use trellis_api::protocol::ErrorResponse;
 use trellis_api::wellknown::CONTROL_PLANE_PORT;
 
 use crate::cli::SidecarArgs;
-use crate::identity::Identity;
+use crate::identity::{self, Identity};
+use crate::state::ProxyState;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest non-stream answer (certificate, error) we read.
@@ -40,6 +41,8 @@ pub struct ControlPlane {
     token: PathBuf,
     pod_name: String,
     proxy_version: String,
+    /// Set by a `renew` control message; wakes the certificate task before its rotation point.
+    renew: tokio::sync::Notify,
 }
 
 impl ControlPlane {
@@ -65,6 +68,7 @@ impl ControlPlane {
             token: args.token.clone(),
             pod_name: args.pod_name.clone(),
             proxy_version: args.proxy_version.clone(),
+            renew: tokio::sync::Notify::new(),
         })
     }
 
@@ -72,12 +76,14 @@ impl ControlPlane {
         format!("https://{}{path}", self.authority)
     }
 
-    /// Opens an HTTP/2 connection, presenting `client` as the client certificate if given.
+    /// Opens an HTTP/2 connection, presenting `client` as the client certificate if given. The
+    /// server is verified against the mounted roots and the trust bundles `state` holds.
     async fn connect(
         &self,
+        state: &ProxyState,
         client: Option<&Identity>,
     ) -> anyhow::Result<http2::SendRequest<Full<Bytes>>> {
-        let config = tls::client_config(&self.root_cert, client)?;
+        let config = tls::client_config(&self.root_cert, delivered_roots(state), client)?;
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
             TcpStream::connect((self.host.as_str(), self.port)),
@@ -108,6 +114,20 @@ impl ControlPlane {
         });
         Ok(sender)
     }
+}
+
+/// The roots the control plane has sent: with the current certificate and in the current config.
+fn delivered_roots(state: &ProxyState) -> Vec<CertificateDer<'static>> {
+    let mut roots = state
+        .current_identity()
+        .map(|identity| identity.trust_bundle.clone())
+        .unwrap_or_default();
+    if let Some(config) = state.config.load_full()
+        && let Ok(bundle) = identity::parse_pems(&config.trust_bundle)
+    {
+        roots.extend(bundle);
+    }
+    roots
 }
 
 /// Turns a non-2xx answer into an error carrying the server's `ErrorResponse` message.

@@ -11,9 +11,14 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::identity::Identity;
 
-/// Re-reads the root file on every call, so a rotated trust bundle is picked up on reconnect.
+/// Trusts the roots in `root_cert` (re-read on every call, so a rotated file is picked up on
+/// reconnect) and `delivered`: the roots the control plane itself has since sent. During a root
+/// rotation the control plane's certificate moves to the new root while the kubelet may not
+/// have refreshed the mounted file yet; the bundle that came over the verified channel already
+/// holds the new root.
 pub fn client_config(
     root_cert: &Path,
+    delivered: Vec<CertificateDer<'static>>,
     client: Option<&Identity>,
 ) -> anyhow::Result<Arc<ClientConfig>> {
     let mut roots = RootCertStore::empty();
@@ -28,6 +33,8 @@ pub fn client_config(
     if roots.is_empty() {
         anyhow::bail!("--root-cert {} holds no certificate", root_cert.display());
     }
+    // Already validated when they were received; one that does not parse is skipped.
+    roots.add_parsable_certificates(delivered);
     let builder = ClientConfig::builder().with_root_certificates(roots);
     let mut config = match client {
         Some(identity) => builder
