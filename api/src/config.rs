@@ -23,6 +23,12 @@ pub struct ProxyConfig {
     /// PEM roots a peer certificate must chain to.
     #[serde(default)]
     pub trust_bundle: Vec<String>,
+    /// Routes, clusters and ServiceEntry facts (VirtualService, DestinationRule, ServiceEntry).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::traffic::TrafficConfig::is_empty"
+    )]
+    pub traffic: crate::traffic::TrafficConfig,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -105,6 +111,12 @@ pub struct InboundPolicy {
         deserialize_with = "port_keyed"
     )]
     pub port_mtls: std::collections::BTreeMap<u16, PeerAuthenticationMode>,
+    /// The AuthorizationPolicies that apply to the workload (empty: allow everything).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::authz::InboundAuthorization::is_empty"
+    )]
+    pub authorization: crate::authz::InboundAuthorization,
 }
 
 /// JSON object keys are strings; a config inside a tagged [`ControlMessage`] is buffered by serde
@@ -175,6 +187,10 @@ impl From<MtlsMode> for PeerAuthenticationMode {
 /// inbound side can tell mesh TLS from an application's own TLS.
 pub const MESH_ALPN: &[u8] = b"trellis-mtls";
 
+/// ALPN protocol of HTTP between sidecars: HTTP/2 inside the mutual TLS, multiplexing the
+/// requests of many application connections over one connection per endpoint.
+pub const MESH_H2_ALPN: &[u8] = b"trellis-h2";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config is not valid JSON for the proxy config model: {0}")]
@@ -183,6 +199,10 @@ pub enum ConfigError {
     MissingTargetPort { host: String, port: u16 },
     #[error("service {0}: a service needs at least one hostname")]
     NoHostname(String),
+    #[error("inbound authorization: {0}")]
+    Authorization(#[from] crate::authz::AuthorizationError),
+    #[error("traffic: {0}")]
+    Traffic(#[from] crate::traffic::TrafficError),
 }
 
 impl ProxyConfig {
@@ -208,6 +228,8 @@ impl ProxyConfig {
                 }
             }
         }
+        self.inbound.authorization.validate()?;
+        self.traffic.validate()?;
         Ok(())
     }
 }

@@ -207,6 +207,14 @@ pub struct CertificateSettings {
     /// (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret: Option<String>,
+    /// Set, or change, to rotate the operator-generated root without failing a request: the
+    /// operator adds a new root to every trust bundle, then signs with it, then removes the old
+    /// root once every proxy holds a certificate from the new one (`status.rootRotation`
+    /// reports the phase). Any new value starts one rotation, e.g. the date of the request.
+    /// Ignored with `caSecret`: a user CA is rotated by its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub root_rotation: Option<String>,
 }
 
 impl Default for CertificateSettings {
@@ -216,6 +224,7 @@ impl Default for CertificateSettings {
             rotation_percent: default_rotation_percent(),
             root_ttl: default_root_ttl(),
             ca_secret: None,
+            root_rotation: None,
         }
     }
 }
@@ -260,12 +269,42 @@ pub struct MeshStatus {
     /// Expiry of the root certificate (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_cert_expiry: Option<String>,
+    /// Expiry of the signing intermediate (RFC 3339), when the CA is not the root itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_cert_expiry: Option<String>,
+    /// The last root rotation (`spec.certificates.rootRotation`) and how far it got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_rotation: Option<RootRotationStatus>,
     /// Proxies connected to the control plane, all versions together.
     #[serde(default)]
     pub connected_proxies: u32,
     /// Connected proxies by data-plane version.
     #[serde(default)]
     pub proxies_by_version: std::collections::BTreeMap<String, u32>,
+}
+
+/// Progress of a root rotation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootRotationStatus {
+    /// The `spec.certificates.rootRotation` value this rotation carries out.
+    pub trigger: String,
+    pub phase: RootRotationPhase,
+    /// When the phase began (RFC 3339).
+    pub since: String,
+    /// What the phase waits for.
+    pub message: String,
+}
+
+/// The phases of a root rotation, in order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RootRotationPhase {
+    /// Both roots are trusted everywhere; certificates are still signed by the old root.
+    TrustBoth,
+    /// Both roots are trusted; certificates are signed by the new root.
+    SignNew,
+    /// Only the new root is trusted and signs.
+    Complete,
 }
 
 /// A condition in the shape of `metav1.Condition`.

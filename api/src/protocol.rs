@@ -7,8 +7,11 @@
 //! * `GET /v1/config` — mutual TLS with the workload certificate; headers [`POD_NAME_HEADER`] and
 //!   [`PROXY_VERSION_HEADER`]. The answer is a never-ending body of newline-delimited JSON
 //!   [`ControlMessage`]s: a full config snapshot whenever the proxy's config changes (bursts
-//!   coalesced), and `exit` when the pod's application containers have all terminated so that a
-//!   classic sidecar lets a Job's pod complete.
+//!   coalesced), `renew` when the proxy must replace its workload certificate now (a root
+//!   rotation moves on once every proxy holds a certificate issued after the phase began), and
+//!   `exit` when the pod's application containers have all terminated so that a classic sidecar
+//!   lets a Job's pod complete. A proxy ignores (and logs) a message it does not know, so the
+//!   server may add message types without breaking older proxies.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +50,10 @@ pub struct ErrorResponse {
 pub enum ControlMessage {
     /// Replace the whole configuration with this snapshot.
     Config(Box<ProxyConfig>),
+    /// Request a new workload certificate now instead of at the rotation point. Sent after any
+    /// config carrying a new trust bundle on the same stream, so a proxy that renews has already
+    /// applied that bundle.
+    Renew { reason: String },
     /// The workload beside this proxy has finished: drain and exit 0.
     Exit { reason: String },
 }
@@ -69,6 +76,15 @@ mod tests {
             serde_json::from_str(r#"{"type":"config","version":"3"}"#).unwrap();
         assert!(matches!(config, ControlMessage::Config(c) if c.version == "3"));
         assert!(serde_json::from_str::<ControlMessage>(r#"{"type":"reboot"}"#).is_err());
+        let renew = ControlMessage::Renew {
+            reason: "root rotation".into(),
+        };
+        let line = serde_json::to_string(&renew).unwrap();
+        assert_eq!(line, r#"{"type":"renew","reason":"root rotation"}"#);
+        assert_eq!(
+            serde_json::from_str::<ControlMessage>(&line).unwrap(),
+            renew
+        );
     }
 
     #[test]

@@ -201,6 +201,31 @@ pub struct ClientSummary {
     pub by_version: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub by_name: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub latency_ms: Latency,
+    /// `http`, `grpc-unary`, `grpc-stream`, `websocket` or `upload`.
+    #[serde(default)]
+    pub mode: String,
+    /// gRPC modes: calls by the `grpc-status` they ended with.
+    #[serde(default)]
+    pub by_grpc_status: std::collections::BTreeMap<String, u64>,
+    /// gRPC and WebSocket modes: messages that came back intact.
+    #[serde(default)]
+    pub messages: u64,
+    /// Upload mode: bytes echoed back intact, and their rate in MB/s.
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub mb_per_sec: f64,
+}
+
+/// Latency percentiles of answered requests, in milliseconds.
+#[derive(Debug, Default, Deserialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
 }
 
 /// A pod running `demo-client ARGS` once (restartPolicy Never).
@@ -396,8 +421,22 @@ impl PortForward {
                     .as_bytes(),
             )
             .await?;
+        // Read until the answer is complete rather than until the close: kubectl's forward
+        // passes the server's close on up to a second late, which would make every poll that
+        // slow.
         let mut response = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await??;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let mut chunk = [0u8; 16 * 1024];
+            while !http_answer_complete(&response) {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                response.extend_from_slice(&chunk[..n]);
+            }
+            anyhow::Ok(())
+        })
+        .await??;
         let response = String::from_utf8_lossy(&response).into_owned();
         let (head, body) = response
             .split_once("\r\n\r\n")
@@ -420,6 +459,24 @@ impl PortForward {
     }
 }
 
+/// Whether `response` holds a whole HTTP/1.1 answer: headers plus `Content-Length` bytes, or
+/// a chunked body up to its last chunk.
+fn http_answer_complete(response: &[u8]) -> bool {
+    let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+    let body = &response[end + 4..];
+    if let Some(length) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= length;
+    }
+    head.contains("transfer-encoding: chunked") && body.ends_with(b"0\r\n\r\n")
+}
+
 impl Drop for PortForward {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -430,6 +487,32 @@ impl Drop for PortForward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_complete_by_length_or_last_chunk() {
+        let cases: [(&[u8], bool); 6] = [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", true),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}", false),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n", false),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n",
+                false,
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\nuntil close", false),
+        ];
+        for (response, complete) in cases {
+            assert_eq!(
+                http_answer_complete(response),
+                complete,
+                "{}",
+                String::from_utf8_lossy(response)
+            );
+        }
+    }
 
     #[test]
     fn sums_counters_by_label_subset() {

@@ -209,17 +209,13 @@ async fn cni_mode_captures_without_net_admin_and_switching_back_removes_the_plug
     let outbound = pod_http_get(&client, &ns.name, "client", 15020, "/stats/prometheus").await?;
     let inbound = pod_http_get(&client, &ns.name, &server, 15020, "/stats/prometheus").await?;
     assert!(
-        counter_sum(
-            &outbound,
-            "istio_tcp_connections_opened_total",
-            &[("reporter", "source")]
-        ) >= 1.0,
+        counter_sum(&outbound, "istio_requests_total", &[("reporter", "source")]) >= 1.0,
         "{outbound}"
     );
     assert!(
         counter_sum(
             &inbound,
-            "istio_tcp_connections_opened_total",
+            "istio_requests_total",
             &[("reporter", "destination")]
         ) >= 1.0,
         "{inbound}"

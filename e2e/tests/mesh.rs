@@ -63,29 +63,33 @@ async fn meshed_traffic_crosses_both_sidecars_and_opt_outs_are_honoured() -> any
     assert_injected(&pod_named(&client, &ns.name, "client").await?);
     assert_eq!((summary.sent, summary.ok), (60, 60), "{summary:?}");
 
-    // Both sidecars saw the connection and its bytes: the traffic really crossed them.
+    // Both sidecars saw every request (the port is named `http`, so they proxy it as HTTP and
+    // report Istio's request metrics), the hop between them over mutual TLS.
     let outbound = pod_http_get(&client, &ns.name, "client", 15020, "/stats/prometheus").await?;
     let inbound = pod_http_get(&client, &ns.name, &server, 15020, "/stats/prometheus").await?;
-    let source = [("reporter", "source")];
-    let destination = [("reporter", "destination")];
-    assert!(
-        counter_sum(&outbound, "istio_tcp_connections_opened_total", &source) >= 1.0,
+    let answered = |reporter| {
+        [
+            ("reporter", reporter),
+            ("response_code", "200"),
+            ("connection_security_policy", "mutual_tls"),
+        ]
+    };
+    assert_eq!(
+        counter_sum(&outbound, "istio_requests_total", &answered("source")),
+        60.0,
         "{outbound}"
     );
-    assert!(
-        counter_sum(&outbound, "istio_tcp_sent_bytes_total", &source) > 0.0,
-        "{outbound}"
-    );
-    assert!(
-        counter_sum(&outbound, "istio_tcp_received_bytes_total", &source) > 0.0,
-        "{outbound}"
-    );
-    assert!(
-        counter_sum(&inbound, "istio_tcp_connections_opened_total", &destination) >= 1.0,
+    assert_eq!(
+        counter_sum(&inbound, "istio_requests_total", &answered("destination")),
+        60.0,
         "{inbound}"
     );
     assert!(
-        counter_sum(&inbound, "istio_tcp_received_bytes_total", &destination) > 0.0,
+        counter_sum(
+            &inbound,
+            "istio_response_bytes_sum",
+            &[("reporter", "destination")]
+        ) > 0.0,
         "{inbound}"
     );
 

@@ -145,7 +145,7 @@ async fn peer_authentication_modes_are_enforced_between_meshed_and_unmeshed_clie
         ("source_principal", meshed_principal.as_str()),
     ];
     assert!(
-        counter_sum(&metrics, "istio_tcp_connections_opened_total", &mutual) >= 1.0,
+        counter_sum(&metrics, "istio_requests_total", &mutual) >= 1.0,
         "meshed client arrived over mTLS with its identity:\n{metrics}"
     );
 

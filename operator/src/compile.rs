@@ -58,10 +58,11 @@ pub fn compile(
         services,
         inbound: InboundPolicy {
             mtls_mode: mesh.mtls.mode.into(),
-            port_mtls: Default::default(),
+            ..InboundPolicy::default()
         },
         outbound_traffic_policy: mesh.outbound_traffic_policy.mode,
         trust_bundle: trust_bundle.to_vec(),
+        traffic: Default::default(),
     };
     config.version = content_version(&config);
     config
@@ -428,6 +429,7 @@ mod tests {
         let strict = InboundPolicy {
             mtls_mode: PeerAuthenticationMode::Strict,
             port_mtls: BTreeMap::from([(8080, PeerAuthenticationMode::Disable)]),
+            ..InboundPolicy::default()
         };
         let config = for_workload(&mesh_wide, strict.clone());
         assert_eq!(config.inbound, strict);

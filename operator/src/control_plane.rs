@@ -4,8 +4,8 @@
 //! by its workload certificate. Wire format: `trellis_api::protocol`.
 //!
 //! One compile per burst of changes serves every proxy: each stream overlays its own inbound
-//! policy (PeerAuthentication resolved for its pod) on the mesh-wide snapshot and sends it only
-//! when that proxy's version changed.
+//! policy (PeerAuthentication resolved for its pod, and the AuthorizationPolicies that apply to
+//! it) on the mesh-wide snapshot and sends it only when that proxy's version changed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use kube::{Api, Client};
 use tokio::sync::{Semaphore, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
+use trellis_api::authz::Action;
 use trellis_api::config::{InboundPolicy, PeerAuthenticationMode, ProxyConfig};
 use trellis_api::protocol::{
     CertificateRequest, CertificateResponse, ControlMessage, MAX_REQUEST_BYTES, POD_NAME_HEADER,
@@ -30,8 +31,9 @@ use trellis_api::protocol::{
 use trellis_api::wellknown::{
     CERTIFICATE_PATH, CONFIG_STREAM_PATH, PROXY_CONTAINER, TOKEN_AUDIENCE,
 };
-use trellis_api::{PeerAuthentication, SpiffeId};
+use trellis_api::{AuthorizationPolicy, PeerAuthentication, SpiffeId};
 
+use crate::authorization;
 use crate::compile::{compile, for_workload, workload_version};
 use crate::controller::MeshStateRx;
 use crate::discovery::Discovery;
@@ -39,11 +41,26 @@ use crate::https::{self, Body, Peer};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::peer_authentication::{self, PolicyIndex, Workload};
 use crate::proxies::ConnectedProxies;
+use crate::rate_limit::{Rate, RateLimiter};
+use crate::rotation::ProxyCertificates;
+use crate::traffic::{self, TrafficIndex};
 
 /// Bursts of cluster changes within this window produce one snapshot.
 const COALESCE: Duration = Duration::from_millis(50);
 /// Concurrent CSR signings (each costs a TokenReview round trip and an ECDSA signature).
 pub const MAX_CONCURRENT_SIGNINGS: usize = 32;
+/// Certificate requests per second this replica sends on to a TokenReview, all callers together:
+/// enough for a node's worth of pods starting at once, far below what would load the API server.
+pub const CERTIFICATE_RATE: Rate = Rate {
+    per_second: 50.0,
+    burst: 100,
+};
+/// The same per source address: a proxy asks once at start and once per rotation (and retries
+/// with backoff), so more than this from one address is a misbehaving or hostile caller.
+pub const CERTIFICATE_RATE_PER_SOURCE: Rate = Rate {
+    per_second: 1.0,
+    burst: 10,
+};
 
 /// What every config stream builds its proxy's snapshot from; published once per burst.
 #[derive(Debug)]
@@ -53,6 +70,13 @@ pub struct Snapshot {
     /// `Mesh.spec.mtls.mode`, the last level of PeerAuthentication inheritance.
     pub mesh_default: PeerAuthenticationMode,
     pub peer_authentications: PolicyIndex,
+    /// Every AuthorizationPolicy; each stream compiles those that apply to its workload.
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// During a root rotation: proxies whose certificate was issued before this are told to
+    /// renew, right after this snapshot (and its trust bundle) on the same stream.
+    pub renew_issued_before: Option<time::OffsetDateTime>,
+    /// VirtualServices, DestinationRules and ServiceEntries, compiled per client namespace.
+    pub traffic: TrafficIndex,
 }
 
 pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
@@ -66,8 +90,12 @@ pub struct ControlPlane {
     pub discovery: Discovery,
     pub snapshots: SnapshotRx,
     pub proxies: Arc<ConnectedProxies>,
+    /// When each stream's client certificate was issued (shared with the root rotation).
+    pub proxy_certificates: Arc<ProxyCertificates>,
     pub metrics: Arc<Metrics>,
     pub signing_permits: Semaphore,
+    /// Bounds certificate requests before their TokenReview ([`CERTIFICATE_RATE`]).
+    pub certificate_rate: RateLimiter,
 }
 
 /// Recompiles the mesh-wide snapshot whenever discovery or the Mesh changes, and publishes it
@@ -82,6 +110,7 @@ pub fn publish_snapshots(
     let mut changes = discovery.changes();
     tokio::spawn(async move {
         let mut validated = BTreeMap::new();
+        let traffic_warnings = Arc::default();
         loop {
             // Everything up to here is in this snapshot; only later changes wake the loop.
             changes.borrow_and_update();
@@ -99,11 +128,20 @@ pub fn publish_snapshots(
                             .disabled_ports(&workload.container_ports)
                     })
                 };
+                let cluster = discovery.snapshot();
                 let compiled = compile(
-                    &discovery.snapshot(),
+                    &cluster,
                     &state.spec,
                     &state.ca.trust_bundle(),
                     &plaintext_ports,
+                );
+                let traffic = TrafficIndex::new(
+                    discovery.traffic_resources(),
+                    compiled.services.clone(),
+                    cluster.pods,
+                    &root_namespace,
+                    &state.spec.trust_domain,
+                    Arc::clone(&traffic_warnings),
                 );
                 // Keep the previous Arc when the mesh-wide content is unchanged.
                 let config = match tx.borrow().as_ref() {
@@ -119,6 +157,12 @@ pub fn publish_snapshots(
                     config,
                     mesh_default,
                     peer_authentications: index,
+                    authorization_policies: discovery.authorization_policies(),
+                    renew_issued_before: state
+                        .root_rotation
+                        .as_ref()
+                        .and_then(crate::rotation::Rotation::renew_issued_before),
+                    traffic,
                 })));
             }
             tokio::select! {
@@ -162,8 +206,10 @@ impl ControlPlane {
         peer: Arc<Peer>,
     ) -> Response<Body> {
         match (request.method(), request.uri().path()) {
-            (&Method::POST, CERTIFICATE_PATH) => self.certificate(request).await,
+            (&Method::POST, CERTIFICATE_PATH) => self.certificate(request, &peer).await,
             (&Method::GET, CONFIG_STREAM_PATH) => self.config_stream(request, &peer),
+            (_, CERTIFICATE_PATH) => https::method_not_allowed(&Method::POST),
+            (_, CONFIG_STREAM_PATH) => https::method_not_allowed(&Method::GET),
             _ => https::error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }
@@ -175,23 +221,10 @@ impl ControlPlane {
             .inc();
     }
 
-    async fn certificate(&self, request: Request<Incoming>) -> Response<Body> {
-        let Ok(_permit) = self.signing_permits.try_acquire() else {
-            self.count("throttled");
-            return https::error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many concurrent certificate requests",
-            );
-        };
-        let token = request
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned);
-        let Some(token) = token else {
+    /// Cheap checks first (token present, body bounded and decodable), then the rate limit and
+    /// the signing permit, so only well-formed requests within the rate reach a TokenReview.
+    async fn certificate(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let Some(token) = bearer_token(request.headers()) else {
             self.count("unauthenticated");
             return https::error(StatusCode::UNAUTHORIZED, "missing bearer token");
         };
@@ -199,15 +232,26 @@ impl ControlPlane {
             Ok(body) => body,
             Err(response) => return response,
         };
-        let csr: CertificateRequest = match serde_json::from_slice(&body) {
+        let csr = match decode_certificate_request(&body) {
             Ok(csr) => csr,
             Err(e) => {
                 self.count("malformed");
-                return https::error(
-                    StatusCode::BAD_REQUEST,
-                    format!("body is not a certificate request: {e}"),
-                );
+                return https::error(StatusCode::BAD_REQUEST, e);
             }
+        };
+        if let Err(wait) = self
+            .certificate_rate
+            .try_acquire(peer.address.map(|a| a.ip()))
+        {
+            self.count("throttled");
+            return https::too_many_requests(wait, "too many certificate requests");
+        }
+        let Ok(_permit) = self.signing_permits.try_acquire() else {
+            self.count("throttled");
+            return https::too_many_requests(
+                Duration::from_secs(1),
+                "too many concurrent certificate requests",
+            );
         };
         let Some(state) = self.mesh.borrow().clone() else {
             return https::error(StatusCode::SERVICE_UNAVAILABLE, "the mesh is not ready yet");
@@ -317,6 +361,10 @@ impl ControlPlane {
         };
         let pod_name = header(POD_NAME_HEADER);
         let version = header(PROXY_VERSION_HEADER);
+        let issued = peer
+            .certificates
+            .first()
+            .and_then(|leaf| crate::ca::issued_at(leaf));
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         tokio::spawn(async move {
             let _connection = self.proxies.connect(if version.is_empty() {
@@ -324,8 +372,9 @@ impl ControlPlane {
             } else {
                 &version
             });
+            let _certificate = self.proxy_certificates.register(issued);
             info!(%identity, pod = %pod_name, %version, "proxy connected");
-            self.stream_to(&identity, &pod_name, tx).await;
+            self.stream_to(&identity, &pod_name, issued, tx).await;
             info!(%identity, pod = %pod_name, "proxy disconnected");
         });
         let body = StreamBody::new(ReceiverStream::new(rx)).boxed();
@@ -336,16 +385,20 @@ impl ControlPlane {
             .expect("static response parts are valid")
     }
 
+    /// `issued`: when the stream's client certificate was issued (a proxy reconnects with each
+    /// new certificate), to tell it to renew during a root rotation.
     async fn stream_to(
         &self,
         identity: &SpiffeId,
         pod_name: &str,
+        issued: Option<time::OffsetDateTime>,
         tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
     ) {
         let mut snapshots = self.snapshots.clone();
         let mut changes = self.discovery.changes();
         let mut sent_version = String::new();
         let mut sent_inbound = None;
+        let mut renew_sent = None;
         // The snapshot is rebuilt only when a (coalesced) snapshot is published, so a proxy gets
         // at most one per burst; raw discovery changes only re-check whether the pod finished.
         let mut snapshot_published = true;
@@ -359,14 +412,34 @@ impl ControlPlane {
             if let Some(snapshot) = snapshot {
                 let (inbound, undeclared_ports) =
                     self.inbound_policy(&snapshot, &identity.namespace, pod_name);
-                if workload_version(&snapshot.config.version, &inbound) != sent_version {
+                // Routes and clusters depend on the namespace (exportTo, DestinationRule lookup).
+                let routing = snapshot.traffic.for_namespace(&identity.namespace);
+                let version = traffic::versioned(
+                    &workload_version(&snapshot.config.version, &inbound),
+                    &routing,
+                );
+                if version != sent_version {
                     if sent_inbound.as_ref() != Some(&inbound) {
                         log_inbound(identity, pod_name, &inbound, &undeclared_ports);
                         sent_inbound = Some(inbound.clone());
                     }
-                    let config = for_workload(&snapshot.config, inbound);
+                    let config =
+                        traffic::with_traffic(for_workload(&snapshot.config, inbound), &routing);
                     sent_version = config.version.clone();
                     messages.push(ControlMessage::Config(Box::new(config)));
+                }
+                // After the config: a proxy handles messages in order, so when it renews it has
+                // applied this snapshot's trust bundle.
+                if let Some(before) = snapshot.renew_issued_before
+                    && issued.is_none_or(|issued| issued < before)
+                    && renew_sent != Some(before)
+                {
+                    renew_sent = Some(before);
+                    messages.push(ControlMessage::Renew {
+                        reason: "root rotation: a certificate issued since the phase began is \
+                                 needed"
+                            .to_owned(),
+                    });
                 }
             }
             if let Some(reason) = self.workload_finished(&identity.namespace, pod_name) {
@@ -397,18 +470,23 @@ impl ControlPlane {
         namespace: &str,
         pod_name: &str,
     ) -> (InboundPolicy, Vec<u16>) {
-        let workload = self
-            .discovery
-            .pod(namespace, pod_name)
-            .and_then(|pod| Workload::from_pod(&pod))
+        let pod = self.discovery.pod(namespace, pod_name);
+        let workload = pod
+            .as_deref()
+            .and_then(Workload::from_pod)
             .unwrap_or_else(|| Workload {
                 namespace: namespace.to_owned(),
                 ..Workload::default()
             });
-        let resolution = snapshot.peer_authentications.resolve(
+        let mut resolution = snapshot.peer_authentications.resolve(
             &self.root_namespace,
             &workload,
             snapshot.mesh_default,
+        );
+        resolution.inbound.authorization = authorization::for_workload(
+            snapshot.authorization_policies.iter().map(Arc::as_ref),
+            &self.root_namespace,
+            &authorization::Workload::of(namespace, pod.as_deref()),
         );
         (resolution.inbound, resolution.undeclared_ports)
     }
@@ -441,7 +519,15 @@ impl ControlPlane {
 
 /// Logs a proxy's inbound policy when it changes (not on every re-send).
 fn log_inbound(identity: &SpiffeId, pod: &str, inbound: &InboundPolicy, undeclared_ports: &[u16]) {
-    info!(%identity, %pod, mode = ?inbound.mtls_mode, ports = ?inbound.port_mtls, "inbound policy");
+    let authorization: Vec<(Action, &str)> = inbound
+        .authorization
+        .policies()
+        .map(|(action, policy)| (action, policy.name.as_str()))
+        .collect();
+    info!(
+        %identity, %pod, mode = ?inbound.mtls_mode, ports = ?inbound.port_mtls, ?authorization,
+        "inbound policy"
+    );
     if !undeclared_ports.is_empty() {
         info!(
             %identity,
@@ -451,6 +537,38 @@ fn log_inbound(identity: &SpiffeId, pod: &str, inbound: &InboundPolicy, undeclar
              connections arriving on those ports (keys are workload ports, not Service ports)"
         );
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if there is a non-empty one.
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+}
+
+/// Why a certificate request body was refused before any work was done for it.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateRequestError {
+    #[error("body is not a certificate request: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("the certificate request holds no PEM CSR")]
+    NotPem,
+}
+
+/// Decodes the body of `POST /v1/certificate`. Pure (fuzzed by `fuzz/certificate_request`): the
+/// CSR itself is parsed and checked against the caller's identity by the CA when signing.
+pub fn decode_certificate_request(
+    body: &[u8],
+) -> Result<CertificateRequest, CertificateRequestError> {
+    let request: CertificateRequest = serde_json::from_slice(body)?;
+    if !request.csr.contains("-----BEGIN CERTIFICATE REQUEST-----") {
+        return Err(CertificateRequestError::NotPem);
+    }
+    Ok(request)
 }
 
 /// The SPIFFE identity in a leaf certificate's URI SAN.

@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::injector;
 use crate::metrics::Metrics;
 use crate::proxies::ConnectedProxies;
+use crate::rotation::{self, ProxyCertificates, Rotation};
 
 /// Field manager name for server-side apply.
 pub const MANAGER: &str = "trellis-operator";
@@ -43,6 +44,8 @@ pub struct MeshState {
     pub spec: MeshSpec,
     pub ca: CertificateAuthority,
     pub workload_ttl: Duration,
+    /// The root rotation the CA is in (or last completed); `None` for a user CA.
+    pub root_rotation: Option<Rotation>,
 }
 
 pub type MeshStateRx = watch::Receiver<Option<Arc<MeshState>>>;
@@ -55,6 +58,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub mesh_state: watch::Sender<Option<Arc<MeshState>>>,
     pub proxies: Arc<ConnectedProxies>,
+    /// Certificates presented on this replica's config streams: root rotation's progress.
+    pub proxy_certificates: Arc<ProxyCertificates>,
 }
 
 impl Context {
@@ -80,6 +85,7 @@ impl Context {
             metrics,
             mesh_state,
             proxies,
+            proxy_certificates: Arc::default(),
         };
         (Arc::new(context), rx)
     }
@@ -138,9 +144,11 @@ async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
         return Ok(Action::await_change());
     }
     match reconcile_active(&mesh, &ctx).await {
-        Ok(()) => {
+        Ok(rotating) => {
             publish_status(&ctx, &mesh, true, "Reconciled", "mesh is ready").await?;
-            Ok(Action::requeue(Duration::from_secs(15)))
+            // A root rotation advances as soon as the proxies have renewed: look again soon.
+            let every = if rotating { 2 } else { 15 };
+            Ok(Action::requeue(Duration::from_secs(every)))
         }
         Err(error) => {
             let message = error.to_string();
@@ -166,32 +174,63 @@ fn error_reason(error: &Error) -> &'static str {
     }
 }
 
-async fn reconcile_active(mesh: &Mesh, ctx: &Context) -> Result<()> {
+/// Returns whether a root rotation is in progress.
+async fn reconcile_active(mesh: &Mesh, ctx: &Context) -> Result<bool> {
     let spec = &mesh.spec;
-    let workload_ttl = duration_field(
-        &spec.certificates.workload_ttl,
-        "spec.certificates.workloadTtl",
-    )?;
+    let workload_ttl = workload_ttl(&spec.certificates.workload_ttl)?;
     let root_ttl = duration_field(&spec.certificates.root_ttl, "spec.certificates.rootTtl")?;
-    let ca = ensure_ca(ctx, spec, root_ttl).await?;
+    let (ca, root_rotation, entered) = ensure_ca(ctx, spec, root_ttl, workload_ttl).await?;
+    if let Some(phase) = entered {
+        let status = root_rotation
+            .as_ref()
+            .map(|r| r.status(workload_ttl).message)
+            .unwrap_or_default();
+        publish_event(
+            ctx,
+            mesh,
+            EventType::Normal,
+            &format!("RootRotation{phase:?}"),
+            &status,
+        )
+        .await;
+    }
+    let rotating = root_rotation.as_ref().is_some_and(Rotation::in_progress);
     let state = Arc::new(MeshState {
         spec: spec.clone(),
         ca,
         workload_ttl,
+        root_rotation,
     });
     ensure_root_cert_configmaps(ctx, mesh, &state).await?;
     injector::apply_webhook_configuration(ctx, mesh, &state).await?;
+    crate::validation::apply_webhook_configuration(ctx, mesh, &state).await?;
     crate::cni::reconcile(ctx, mesh).await?;
-    if ctx
-        .mesh_state
-        .borrow()
-        .as_ref()
-        .is_none_or(|old| old.spec != state.spec || old.ca.material() != state.ca.material())
-    {
+    if ctx.mesh_state.borrow().as_ref().is_none_or(|old| {
+        old.spec != state.spec
+            || old.ca.material() != state.ca.material()
+            || old.ca.trust_bundle() != state.ca.trust_bundle()
+            || old.root_rotation != state.root_rotation
+    }) {
         info!(version = %spec.version, "mesh state updated");
         ctx.mesh_state.send_replace(Some(state));
     }
-    Ok(())
+    Ok(rotating)
+}
+
+/// Shortest accepted `workloadTtl`: below it a proxy would spend a noticeable share of the
+/// certificate's life renewing it.
+pub const MIN_WORKLOAD_TTL: Duration = Duration::from_secs(60);
+
+/// `spec.certificates.workloadTtl`, refused below [`MIN_WORKLOAD_TTL`].
+fn workload_ttl(text: &str) -> Result<Duration> {
+    let ttl = duration_field(text, "spec.certificates.workloadTtl")?;
+    if ttl < MIN_WORKLOAD_TTL {
+        return Err(Error::InvalidSpec(format!(
+            "spec.certificates.workloadTtl: {text:?} is shorter than the minimum of {}s",
+            MIN_WORKLOAD_TTL.as_secs()
+        )));
+    }
+    Ok(ttl)
 }
 
 fn duration_field(text: &str, field: &str) -> Result<Duration> {
@@ -200,54 +239,85 @@ fn duration_field(text: &str, field: &str) -> Result<Duration> {
         .ok_or_else(|| Error::InvalidSpec(format!("{field}: {text:?} is not a positive duration")))
 }
 
-/// Loads the CA from the user's Secret or from ours, creating ours once. Creation races between
-/// replicas resolve through the API server: the loser of `create` reads the winner's Secret.
+/// Loads the CA from the user's Secret or from ours, creating ours once, and takes the next step
+/// of a root rotation of ours (`rotation`). Creation races between replicas resolve through the
+/// API server: the loser of `create` reads the winner's Secret. Returns the CA, the rotation it
+/// is in and the rotation phase entered now, if any.
 async fn ensure_ca(
     ctx: &Context,
     spec: &MeshSpec,
     root_ttl: Duration,
-) -> Result<CertificateAuthority> {
+    workload_ttl: Duration,
+) -> Result<(
+    CertificateAuthority,
+    Option<Rotation>,
+    Option<trellis_api::mesh::RootRotationPhase>,
+)> {
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.namespace);
-    let name = spec.certificates.ca_secret.as_deref().unwrap_or(CA_SECRET);
-    let existing = secrets.get_opt(name).await?;
-    let material = match existing {
-        Some(secret) => material_from_secret(&secret)?,
-        None if spec.certificates.ca_secret.is_some() => {
+    let trigger = spec.certificates.root_rotation.as_deref();
+    if let Some(user_secret) = spec.certificates.ca_secret.as_deref() {
+        if trigger.is_some() {
+            warn!(
+                secret = user_secret,
+                "spec.certificates.rootRotation is ignored with caSecret: rotate a user CA by \
+                 rotating its Secret"
+            );
+        }
+        let Some(secret) = secrets.get_opt(user_secret).await? else {
             return Err(Error::InvalidSpec(format!(
-                "spec.certificates.caSecret: Secret {}/{name} does not exist",
+                "spec.certificates.caSecret: Secret {}/{user_secret} does not exist",
                 ctx.namespace
             )));
-        }
+        };
+        return Ok((
+            CertificateAuthority::load(material_from_secret(&secret)?)?,
+            None,
+            None,
+        ));
+    }
+    let existing = secrets.get_opt(CA_SECRET).await?;
+    let secret = match existing {
+        Some(secret) => secret,
         None => {
             let material = CaMaterial::generate_root(&spec.trust_domain, root_ttl)?;
             let secret = Secret {
                 metadata: kube::api::ObjectMeta {
                     name: Some(CA_SECRET.to_owned()),
                     namespace: Some(ctx.namespace.clone()),
+                    annotations: Some(rotation::annotations_for_new_root(trigger)),
                     ..Default::default()
                 },
-                string_data: Some(
+                data: Some(
                     material
                         .to_secret_data()
                         .into_iter()
-                        .map(|(k, v)| (k.to_owned(), v))
+                        .map(|(k, v)| (k.to_owned(), ByteString(v.into_bytes())))
                         .collect(),
                 ),
                 ..Default::default()
             };
             match secrets.create(&PostParams::default(), &secret).await {
-                Ok(_) => {
+                Ok(created) => {
                     info!("created the mesh root CA");
-                    material
+                    created
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
-                    material_from_secret(&secrets.get(CA_SECRET).await?)?
+                    secrets.get(CA_SECRET).await?
                 }
                 Err(e) => return Err(e.into()),
             }
         }
     };
-    Ok(CertificateAuthority::load(material)?)
+    let current = material_from_secret(&secret)?;
+    let settings = rotation::Settings {
+        trigger,
+        trust_domain: &spec.trust_domain,
+        root_ttl,
+        bound: workload_ttl,
+    };
+    let outcome =
+        rotation::reconcile(&secrets, secret, current, settings, &ctx.proxy_certificates).await?;
+    Ok((outcome.ca, outcome.rotation, outcome.entered))
 }
 
 fn material_from_secret(secret: &Secret) -> Result<CaMaterial> {
@@ -367,10 +437,15 @@ async fn publish_status(
                 if ready { "no problems found" } else { message },
             ),
         ],
-        root_cert_expiry: state.map(|s| {
-            s.ca.not_after()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
+        root_cert_expiry: state.as_ref().map(|s| rfc3339(s.ca.root_not_after())),
+        intermediate_cert_expiry: state
+            .as_ref()
+            .and_then(|s| s.ca.intermediate_not_after())
+            .map(rfc3339),
+        root_rotation: state.as_ref().and_then(|s| {
+            s.root_rotation
+                .as_ref()
+                .map(|rotation| rotation.status(s.workload_ttl))
         }),
         connected_proxies,
         proxies_by_version,
@@ -391,6 +466,11 @@ async fn publish_status(
         )
         .await?;
     Ok(())
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Records an event on the Mesh. Written through the core `v1` Events API in `default`:
@@ -426,5 +506,28 @@ async fn publish_event(ctx: &Context, mesh: &Mesh, type_: EventType, reason: &st
     let events = Api::<CoreEvent>::namespaced(ctx.client.clone(), "default");
     if let Err(e) = events.create(&PostParams::default(), &event).await {
         warn!(error = %e, "could not publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_ttls_from_one_minute_up_are_accepted() {
+        let cases = [
+            ("2m", Some(120)),
+            ("1m", Some(60)),
+            ("24h", Some(86_400)),
+            ("59s", None),
+            ("0s", None),
+            ("forever", None),
+        ];
+        for (text, expected) in cases {
+            let got = workload_ttl(text).ok().map(|d| d.as_secs());
+            assert_eq!(got, expected, "{text}");
+        }
+        let err = workload_ttl("30s").unwrap_err().to_string();
+        assert!(err.contains("shorter than the minimum of 60s"), "{err}");
     }
 }

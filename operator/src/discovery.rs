@@ -1,5 +1,8 @@
-//! Discovery: reflectors over Services, EndpointSlices, Pods and PeerAuthentications (all
-//! namespaces), and a change counter that the config streams wait on. EndpointSlices are read as
+//! Discovery: reflectors over Services, EndpointSlices, Pods, PeerAuthentications,
+//! AuthorizationPolicies, VirtualServices, DestinationRules and ServiceEntries (all namespaces),
+//! and a change counter that the config streams wait on.
+//! AuthorizationPolicies are also checked for what Trellis cannot enforce, which is reported as
+//! Events (`crate::authorization::spawn_reporter`). EndpointSlices are read as
 //! `discovery.k8s.io/v1` where the server has it and as `v1beta1` otherwise (Kubernetes < 1.21),
 //! chosen by API discovery.
 
@@ -14,9 +17,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{info, warn};
-use trellis_api::PeerAuthentication;
+use trellis_api::networking::{DestinationRule, ServiceEntry, VirtualService};
+use trellis_api::{AuthorizationPolicy, PeerAuthentication};
 
 use crate::compile::ClusterState;
+use crate::traffic::TrafficResources;
 
 /// Read-only view of the cluster for compiling proxy config.
 #[derive(Clone)]
@@ -25,6 +30,10 @@ pub struct Discovery {
     endpoint_slices: Store<DynamicObject>,
     pods: Store<Pod>,
     peer_authentications: Store<PeerAuthentication>,
+    authorization_policies: Store<AuthorizationPolicy>,
+    virtual_services: Store<VirtualService>,
+    destination_rules: Store<DestinationRule>,
+    service_entries: Store<ServiceEntry>,
     changes: watch::Receiver<u64>,
 }
 
@@ -54,13 +63,43 @@ impl Discovery {
             changes_tx.clone(),
         );
         let pods = spawn_reflector(Api::<Pod>::all(client.clone()), (), changes_tx.clone());
-        let peer_authentications =
-            spawn_reflector(Api::<PeerAuthentication>::all(client), (), changes_tx);
+        let peer_authentications = spawn_reflector(
+            Api::<PeerAuthentication>::all(client.clone()),
+            (),
+            changes_tx.clone(),
+        );
+        let authorization_policies = spawn_reflector(
+            Api::<AuthorizationPolicy>::all(client.clone()),
+            (),
+            changes_tx.clone(),
+        );
+        let virtual_services = spawn_reflector(
+            Api::<VirtualService>::all(client.clone()),
+            (),
+            changes_tx.clone(),
+        );
+        let destination_rules = spawn_reflector(
+            Api::<DestinationRule>::all(client.clone()),
+            (),
+            changes_tx.clone(),
+        );
+        let service_entries =
+            spawn_reflector(Api::<ServiceEntry>::all(client.clone()), (), changes_tx);
+        crate::authorization::spawn_reporter(
+            client,
+            None,
+            authorization_policies.clone(),
+            changes.clone(),
+        );
         Self {
             services,
             endpoint_slices,
             pods,
             peer_authentications,
+            authorization_policies,
+            virtual_services,
+            destination_rules,
+            service_entries,
             changes,
         }
     }
@@ -72,6 +111,10 @@ impl Discovery {
         let _ = self.endpoint_slices.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
         let _ = self.peer_authentications.wait_until_ready().await;
+        let _ = self.authorization_policies.wait_until_ready().await;
+        let _ = self.virtual_services.wait_until_ready().await;
+        let _ = self.destination_rules.wait_until_ready().await;
+        let _ = self.service_entries.wait_until_ready().await;
     }
 
     pub fn changes(&self) -> watch::Receiver<u64> {
@@ -86,6 +129,20 @@ impl Discovery {
     /// Every PeerAuthentication in the cluster (all namespaces).
     pub fn peer_authentications(&self) -> Vec<Arc<PeerAuthentication>> {
         self.peer_authentications.state()
+    }
+
+    /// Every AuthorizationPolicy in the cluster (all namespaces).
+    pub fn authorization_policies(&self) -> Vec<Arc<AuthorizationPolicy>> {
+        self.authorization_policies.state()
+    }
+
+    /// Every VirtualService, DestinationRule and ServiceEntry in the cluster.
+    pub fn traffic_resources(&self) -> TrafficResources {
+        TrafficResources {
+            virtual_services: owned(self.virtual_services.state()),
+            destination_rules: owned(self.destination_rules.state()),
+            service_entries: owned(self.service_entries.state()),
+        }
     }
 
     pub fn snapshot(&self) -> ClusterState {

@@ -135,6 +135,12 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
+/// The pod's labels as a JSON object (`{}` without labels).
+fn pod_labels_json(pod: &Pod) -> String {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    serde_json::to_string(&labels).unwrap_or_else(|_| "{}".to_owned())
+}
+
 /// The workload a pod belongs to, as Istio's telemetry names it: the Deployment behind a
 /// ReplicaSet, the owning controller otherwise, the pod's own (generate) name when unowned.
 pub fn workload_name(pod: &Pod) -> String {
@@ -276,6 +282,9 @@ fn proxy_container(pod: &Pod, params: &InjectionParams) -> Container {
                 &mesh.certificates.rotation_percent.to_string(),
             ),
             env("WORKLOAD_NAME", &workload_name(pod)),
+            // The labels at injection (the pod's creation), for `sourceLabels` route matches;
+            // Istio's injector passed them the same way (ISTIO_METAJSON_LABELS).
+            env("TRELLIS_WORKLOAD_LABELS", &pod_labels_json(pod)),
         ]),
         ports: Some(vec![
             port("http-envoy-prom", METRICS_PORT),
@@ -623,7 +632,8 @@ mod tests {
 
     #[test]
     fn classic_sidecar_goes_first_with_init_container_and_hold() {
-        let pod = pod(json!({"traffic.sidecar.istio.io/excludeInboundPorts": "9090"}));
+        let mut pod = pod(json!({"traffic.sidecar.istio.io/excludeInboundPorts": "9090"}));
+        pod.metadata.labels = Some(labels(&[("app", "client"), ("version", "v1")]));
         let injected = inject(&pod, &params(Interception::InitContainer, false));
         let spec = injected.spec.unwrap();
         let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
@@ -669,6 +679,12 @@ mod tests {
             .filter_map(|e| e.value.map(|v| (e.name, v)))
             .collect();
         assert_eq!(env["SERVICE_ACCOUNT"], "client");
+        let source_labels: BTreeMap<String, String> =
+            serde_json::from_str(&env["TRELLIS_WORKLOAD_LABELS"]).unwrap();
+        assert_eq!(
+            source_labels,
+            labels(&[("app", "client"), ("version", "v1")])
+        );
         assert_eq!(
             env["TRELLIS_CONTROL_PLANE"],
             "https://trellis-operator.trellis-system.svc:15012"

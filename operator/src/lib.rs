@@ -1,8 +1,9 @@
 //! `trellis-operator`: the Trellis control plane. It reconciles the `Mesh` (CA, trust-bundle
 //! ConfigMaps, injector webhook configuration, status), runs the certificate authority and the
-//! config discovery stream on 15012, the sidecar injector on 15017, and prints the install
-//! manifest generated from its own types.
+//! config discovery stream on 15012, the sidecar injector and the validation of Istio's traffic
+//! resources on 15017, and prints the install manifest generated from its own types.
 
+pub mod authorization;
 pub mod ca;
 pub mod cni;
 pub mod compile;
@@ -18,4 +19,8 @@ pub mod manifests;
 pub mod metrics;
 pub mod peer_authentication;
 pub mod proxies;
+pub mod rate_limit;
+pub mod rotation;
+pub mod traffic;
+pub mod validation;
 pub mod webhook;

@@ -19,8 +19,10 @@ use trellis_api::wellknown::{CONTROL_PLANE_PORT, OPERATOR_NAME, OPERATOR_NAMESPA
 
 use trellis_operator::controller::{Context, MeshStateRx};
 use trellis_operator::metrics::Metrics;
+use trellis_operator::rate_limit::RateLimiter;
 use trellis_operator::{
-    cni, control_plane, controller, discovery, https, leader, manifests, proxies, webhook,
+    cni, control_plane, controller, discovery, https, leader, manifests, proxies, validation,
+    webhook,
 };
 
 #[derive(Parser)]
@@ -119,13 +121,19 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
         discovery: discovery.clone(),
         snapshots,
         proxies,
+        proxy_certificates: ctx.proxy_certificates.clone(),
         metrics: metrics.clone(),
         signing_permits: tokio::sync::Semaphore::new(control_plane::MAX_CONCURRENT_SIGNINGS),
+        certificate_rate: RateLimiter::new(
+            control_plane::CERTIFICATE_RATE,
+            control_plane::CERTIFICATE_RATE_PER_SOURCE,
+        ),
     });
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, CONTROL_PLANE_PORT)).await?;
     tokio::spawn(https::serve(
         listener,
         control_plane_tls,
+        https::Limits::control_plane(),
         move |req, peer| control_plane.clone().handle(req, peer),
     ));
 
@@ -136,10 +144,26 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
         native_sidecars,
         metrics: metrics.clone(),
     });
+    let validation = Arc::new(validation::Validation {
+        client: client.clone(),
+    });
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, WEBHOOK_PORT)).await?;
-    tokio::spawn(https::serve(listener, webhook_tls, move |req, peer| {
-        webhook.clone().handle(req, peer)
-    }));
+    tokio::spawn(https::serve(
+        listener,
+        webhook_tls,
+        https::Limits::webhook(),
+        move |req, peer| {
+            // One port, two admission webhooks: the injector and the traffic-rule validation.
+            let (webhook, validation) = (webhook.clone(), validation.clone());
+            async move {
+                if req.uri().path() == validation::VALIDATE_PATH {
+                    validation.handle(req, peer).await
+                } else {
+                    webhook.handle(req, peer).await
+                }
+            }
+        },
+    ));
 
     metrics.set_ready();
 

@@ -19,11 +19,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResourceExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use trellis_api::networking::{
+    self, DestinationRule, NETWORKING_GROUP, ServiceEntry, VirtualService,
+};
 use trellis_api::security::SECURITY_GROUP;
 use trellis_api::wellknown::{
     CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT,
 };
-use trellis_api::{Mesh, PeerAuthentication};
+use trellis_api::{AuthorizationPolicy, Mesh, PeerAuthentication};
 
 /// Port of the operator's own `/metrics`, `/healthz` and `/readyz`.
 pub const HEALTH_PORT: u16 = 8080;
@@ -75,6 +78,13 @@ fn cluster_role() -> ClusterRole {
             rule(&[""], &["pods"], &["get", "list", "watch", "delete"]),
             rule(&["discovery.k8s.io"], &["endpointslices"], READ),
             rule(&[SECURITY_GROUP], &["peerauthentications"], READ),
+            rule(&[SECURITY_GROUP], &["authorizationpolicies"], READ),
+            // Compiled into routes; the validating webhook reads a namespace's DestinationRules.
+            rule(
+                &[NETWORKING_GROUP],
+                &["virtualservices", "destinationrules", "serviceentries"],
+                READ,
+            ),
             // Published in every meshed namespace: the trust bundle proxies bootstrap with.
             rule(&[""], &["configmaps"], WRITE),
             rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
@@ -222,7 +232,16 @@ const PEER_AUTHENTICATION_EXTRA_VERSIONS: &[&str] = &["v1beta1"];
 
 /// `PeerAuthentication` (security.istio.io): `v1` stored, `v1beta1` served with the same schema.
 fn peer_authentication_crd() -> CustomResourceDefinition {
-    let mut crd = PeerAuthentication::crd();
+    with_extra_versions(PeerAuthentication::crd())
+}
+
+/// `AuthorizationPolicy` (security.istio.io): `v1` stored, `v1beta1` served with the same schema.
+fn authorization_policy_crd() -> CustomResourceDefinition {
+    with_extra_versions(AuthorizationPolicy::crd())
+}
+
+/// Adds [`PEER_AUTHENTICATION_EXTRA_VERSIONS`] (Istio's security versions) to a `v1` CRD.
+fn with_extra_versions(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     let stored = crd.spec.versions[0].clone();
     for name in PEER_AUTHENTICATION_EXTRA_VERSIONS {
         let mut version = stored.clone();
@@ -250,6 +269,11 @@ pub fn objects() -> Vec<serde_json::Value> {
         }),
         value(Mesh::crd()),
         value(peer_authentication_crd()),
+        value(authorization_policy_crd()),
+        // Istio's traffic resources: v1 stored, v1beta1 and v1alpha3 served with one schema.
+        value(networking::networking_crd::<VirtualService>()),
+        value(networking::networking_crd::<DestinationRule>()),
+        value(networking::networking_crd::<ServiceEntry>()),
         value(ServiceAccount {
             metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
             ..ServiceAccount::default()
@@ -326,6 +350,10 @@ mod tests {
                 "Namespace",
                 "CustomResourceDefinition",
                 "CustomResourceDefinition",
+                "CustomResourceDefinition",
+                "CustomResourceDefinition",
+                "CustomResourceDefinition",
+                "CustomResourceDefinition",
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
@@ -343,6 +371,99 @@ mod tests {
         assert_eq!(
             rendered.lines().filter(|l| *l == "---").count(),
             kinds.len()
+        );
+    }
+
+    #[test]
+    fn authorization_policy_serves_v1_and_v1beta1_and_the_operator_may_read_it() {
+        let crd = serde_json::to_value(authorization_policy_crd()).unwrap();
+        assert_eq!(
+            crd["metadata"]["name"],
+            "authorizationpolicies.security.istio.io"
+        );
+        let versions = crd["spec"]["versions"].as_array().unwrap();
+        let names: Vec<_> = versions
+            .iter()
+            .map(|v| (v["name"].clone(), v["storage"].clone()))
+            .collect();
+        assert_eq!(
+            names,
+            [("v1".into(), true.into()), ("v1beta1".into(), false.into())]
+        );
+        assert_eq!(versions[0]["schema"], versions[1]["schema"]);
+        let rules = serde_json::to_value(cluster_role()).unwrap()["rules"].clone();
+        let allowed = |resource: &str, verb: &str| {
+            rules.as_array().unwrap().iter().any(|r| {
+                r["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x == resource)
+                    && r["verbs"].as_array().unwrap().iter().any(|x| x == verb)
+            })
+        };
+        for verb in ["list", "watch"] {
+            assert!(allowed("authorizationpolicies", verb), "{verb}");
+        }
+        assert!(allowed("events", "create"), "Unsupported events");
+    }
+
+    #[test]
+    fn networking_crds_are_installed_and_the_operator_may_read_them() {
+        let names: Vec<_> = objects()
+            .iter()
+            .filter(|o| o["kind"] == "CustomResourceDefinition")
+            .filter(|o| o["spec"]["group"] == NETWORKING_GROUP)
+            .map(|o| {
+                let versions: Vec<_> = o["spec"]["versions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v["name"].as_str().unwrap().to_owned())
+                    .collect();
+                (o["metadata"]["name"].as_str().unwrap().to_owned(), versions)
+            })
+            .collect();
+        let versions = ["v1", "v1beta1", "v1alpha3"].map(str::to_owned).to_vec();
+        assert_eq!(
+            names,
+            [
+                (
+                    "virtualservices.networking.istio.io".to_owned(),
+                    versions.clone()
+                ),
+                (
+                    "destinationrules.networking.istio.io".to_owned(),
+                    versions.clone()
+                ),
+                ("serviceentries.networking.istio.io".to_owned(), versions),
+            ]
+        );
+        let rules = serde_json::to_value(cluster_role()).unwrap()["rules"].clone();
+        let rules = rules.as_array().unwrap();
+        assert!(
+            rules.iter().any(|r| {
+                r["apiGroups"] == serde_json::json!([NETWORKING_GROUP])
+                    && r["resources"]
+                        == serde_json::json!([
+                            "virtualservices",
+                            "destinationrules",
+                            "serviceentries"
+                        ])
+                    && r["verbs"] == serde_json::json!(["get", "list", "watch"])
+            }),
+            "the operator may list and watch the traffic resources"
+        );
+        assert!(
+            rules.iter().any(|r| {
+                r["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x == "validatingwebhookconfigurations")
+                    && r["verbs"].as_array().unwrap().iter().any(|x| x == "patch")
+            }),
+            "the operator may apply its ValidatingWebhookConfiguration"
         );
     }
 

@@ -122,6 +122,7 @@ pub fn resolve<'a>(
         inbound: InboundPolicy {
             mtls_mode: mode,
             port_mtls,
+            ..InboundPolicy::default()
         },
         undeclared_ports,
     }
@@ -262,6 +263,7 @@ mod tests {
         InboundPolicy {
             mtls_mode: mode,
             port_mtls: ports.iter().copied().collect(),
+            ..InboundPolicy::default()
         }
     }
 

@@ -34,30 +34,19 @@ impl Webhook {
         request: Request<Incoming>,
         _peer: Arc<Peer>,
     ) -> Response<Body> {
-        if request.method() != Method::POST || request.uri().path() != INJECT_PATH {
+        if request.uri().path() != INJECT_PATH {
             return https::error(StatusCode::NOT_FOUND, "no such endpoint");
+        }
+        if request.method() != Method::POST {
+            return https::method_not_allowed(&Method::POST);
         }
         let body = match https::read_body(request.into_body(), MAX_REVIEW_BYTES).await {
             Ok(body) => body,
             Err(response) => return response,
         };
-        let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
-            Ok(review) => review,
-            Err(e) => {
-                return https::error(
-                    StatusCode::BAD_REQUEST,
-                    format!("not an AdmissionReview: {e}"),
-                );
-            }
-        };
-        let admission: AdmissionRequest<DynamicObject> = match review.try_into() {
+        let admission = match decode_review(&body) {
             Ok(request) => request,
-            Err(e) => {
-                return https::error(
-                    StatusCode::BAD_REQUEST,
-                    format!("AdmissionReview without request: {e}"),
-                );
-            }
+            Err(e) => return https::error(StatusCode::BAD_REQUEST, e),
         };
         let response = self.review(&admission).await;
         let outcome = if !response.allowed {
@@ -82,7 +71,7 @@ impl Webhook {
         let Some(object) = &request.object else {
             return allow;
         };
-        let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+        let pod = match pod_from(object) {
             Ok(pod) => pod,
             Err(e) => return allow.deny(format!("trellis injector: object is not a Pod: {e}")),
         };
@@ -139,4 +128,19 @@ impl Webhook {
             }
         }
     }
+}
+
+/// Decodes an AdmissionReview body into its request. Pure (fuzzed by `fuzz/admission_review`):
+/// the body comes from whoever reaches 15017.
+pub fn decode_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    review
+        .try_into()
+        .map_err(|e| format!("AdmissionReview without request: {e}"))
+}
+
+/// The Pod an admission request carries (any object kind may arrive; only a Pod decodes).
+pub fn pod_from(object: &DynamicObject) -> Result<Pod, serde_json::Error> {
+    serde_json::to_value(object).and_then(serde_json::from_value)
 }

@@ -81,6 +81,12 @@ pub struct SidecarArgs {
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
+    /// The pod's labels as a JSON object (`{"app":"web","version":"v1"}`), written by the
+    /// injector from the pod it injects; VirtualService `sourceLabels` matches read them.
+    #[arg(long, env = "TRELLIS_WORKLOAD_LABELS", default_value = "{}",
+          value_parser = parse_labels)]
+    pub workload_labels: std::collections::BTreeMap<String, String>,
+
     /// Worker threads.
     #[arg(long, env = "TRELLIS_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,
@@ -103,6 +109,11 @@ pub struct SidecarArgs {
     #[arg(long, env = "TRELLIS_DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
 
+    /// Log every HTTP request as one JSON line on stdout (`--access-log false` turns it off).
+    #[arg(long, env = "TRELLIS_ACCESS_LOG", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub access_log: bool,
+
     /// Upstream connect timeout.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout_seconds: u64,
@@ -123,6 +134,11 @@ pub struct SidecarArgs {
     pub readiness_port: u16,
 }
 
+fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    serde_json::from_str(text)
+        .map_err(|e| format!("workload labels must be a JSON object of strings: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +154,42 @@ mod tests {
         };
         assert_eq!(args.outbound_port, 15001);
         assert_eq!(args.rotation_percent, 50);
+        assert!(args.access_log, "the access log is on by default");
+        let quiet = [
+            "trellis-proxy",
+            "sidecar",
+            "--config",
+            "c.json",
+            "--access-log",
+            "false",
+        ];
+        let Command::Sidecar(quiet) = Cli::try_parse_from(quiet).unwrap().command else {
+            panic!("parsed as another subcommand")
+        };
+        assert!(!quiet.access_log);
+        assert!(args.workload_labels.is_empty());
+        let labelled = [
+            "trellis-proxy",
+            "sidecar",
+            "--config",
+            "c.json",
+            "--workload-labels",
+            r#"{"app":"web","version":"v2"}"#,
+        ];
+        let Command::Sidecar(labelled) = Cli::try_parse_from(labelled).unwrap().command else {
+            panic!("parsed as another subcommand")
+        };
+        assert_eq!(labelled.workload_labels["version"], "v2");
+        let bad = [
+            "trellis-proxy",
+            "sidecar",
+            "--config",
+            "c.json",
+            "--workload-labels",
+            "app=web",
+        ];
+        let error = Cli::try_parse_from(bad).unwrap_err().to_string();
+        assert!(error.contains("JSON object"), "{error}");
         // A static certificate needs its key, and static mode.
         let static_tls = ["trellis-proxy", "sidecar", "--config", "c.json"];
         let with = |extra: &[&'static str]| {

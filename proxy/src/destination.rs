@@ -1,10 +1,8 @@
 //! What the config knows about a destination address: the service behind a VIP or endpoint
-//! address, whether `outboundTrafficPolicy` lets a connection to it through, and which endpoint
-//! a connection to a VIP goes to (round robin over the ready endpoints, per service port).
+//! address, and whether `outboundTrafficPolicy` lets a connection to it through. Which endpoint
+//! a connection or request then goes to is `crate::upstream`'s choice.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, PoisonError};
 
 use trellis_api::config::{Endpoint, ProxyConfig, Service, ServicePort};
 use trellis_api::mesh::OutboundTrafficMode;
@@ -59,45 +57,6 @@ pub fn outbound_allowed(config: &ProxyConfig, destination: Option<&Destination<'
     match config.outbound_traffic_policy {
         OutboundTrafficMode::AllowAny => true,
         OutboundTrafficMode::RegistryOnly => destination.is_some(),
-    }
-}
-
-/// Round robin over the ready endpoints of each service port.
-#[derive(Default)]
-pub struct RoundRobin {
-    /// Next pick per (service hostname, service port).
-    next: Mutex<HashMap<(String, u16), usize>>,
-}
-
-impl RoundRobin {
-    /// The endpoint a connection to `destination` goes to, and its address: the endpoint the
-    /// application dialled itself, else the next ready endpoint of the service port. `None`
-    /// when the service port has no ready endpoint.
-    pub fn pick<'a>(&self, destination: &Destination<'a>) -> Option<(&'a Endpoint, SocketAddr)> {
-        let target_port = destination.port.target_port;
-        if let Some(endpoint) = destination.endpoint {
-            return Some((endpoint, SocketAddr::new(endpoint.address, target_port)));
-        }
-        let ready: Vec<&Endpoint> = destination
-            .service
-            .endpoints
-            .iter()
-            .filter(|e| e.ready)
-            .collect();
-        if ready.is_empty() {
-            return None;
-        }
-        let turn = {
-            let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
-            let counter = next
-                .entry((destination.hostname().to_owned(), destination.port.port))
-                .or_default();
-            let turn = *counter;
-            *counter = counter.wrapping_add(1);
-            turn
-        };
-        let endpoint = ready[turn % ready.len()];
-        Some((endpoint, SocketAddr::new(endpoint.address, target_port)))
     }
 }
 
@@ -157,65 +116,6 @@ mod tests {
         assert_eq!(
             found.endpoint.and_then(|e| e.identity.as_deref()),
             Some("spiffe://cluster.local/ns/default/sa/reviews")
-        );
-    }
-
-    fn balanced() -> ProxyConfig {
-        ProxyConfig::from_json(
-            br#"{"version":"1","services":[{
-                "hostnames":["ratings.default.svc.cluster.local"],"namespace":"default",
-                "vips":["10.96.0.30"],
-                "ports":[{"name":"http","port":80,"targetPort":8080,"protocol":"http"},
-                         {"name":"grpc","port":81,"targetPort":9090,"protocol":"grpc"}],
-                "endpoints":[
-                  {"address":"10.244.0.1","ready":true,"meshed":true},
-                  {"address":"10.244.0.2","ready":false,"meshed":true},
-                  {"address":"10.244.0.3","ready":true,"meshed":false}]},
-              {"hostnames":["down.default.svc.cluster.local"],"namespace":"default",
-                "vips":["10.96.0.31"],
-                "ports":[{"name":"http","port":80,"targetPort":8080,"protocol":"http"}],
-                "endpoints":[{"address":"10.244.0.9","ready":false,"meshed":true}]}]}"#,
-        )
-        .unwrap()
-    }
-
-    fn picks(config: &ProxyConfig, balancer: &RoundRobin, dst: &str, n: usize) -> Vec<String> {
-        let found = lookup(config, dst.parse().unwrap()).unwrap();
-        (0..n)
-            .map(|_| {
-                balancer
-                    .pick(&found)
-                    .map_or("none".to_owned(), |(_, addr)| addr.to_string())
-            })
-            .collect()
-    }
-
-    #[test]
-    fn round_robin_skips_unready_endpoints_per_service_port() {
-        let config = balanced();
-        let balancer = RoundRobin::default();
-        assert_eq!(
-            picks(&config, &balancer, "10.96.0.30:80", 3),
-            ["10.244.0.1:8080", "10.244.0.3:8080", "10.244.0.1:8080"]
-        );
-        // Another port of the same service has its own turn and its own target port.
-        assert_eq!(
-            picks(&config, &balancer, "10.96.0.30:81", 2),
-            ["10.244.0.1:9090", "10.244.0.3:9090"]
-        );
-        assert_eq!(
-            picks(&config, &balancer, "10.96.0.30:80", 1),
-            ["10.244.0.3:8080"]
-        );
-        // No ready endpoint: nothing to connect to.
-        assert_eq!(
-            picks(&config, &balancer, "10.96.0.31:80", 2),
-            ["none", "none"]
-        );
-        // An endpoint dialled directly is used as is, ready or not.
-        assert_eq!(
-            picks(&config, &balancer, "10.244.0.2:9090", 2),
-            ["10.244.0.2:9090", "10.244.0.2:9090"]
         );
     }
 }

@@ -2,9 +2,14 @@
 //! forwarded to the application from source 127.0.0.6 (which the capture rules exempt).
 //!
 //! The first bytes of each connection are peeked to tell a sidecar's mutual TLS (a ClientHello
-//! offering the mesh ALPN) from anything else; the port's PeerAuthentication mode then decides
+//! offering a mesh ALPN) from anything else; the port's PeerAuthentication mode then decides
 //! (see [`decide`]). Mesh TLS is terminated with the workload certificate and a client
-//! certificate verified against the trust bundle; everything else is forwarded untouched.
+//! certificate verified against the trust bundle.
+//!
+//! What the (decrypted) stream then carries decides who serves it: HTTP (the mesh HTTP/2 ALPN,
+//! a port a local service declares `http`/`http2`/`grpc`, or, with no declaration, HTTP first
+//! bytes) goes to [`crate::l7::inbound`]; everything else is forwarded to the application
+//! untouched.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,11 +18,13 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 use trellis_api::SpiffeId;
-use trellis_api::config::{PeerAuthenticationMode, ProxyConfig};
+use trellis_api::config::{MESH_H2_ALPN, PeerAuthenticationMode, Protocol, ProxyConfig};
 
+use crate::authz;
 use crate::capture::{self, CaptureListener};
 use crate::destination;
 use crate::forward;
+use crate::l7::{self, rewind::Rewind};
 use crate::metrics::{MUTUAL_TLS, PLAINTEXT, TcpLabels, flags};
 use crate::mtls;
 use crate::sniff::{self, Detected};
@@ -90,7 +97,21 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
             info!(%peer, %dst, ?mode, ?detected, "connection without mesh mutual TLS refused (STRICT)");
         }
         Action::Forward => {
-            if let Some(app) = connect_app(&state, &labels, peer, dst).await {
+            let declared = declared_protocol(&config, dst);
+            if plaintext_is_http(declared, detected, &stream).await {
+                let http = l7::inbound::Connection {
+                    state: state.clone(),
+                    peer,
+                    dst,
+                    labels,
+                    peer_principal: None,
+                    sni: None,
+                    declared,
+                };
+                http.serve(stream).await;
+            } else if authz::admit_tcp(&state, &labels, peer, dst, None, None)
+                && let Some(app) = connect_app(&state, &labels, peer, dst).await
+            {
                 capture::serve(&state, labels, stream, app, peer, dst).await;
             }
         }
@@ -98,9 +119,32 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
     }
 }
 
+/// The protocol a local service port declares for `dst` (the workload's address and port).
+fn declared_protocol(config: &ProxyConfig, dst: SocketAddr) -> Option<Protocol> {
+    destination::lookup(config, dst).map(|found| found.port.protocol)
+}
+
+/// Whether a plaintext connection carries HTTP: as declared, else as its first bytes say. A
+/// connection already found silent is opaque without waiting again.
+async fn plaintext_is_http(
+    declared: Option<Protocol>,
+    detected: Option<Detected>,
+    stream: &TcpStream,
+) -> bool {
+    if let Some(protocol) = declared {
+        return l7::is_http(protocol);
+    }
+    if detected == Some(Detected::Silent) {
+        return false;
+    }
+    sniff::detect_protocol(stream)
+        .await
+        .is_ok_and(sniff::Sniffed::is_http)
+}
+
 /// Mesh TLS: handshake with a verified client certificate, then the decrypted stream to the app.
 async fn terminate(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
     config: &ProxyConfig,
     mut labels: TcpLabels,
     stream: TcpStream,
@@ -142,9 +186,39 @@ async fn terminate(
     if let Ok(id) = peer_id.parse::<SpiffeId>() {
         labels.source_workload_namespace = id.namespace;
     }
-    labels.source_principal = peer_id;
+    labels.source_principal = peer_id.clone();
     debug!(%peer, %dst, source_principal = labels.source_principal, "mesh mutual TLS accepted");
-    if let Some(app) = connect_app(state, &labels, peer, dst).await {
+    let declared = declared_protocol(config, dst);
+    let mesh_http = stream.get_ref().1.alpn_protocol() == Some(MESH_H2_ALPN);
+    let sni = stream.get_ref().1.server_name().map(str::to_owned);
+    let mut stream = stream;
+    // Bytes read to sniff an undeclared port are replayed in front of the stream.
+    let (http, prefix) = match declared {
+        _ if mesh_http => (true, Vec::new()),
+        Some(protocol) => (l7::is_http(protocol), Vec::new()),
+        None => match sniff::read_protocol(&mut stream).await {
+            Ok((sniffed, prefix)) => (sniffed.is_http(), prefix),
+            Err(e) => {
+                debug!(%peer, %dst, error = %e, "mesh connection failed before its first bytes");
+                return;
+            }
+        },
+    };
+    let stream = Rewind::new(prefix, stream);
+    if http {
+        let http = l7::inbound::Connection {
+            state: state.clone(),
+            peer,
+            dst,
+            labels,
+            peer_principal: Some(peer_id),
+            sni,
+            declared,
+        };
+        http.serve(stream).await;
+    } else if authz::admit_tcp(state, &labels, peer, dst, Some(&peer_id), sni.as_deref())
+        && let Some(app) = connect_app(state, &labels, peer, dst).await
+    {
         capture::serve(state, labels, stream, app, peer, dst).await;
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod app_probe;
+pub mod authz;
 pub mod capture;
 pub mod cli;
 pub mod config_file;
@@ -20,13 +21,17 @@ pub mod forward;
 pub mod http_server;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
 pub mod logging;
 pub mod metrics;
 pub mod mtls;
 pub mod orig_dst;
 pub mod outbound;
+pub mod path;
 pub mod readiness;
+pub mod route;
 pub mod sidecar;
 pub mod sniff;
 pub mod state;
+pub mod upstream;
 pub mod wait_ready;

@@ -1,8 +1,12 @@
-//! Istio-standard TCP metrics (`istio_tcp_*`) in the Prometheus/OpenMetrics text format.
+//! Istio-standard metrics in the Prometheus/OpenMetrics text format: TCP (`istio_tcp_*`) for
+//! opaque connections, requests (`istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes`) for HTTP.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::forward::ByteCounters;
@@ -22,6 +26,25 @@ pub mod flags {
     /// The downstream's mutual TLS handshake failed (untrusted or missing client certificate,
     /// no SPIFFE ID, timeout).
     pub const DOWNSTREAM_PROTOCOL_ERROR: &str = "DPE";
+    /// The upstream reset or closed the connection before a complete response.
+    pub const UPSTREAM_CONNECTION_TERMINATION: &str = "UC";
+    /// The downstream went away before the response was complete.
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: &str = "DC";
+    /// Denied by an AuthorizationPolicy.
+    pub const RBAC: &str = "RBAC";
+    /// The route's timeout (or the last per-try timeout) passed before a response.
+    pub const UPSTREAM_REQUEST_TIMEOUT: &str = "UT";
+    /// Every retry the route allows was used and the last try failed too.
+    pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: &str = "URX";
+    /// A route's fault injection delayed the request.
+    pub const DELAY_INJECTED: &str = "DI";
+    /// A route's fault injection aborted the request.
+    pub const FAULT_INJECTED: &str = "FI";
+    /// A route's destination names a host the proxy has no service for.
+    pub const NO_CLUSTER_FOUND: &str = "NC";
+    /// A cluster's circuit breaker (DestinationRule `connectionPool` limit) refused the
+    /// request or connection.
+    pub const UPSTREAM_OVERFLOW: &str = "UO";
 }
 
 /// `connection_security_policy` values.
@@ -75,12 +98,80 @@ impl TcpLabels {
     }
 }
 
+/// Istio's standard request labels: the connection's, plus what the response was.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub connection: TcpLabels,
+    pub response_code: String,
+    /// `grpc-status` of a gRPC response (trailers, or headers of a trailers-only response);
+    /// empty for other requests, as Istio reports it.
+    pub grpc_response_status: String,
+}
+
+/// Envoy's default histogram buckets, which Istio's request histograms use (milliseconds for
+/// the duration, bytes for the sizes).
+pub const ISTIO_BUCKETS: [f64; 19] = [
+    0.5,
+    1.0,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1_000.0,
+    2_500.0,
+    5_000.0,
+    10_000.0,
+    30_000.0,
+    60_000.0,
+    300_000.0,
+    600_000.0,
+    1_800_000.0,
+    3_600_000.0,
+];
+
+/// Builds the histograms of a [`Family`] with [`ISTIO_BUCKETS`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IstioBuckets;
+
+impl MetricConstructor<Histogram> for IstioBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(ISTIO_BUCKETS)
+    }
+}
+
+type Histograms = Family<RequestLabels, Histogram, IstioBuckets>;
+
+/// The AuthorizationPolicy (`<namespace>.<name>`, or `none`) that denied.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+/// One finished HTTP request, as counted.
+#[derive(Clone, Debug)]
+pub struct RequestSample {
+    pub labels: RequestLabels,
+    pub duration_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
 pub struct Metrics {
     registry: Registry,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histograms,
+    request_bytes: Histograms,
+    response_bytes: Histograms,
+    authorization_denied: Family<PolicyLabels, Counter>,
+    upstream: UpstreamMetrics,
 }
 
 impl Default for Metrics {
@@ -116,13 +207,75 @@ impl Metrics {
             "Total bytes received during request in case of a TCP connection",
             received.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Histograms::new_with_constructor(IstioBuckets);
+        let request_bytes = Histograms::new_with_constructor(IstioBuckets);
+        let response_bytes = Histograms::new_with_constructor(IstioBuckets);
+        registry.register("istio_requests", "Total requests", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Duration of requests, from the first request byte to the last response byte",
+            duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Size of request bodies",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Size of response bodies",
+            response_bytes.clone(),
+        );
+        let authorization_denied = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "trellis_authorization_denied",
+            "Connections and requests denied by an AuthorizationPolicy",
+            authorization_denied.clone(),
+        );
+        let upstream = UpstreamMetrics::register(&mut registry);
         Self {
             registry,
+            upstream,
             opened,
             closed,
             sent,
             received,
+            authorization_denied,
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
         }
+    }
+
+    /// The per-cluster metrics, for `crate::upstream`.
+    pub fn upstream(&self) -> UpstreamMetrics {
+        self.upstream.clone()
+    }
+
+    /// Counts a connection or request denied by `policy`.
+    pub fn count_denied(&self, policy: &str) {
+        self.authorization_denied
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one finished HTTP request.
+    pub fn record_request(&self, sample: &RequestSample) {
+        let labels = &sample.labels;
+        self.requests.get_or_create(labels).inc();
+        self.duration
+            .get_or_create(labels)
+            .observe(sample.duration_ms);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(sample.request_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(sample.response_bytes as f64);
     }
 
     /// Counts a connection as opened; it is counted as closed when the guard drops.
@@ -142,6 +295,75 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A cluster (`outbound|port|subset|host`, as Istio names Envoy clusters).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+/// A cluster and the `connectionPool` limit that overflowed (Envoy's circuit-breaker name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub cluster: String,
+    pub limit: String,
+}
+
+/// Outlier detection and circuit breaking, per cluster: `trellis_outlier_ejections_total`,
+/// `trellis_outlier_ejections_active`, `trellis_upstream_overflow_total`.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamMetrics {
+    ejections: Family<ClusterLabels, Counter>,
+    ejected: Family<ClusterLabels, Gauge>,
+    overflows: Family<OverflowLabels, Counter>,
+}
+
+impl UpstreamMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "trellis_outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            metrics.ejections.clone(),
+        );
+        registry.register(
+            "trellis_outlier_ejections_active",
+            "Endpoints currently ejected by outlier detection",
+            metrics.ejected.clone(),
+        );
+        registry.register(
+            "trellis_upstream_overflow",
+            "Requests and connections refused by a cluster's connection-pool limits",
+            metrics.overflows.clone(),
+        );
+        metrics
+    }
+
+    pub fn count_ejection(&self, cluster: &str) {
+        self.ejections
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn set_ejected(&self, cluster: &str, ejected: usize) {
+        self.ejected
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_owned(),
+            })
+            .set(i64::try_from(ejected).unwrap_or(i64::MAX));
+    }
+
+    pub fn count_overflow(&self, cluster: &str, limit: &str) {
+        self.overflows
+            .get_or_create(&OverflowLabels {
+                cluster: cluster.to_owned(),
+                limit: limit.to_owned(),
+            })
+            .inc();
     }
 }
 
@@ -190,6 +412,66 @@ mod tests {
         assert!(
             text.lines()
                 .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with(" 1"))
+        );
+    }
+
+    #[test]
+    fn request_metrics_carry_istio_labels_and_buckets() {
+        let metrics = Metrics::new();
+        let mut connection = TcpLabels::unknown("destination")
+            .with_service("reviews.default.svc.cluster.local", "default");
+        connection.request_protocol = "grpc".into();
+        let sample = RequestSample {
+            labels: RequestLabels {
+                connection,
+                response_code: "200".into(),
+                grpc_response_status: "5".into(),
+            },
+            duration_ms: 7.0,
+            request_bytes: 3,
+            response_bytes: 2_000,
+        };
+        metrics.record_request(&sample);
+        metrics.record_request(&sample);
+        let text = metrics.encode();
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+                .to_owned()
+        };
+        let total = line("istio_requests_total{");
+        assert!(total.ends_with("} 2"), "{total}");
+        for label in [
+            "reporter=\"destination\"",
+            "request_protocol=\"grpc\"",
+            "response_code=\"200\"",
+            "grpc_response_status=\"5\"",
+            "response_flags=\"-\"",
+            "destination_service_name=\"reviews\"",
+        ] {
+            assert!(total.contains(label), "{label} missing from {total}");
+        }
+        let bucket = |le: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("istio_request_duration_milliseconds_bucket{")
+                        && l.contains(&format!("le=\"{le}\""))
+                })
+                .unwrap_or_else(|| panic!("no bucket {le} in {text}"))
+                .to_owned()
+        };
+        // 7 ms falls in the 10 ms bucket, not the 5 ms one.
+        assert!(bucket("5.0").ends_with(" 0"), "{}", bucket("5.0"));
+        assert!(bucket("10.0").ends_with(" 2"), "{}", bucket("10.0"));
+        assert!(line("istio_response_bytes_sum{").ends_with(" 4000.0"));
+        assert!(line("istio_request_bytes_count{").ends_with(" 2"));
+
+        metrics.count_denied("shop.deny-admin");
+        let text = metrics.encode();
+        assert!(
+            text.contains("trellis_authorization_denied_total{policy=\"shop.deny-admin\"} 1"),
+            "{text}"
         );
     }
 }

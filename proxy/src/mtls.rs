@@ -1,4 +1,5 @@
-//! Mutual TLS between sidecars: TLS 1.3 only, ALPN [`MESH_ALPN`], the workload certificate on
+//! Mutual TLS between sidecars: TLS 1.3 only, ALPN [`MESH_ALPN`] (opaque TCP) or
+//! [`MESH_H2_ALPN`] (HTTP/2, see `crate::l7`), the workload certificate on
 //! both sides. A server is verified against the trust bundle and must present the SPIFFE ID the
 //! config names for the endpoint (never a DNS name); a client is verified against the trust
 //! bundle and must carry a SPIFFE ID, which becomes the connection's source principal.
@@ -23,7 +24,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use trellis_api::SpiffeId;
-use trellis_api::config::{MESH_ALPN, ProxyConfig};
+use trellis_api::config::{MESH_ALPN, MESH_H2_ALPN, ProxyConfig};
 
 use crate::identity::{self, Identity};
 
@@ -76,7 +77,8 @@ impl MeshTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
             .context("workload certificate as server certificate")?;
-        server.alpn_protocols = vec![MESH_ALPN.to_vec()];
+        // The server's order decides: HTTP between sidecars when the client offers it.
+        server.alpn_protocols = vec![MESH_H2_ALPN.to_vec(), MESH_ALPN.to_vec()];
         Ok(Self {
             identity,
             config_bundle: config_bundle.to_vec(),
@@ -316,7 +318,12 @@ pub(crate) mod tests {
         }
 
         pub fn identity(&self, uri: &str) -> Arc<Identity> {
-            let (cert_chain, key) = self.leaf(uri, -1, 1);
+            self.identity_valid(uri, -1, 1)
+        }
+
+        /// An identity whose certificate is valid from `from` to `until` days around now.
+        pub fn identity_valid(&self, uri: &str, from: i64, until: i64) -> Arc<Identity> {
+            let (cert_chain, key) = self.leaf(uri, from, until);
             Arc::new(Identity {
                 spiffe_id: uri.parse().unwrap(),
                 cert_chain,
@@ -324,6 +331,7 @@ pub(crate) mod tests {
                 trust_bundle: vec![self.der.clone()],
                 not_before: 0,
                 not_after: 0,
+                received: std::time::SystemTime::now(),
             })
         }
     }
@@ -462,6 +470,75 @@ pub(crate) mod tests {
         assert!(err.contains("UnknownIssuer"), "{err}");
     }
 
+    /// During a root rotation the bundle holds the old and the new root: sidecars with
+    /// certificates from either root authenticate each other, in both directions, while a
+    /// certificate from a third root or an expired one is still refused.
+    #[tokio::test]
+    async fn a_two_root_bundle_accepts_both_roots_and_nothing_else() {
+        let old = Ca::new("old root");
+        let new = Ca::new("new root");
+        let both = [old.pem.clone(), new.pem.clone()];
+        let server_old = MeshTls::new(old.identity(SERVER), &both).unwrap();
+        let server_new = MeshTls::new(new.identity(SERVER), &both).unwrap();
+        let client_old = MeshTls::new(old.identity(CLIENT), &both).unwrap();
+        let client_new = MeshTls::new(new.identity(CLIENT), &both).unwrap();
+        for (name, server, client) in [
+            ("old client to new server", &server_new, &client_old),
+            ("new client to old server", &server_old, &client_new),
+            ("new to new", &server_new, &client_new),
+            ("old to old", &server_old, &client_old),
+        ] {
+            let (reply, served) = handshake(server, client, SERVER).await;
+            assert_eq!(reply.unwrap(), b"pong", "{name}");
+            assert_eq!(served.unwrap().0, CLIENT, "{name}");
+        }
+
+        // Once the old root is removed, its certificates are refused on both sides.
+        let new_only = std::slice::from_ref(&new.pem);
+        let strict_server = MeshTls::new(new.identity(SERVER), new_only).unwrap();
+        let strict_client = MeshTls::new(new.identity(CLIENT), new_only).unwrap();
+        let (_, served) = handshake(&strict_server, &client_old, SERVER).await;
+        let err = format!("{:#}", served.unwrap_err());
+        assert!(
+            err.contains("UnknownIssuer"),
+            "old client after removal: {err}"
+        );
+        let (reply, _) = handshake(&server_old, &strict_client, SERVER).await;
+        let err = format!("{:#}", reply.unwrap_err());
+        assert!(
+            err.contains("UnknownIssuer"),
+            "old server after removal: {err}"
+        );
+
+        // A third root is refused even by a two-root bundle.
+        let foreign = MeshTls::new(Ca::new("foreign root").identity(CLIENT), &both).unwrap();
+        let (_, served) = handshake(&server_new, &foreign, SERVER).await;
+        let err = format!("{:#}", served.unwrap_err());
+        assert!(err.contains("UnknownIssuer"), "foreign client: {err}");
+    }
+
+    #[tokio::test]
+    async fn expired_peer_certificates_are_refused_on_both_sides() {
+        let ca = Ca::new("mesh root");
+        let bundle = std::slice::from_ref(&ca.pem);
+        let server = MeshTls::new(ca.identity(SERVER), bundle).unwrap();
+        let client = MeshTls::new(ca.identity(CLIENT), bundle).unwrap();
+        let expired_client = MeshTls::new(ca.identity_valid(CLIENT, -3, -1), bundle).unwrap();
+        let (_, served) = handshake(&server, &expired_client, SERVER).await;
+        let err = format!("{:#}", served.unwrap_err());
+        assert!(err.contains("certificate expired"), "expired client: {err}");
+
+        let expired_server = MeshTls::new(ca.identity_valid(SERVER, -3, -1), bundle).unwrap();
+        let (reply, _) = handshake(&expired_server, &client, SERVER).await;
+        let err = format!("{:#}", reply.unwrap_err());
+        assert!(err.contains("certificate expired"), "expired server: {err}");
+
+        let not_yet = MeshTls::new(ca.identity_valid(CLIENT, 1, 3), bundle).unwrap();
+        let (_, served) = handshake(&server, &not_yet, SERVER).await;
+        let err = format!("{:#}", served.unwrap_err());
+        assert!(err.contains("not valid yet"), "not yet valid client: {err}");
+    }
+
     #[test]
     fn the_cache_follows_the_certificate_and_the_bundle() {
         let ca = Ca::new("mesh root");
@@ -488,6 +565,7 @@ pub(crate) mod tests {
             trust_bundle: Vec::new(),
             not_before: 0,
             not_after: 0,
+            received: std::time::SystemTime::now(),
         });
         assert!(
             cache.get(&nothing, &config).is_err(),

@@ -3,6 +3,14 @@
 //! robin, one to an endpoint's address to that endpoint; either way with mutual TLS when the
 //! endpoint is meshed. Anything else is passed through to its original destination
 //! (`ALLOW_ANY`) or refused (`REGISTRY_ONLY`).
+//!
+//! A VIP whose service port has a VirtualService follows its `tls` routes (by the ClientHello's
+//! SNI, see [`sni`]) and `tcp` routes: the chosen weighted destination's cluster gives the
+//! endpoint.
+//!
+//! HTTP connections (the service port declares `http`, `http2` or `grpc`; or, with no declared
+//! protocol, the first bytes are HTTP) are handed to [`crate::l7::outbound`], which chooses the
+//! endpoint per request instead; everything else is relayed as opaque TCP here.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,10 +22,14 @@ use trellis_api::config::{Endpoint, ProxyConfig};
 
 use crate::capture::{self, CaptureListener};
 use crate::destination::{self, Destination};
-use crate::forward;
 use crate::metrics::{MUTUAL_TLS, PLAINTEXT, TcpLabels, flags};
 use crate::mtls::{self, MeshTls};
+use crate::route::{ConnectionAttributes, Target};
 use crate::state::ProxyState;
+use crate::upstream::{PickError, Picked};
+use crate::{forward, l7, route, sniff};
+
+mod sni;
 
 pub struct Outbound(CaptureListener);
 
@@ -46,17 +58,51 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         info!(%peer, %dst, "outbound destination not in the registry, closing (REGISTRY_ONLY)");
         return;
     }
-    let (upstream, endpoint) = match &found {
-        None => (dst, None),
-        Some(found) => match state.balancer.pick(found) {
-            Some((endpoint, addr)) => (addr, Some(endpoint)),
+    if is_http(found.as_ref(), &stream).await {
+        l7::outbound::serve(state, stream, peer, dst).await;
+        return;
+    }
+    let target = match &found {
+        None => None,
+        Some(found) => match l4_target(&state, &config, found, dst, &stream).await {
+            Ok(target) => Some(target),
+            Err(host) => {
+                capture::count_refused(&state, labels, flags::NO_CLUSTER_FOUND);
+                info!(%peer, %dst, host, "route destination has no service, closing");
+                return;
+            }
+        },
+    };
+    if let Some(target) = &target {
+        let hostname = target.service.hostnames.first().map_or("", String::as_str);
+        labels = labels.with_service(hostname, &target.service.namespace);
+        labels.destination_workload_namespace = target.service.namespace.clone();
+    }
+    let picked = match (&found, &target) {
+        (Some(found), Some(target)) => match pick_tcp(&state, target, found, dst) {
+            Some(picked) => Some(picked),
             None => {
                 capture::count_refused(&state, labels, flags::NO_HEALTHY_UPSTREAM);
                 info!(%peer, %dst, service = found.hostname(), "no ready endpoint, closing");
                 return;
             }
         },
+        _ => None,
     };
+    // Held for the connection's life: it counts against the cluster's `tcp.maxConnections`.
+    let _admitted = match picked.as_ref().map(Picked::admit_connection).transpose() {
+        Ok(admitted) => admitted,
+        Err(overflow) => {
+            capture::count_refused(&state, labels, flags::UPSTREAM_OVERFLOW);
+            info!(%peer, %dst, %overflow, "connection limit reached, closing");
+            return;
+        }
+    };
+    let upstream = picked.as_ref().map_or(dst, |p| p.addr);
+    let endpoint = picked.as_ref().and_then(|p| p.endpoint);
+    let connect_timeout = picked
+        .as_ref()
+        .map_or(state.connect_timeout, Picked::connect_timeout);
 
     let mesh = match mesh_peer(&state, &config, endpoint, upstream.port()) {
         Ok(mesh) => mesh,
@@ -66,7 +112,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
             return;
         }
     };
-    let tcp = match forward::connect(upstream, None, state.connect_timeout).await {
+    let tcp = match forward::connect(upstream, None, connect_timeout).await {
         Ok(tcp) => tcp,
         Err(e) => {
             capture::count_refused(&state, labels, flags::UPSTREAM_FAILURE);
@@ -82,13 +128,16 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
     labels.source_principal = tls.local_id().to_string();
     labels.destination_principal = peer_id.to_owned();
     labels.connection_security_policy = MUTUAL_TLS.into();
-    let hostname = found.as_ref().map_or("", Destination::hostname);
+    let hostname = target
+        .as_ref()
+        .and_then(|t| t.service.hostnames.first())
+        .map_or("", String::as_str);
     let handshake = async {
         let connector = tls.connector(peer_id)?;
         let name = mtls::server_name(hostname);
         anyhow::Ok(connector.connect(name, tcp).await?)
     };
-    match tokio::time::timeout(state.connect_timeout, handshake).await {
+    match tokio::time::timeout(connect_timeout, handshake).await {
         Ok(Ok(tls_stream)) => {
             debug!(%peer, %upstream, peer_id, "mutual TLS established");
             capture::serve(&state, labels, stream, tls_stream, peer, upstream).await;
@@ -104,11 +153,99 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
     }
 }
 
+/// The cluster an opaque connection to `found` goes to. For a VIP with a VirtualService: the
+/// first `tls` route whose `sniHosts` match the ClientHello's server name (peeked, only when the
+/// table has TLS routes), else the first matching `tcp` route (port, destinationSubnets,
+/// sourceLabels), a weighted destination drawn per connection; without a matching route, the
+/// service port itself. Err: the chosen destination's host has no service.
+async fn l4_target<'a>(
+    state: &ProxyState,
+    config: &'a ProxyConfig,
+    found: &Destination<'a>,
+    dst: SocketAddr,
+    stream: &TcpStream,
+) -> Result<Target<'a>, String> {
+    let default = route::default_target(config, found);
+    let Some(table) = route::route_table(config, found).filter(|_| found.endpoint.is_none()) else {
+        return Ok(default);
+    };
+    let connection = ConnectionAttributes {
+        destination_ip: dst.ip(),
+        port: found.port.port,
+        source_labels: &state.workload.labels,
+        source_namespace: &state.workload.namespace,
+    };
+    let mut destinations = None;
+    if !table.tls.is_empty() {
+        match sni::peek(stream).await {
+            Ok(Some(name)) => {
+                destinations =
+                    route::match_tls(config, found, &name, &connection).map(|r| &r.route);
+                debug!(
+                    sni = name,
+                    matched = destinations.is_some(),
+                    "TLS route lookup"
+                );
+            }
+            Ok(None) => debug!("no server name in the first bytes: TLS routes skipped"),
+            Err(e) => debug!(error = %e, "connection failed before its ClientHello"),
+        }
+    }
+    let destinations =
+        destinations.or_else(|| route::match_tcp(config, found, &connection).map(|r| &r.route));
+    let Some(chosen) = destinations.and_then(|d| route::pick_weighted(d, rand::random())) else {
+        return Ok(default);
+    };
+    route::resolve_target(
+        config,
+        &chosen.host,
+        &chosen.subset,
+        chosen.port,
+        found.port.port,
+    )
+    .ok_or_else(|| chosen.host.clone())
+}
+
+/// The endpoint of an opaque TCP connection to `target`'s cluster, by its load balancer
+/// (outlier ejections apply); the endpoint itself when the application dialled one or the
+/// policy is `PASSTHROUGH`. `None`: no healthy endpoint.
+fn pick_tcp<'a>(
+    state: &ProxyState,
+    target: &Target<'a>,
+    found: &Destination<'a>,
+    dst: SocketAddr,
+) -> Option<Picked<'a>> {
+    if found.endpoint.is_some() {
+        return Some(state.upstreams.passthrough(target, dst));
+    }
+    match state.upstreams.pick(target, None, &[]) {
+        Ok(picked) => Some(picked),
+        Err(PickError::Passthrough(_)) => Some(state.upstreams.passthrough(target, dst)),
+        Err(PickError::NoHealthyUpstream(_)) => None,
+    }
+}
+
+/// Whether the connection carries HTTP: as the matched service port declares, else as its
+/// first bytes say (opaque when the application stays silent, so a server-speaks-first
+/// protocol is only delayed by the detection timeout).
+async fn is_http(found: Option<&Destination<'_>>, stream: &TcpStream) -> bool {
+    if let Some(found) = found {
+        return l7::is_http(found.port.protocol);
+    }
+    match sniff::detect_protocol(stream).await {
+        Ok(sniffed) => sniffed.is_http(),
+        Err(e) => {
+            debug!(error = %e, "outbound connection failed before its first bytes");
+            false
+        }
+    }
+}
+
 /// The TLS settings and the SPIFFE ID to require when `endpoint` is meshed and has an identity;
 /// `None` for plain TCP: to non-meshed endpoints, to ports the endpoint's PeerAuthentication
 /// sets to DISABLE (Istio's auto mTLS), and from a proxy that holds no certificate (static mode
 /// without one).
-fn mesh_peer<'a>(
+pub(crate) fn mesh_peer<'a>(
     state: &ProxyState,
     config: &ProxyConfig,
     endpoint: Option<&'a Endpoint>,
@@ -131,7 +268,7 @@ fn mesh_peer<'a>(
     Ok(Some((tls, peer_id)))
 }
 
-fn labels(state: &ProxyState, found: Option<&Destination<'_>>) -> TcpLabels {
+pub(crate) fn labels(state: &ProxyState, found: Option<&Destination<'_>>) -> TcpLabels {
     let workload = &state.workload;
     let mut labels = TcpLabels::unknown("source");
     labels.source_workload = workload.name.clone();

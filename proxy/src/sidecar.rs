@@ -36,7 +36,7 @@ pub async fn run(args: SidecarArgs, log: LogControl) -> anyhow::Result<()> {
     if let Some(path) = &args.config {
         let config = config_file::load(path)?;
         info!(file = %path.display(), version = config.version, "static config loaded");
-        state.config.store(Some(Arc::new(config)));
+        state.set_config(Arc::new(config));
     }
     if let (Some(chain), Some(key)) = (&args.cert_chain, &args.key) {
         let identity = Identity::from_pem_files(chain, key)?;

@@ -10,12 +10,13 @@ use trellis_api::SpiffeId;
 use trellis_api::config::ProxyConfig;
 
 use crate::cli::SidecarArgs;
-use crate::destination::RoundRobin;
 use crate::drain::Drain;
 use crate::identity::Identity;
+use crate::l7::pool::Pool;
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::mtls::MeshTlsCache;
+use crate::upstream::Upstreams;
 
 /// The pod this proxy runs beside, as told by the injector through the environment.
 #[derive(Clone, Debug)]
@@ -25,6 +26,8 @@ pub struct Workload {
     pub service_account: String,
     pub name: String,
     pub trust_domain: String,
+    /// The pod's labels (the source of its requests, for `sourceLabels` route matches).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Workload {
@@ -38,6 +41,7 @@ impl Workload {
                 .clone()
                 .unwrap_or_else(|| args.pod_name.clone()),
             trust_domain: args.trust_domain.clone(),
+            labels: args.workload_labels.clone(),
         }
     }
 
@@ -54,8 +58,6 @@ pub struct ProxyState {
     pub identity: watch::Sender<Option<Arc<Identity>>>,
     /// Mutual TLS settings built from the current identity and trust bundle.
     pub mesh_tls: MeshTlsCache,
-    /// Endpoint choice for connections to service VIPs.
-    pub balancer: RoundRobin,
     /// Whether readiness waits for an identity and a config from the control plane.
     pub control_plane_mode: bool,
     pub listeners_bound: AtomicBool,
@@ -63,23 +65,42 @@ pub struct ProxyState {
     pub drain: Drain,
     pub log: LogControl,
     pub connect_timeout: Duration,
+    /// Upstream HTTP connections, shared by every downstream connection.
+    pub pool: Pool,
+    /// Per-cluster state: load balancing, circuit breakers, outlier detection. Kept in step
+    /// with `config` by [`ProxyState::set_config`].
+    pub upstreams: Arc<Upstreams>,
+    /// Whether every HTTP request is logged as one JSON line on stdout.
+    pub access_log: bool,
 }
 
 impl ProxyState {
     pub fn new(args: &SidecarArgs, control_plane_mode: bool, log: LogControl) -> Self {
+        let metrics = Metrics::new();
+        let connect_timeout = Duration::from_secs(args.connect_timeout_seconds);
+        let upstreams = Arc::new(Upstreams::new(metrics.upstream(), connect_timeout));
         Self {
             workload: Workload::from_args(args),
             config: ArcSwapOption::empty(),
             identity: watch::Sender::new(None),
             mesh_tls: MeshTlsCache::default(),
-            balancer: RoundRobin::default(),
             control_plane_mode,
             listeners_bound: AtomicBool::new(false),
-            metrics: Metrics::new(),
+            metrics,
             drain: Drain::new(),
             log,
             connect_timeout: Duration::from_secs(args.connect_timeout_seconds),
+            pool: Pool::default(),
+            upstreams,
+            access_log: args.access_log,
         }
+    }
+
+    /// Installs a new config (static file or control-plane snapshot) and brings the
+    /// per-cluster upstream state in step with it.
+    pub fn set_config(&self, config: Arc<ProxyConfig>) {
+        self.config.store(Some(config.clone()));
+        self.upstreams.sync(&config);
     }
 
     /// The current config, or an empty one (pass-through everything) before the first snapshot.

@@ -67,6 +67,8 @@ pub struct Proxy {
     pub child: Child,
     pub ports: Ports,
     pub log: PathBuf,
+    /// The proxy's stdout: the access log.
+    pub stdout: PathBuf,
     /// Files removed on drop (kept when the test failed, for a look).
     pub files: Vec<PathBuf>,
 }
@@ -80,6 +82,7 @@ impl Proxy {
     /// [`Proxy::start`] with environment overrides (another workload's name, namespace, ...).
     pub fn start_with_env(ports: Ports, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = temp_path("proxy.log");
+        let stdout = temp_path("proxy.stdout");
         let mut command = Command::new(BIN);
         command
             .arg("sidecar")
@@ -96,14 +99,15 @@ impl Proxy {
             .env_remove("TRELLIS_CONTROL_PLANE")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = command.spawn().expect("start trellis-proxy");
         Self {
             child,
             ports,
-            files: vec![log.clone()],
+            files: vec![log.clone(), stdout.clone()],
             log,
+            stdout,
         }
     }
 
@@ -129,6 +133,25 @@ impl Proxy {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The access-log lines written so far, parsed.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stdout)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("an access-log line is JSON"))
+            .collect()
+    }
+
+    /// The peak resident memory of the proxy process so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
     }
 
     /// Waits until `/healthz/ready` answers 200.
@@ -211,9 +234,11 @@ pub fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<u64> {
     metrics.lines().find_map(|line| {
         let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
         let (label_text, value) = rest.rsplit_once("} ")?;
+        // Whole `key="value"` labels bounded by commas: values may hold commas ("UF,URX").
+        let bounded = format!(",{label_text},");
         labels
             .iter()
-            .all(|l| label_text.split(',').any(|have| have == *l))
+            .all(|l| bounded.contains(&format!(",{l},")))
             .then(|| value.trim().parse().ok())?
     })
 }
@@ -322,4 +347,56 @@ pub fn connect_from(source: &str, dst: SocketAddr) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     stream
+}
+
+/// An in-test mesh CA issuing workload certificates shaped like the operator's.
+pub struct MeshCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub pem: String,
+}
+
+impl MeshCa {
+    pub fn new(name: &str) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
+        };
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A workload certificate for `spiffe_id`, valid for an hour around now; returns the
+    /// `--cert-chain` and `--key` files.
+    pub fn workload_files(&self, spiffe_id: &str) -> (String, String) {
+        use rcgen::{
+            CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, KeyPair, SanType,
+        };
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::hours(1);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let chain = temp_path("chain.pem");
+        let key_file = temp_path("key.pem");
+        std::fs::write(&chain, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (
+            chain.to_str().unwrap().to_owned(),
+            key_file.to_str().unwrap().to_owned(),
+        )
+    }
 }

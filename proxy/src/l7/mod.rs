@@ -1,0 +1,99 @@
+//! The HTTP (L7) data plane: what happens to a connection once it is known to carry HTTP
+//! (declared by its service port, or sniffed).
+//!
+//! - [`outbound`]: serves the application's connection (HTTP/1.1 or h2c, auto-detected) and
+//!   sends each request, on its own, to an endpoint chosen per request: over a pooled mutual TLS
+//!   connection speaking HTTP/2 ([`trellis_api::config::MESH_H2_ALPN`]) to a meshed endpoint,
+//!   plaintext HTTP/1.1 keep-alive or h2c otherwise.
+//! - [`inbound`]: serves HTTP after the PeerAuthentication decision and TLS termination, sets the
+//!   identity headers from the verified peer and forwards each request to the application from
+//!   `127.0.0.6` over a pooled connection.
+//! - [`pool`]: the upstream connections, one HTTP/2 connection or a set of idle HTTP/1.1 ones
+//!   per endpoint.
+//! - [`reply`]: the responses the proxy generates itself, each with a machine-readable reason.
+//! - [`telemetry`]: Istio request metrics and the JSON access log, one record per request.
+//! - [`policy`]: a VirtualService route's header edits, CORS, fault/redirect/direct responses
+//!   and retry outcomes, as pure functions; [`replay`]: request bodies retries can send again.
+//! - [`headers`], [`body`], [`rewind`], [`upgrade`]: the pieces the above share.
+
+pub mod body;
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
+pub mod policy;
+pub mod pool;
+pub mod replay;
+pub mod reply;
+pub mod rewind;
+pub mod telemetry;
+pub mod upgrade;
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tracing::debug;
+use trellis_api::config::Protocol;
+
+use crate::state::ProxyState;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the proxy sends, forwarded or generated.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Whether a declared port protocol is served as HTTP (`tcp` and `tls` stay opaque).
+pub fn is_http(protocol: Protocol) -> bool {
+    match protocol {
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => true,
+        Protocol::Tcp | Protocol::Tls => false,
+    }
+}
+
+/// Serves one downstream connection as HTTP/1.1 or HTTP/2 (detected from its first bytes),
+/// upgrades allowed, until it closes; when the drain starts, the connection is shut down
+/// gracefully (in-flight requests finish, HTTP/2 gets a GOAWAY).
+pub async fn serve_connection<I, S>(state: &ProxyState, io: I, service: S, direction: &str)
+where
+    I: pool::Io,
+    S: Service<Request<Incoming>, Response = Response<body::Observed>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = state.drain.started() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(direction, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_ports_are_http_http2_and_grpc() {
+        for (protocol, http) in [
+            (Protocol::Http, true),
+            (Protocol::Http2, true),
+            (Protocol::Grpc, true),
+            (Protocol::Tcp, false),
+            (Protocol::Tls, false),
+        ] {
+            assert_eq!(is_http(protocol), http, "{protocol:?}");
+        }
+    }
+}
