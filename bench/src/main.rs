@@ -1,11 +1,22 @@
 //! `trellis-bench`: trellis-proxy against Envoy and a direct connection, same topologies, same
-//! load generators, one run, interleaved. See bench/RESULTS.md for what it measures and how.
+//! load generators, one run, interleaved; then the control-plane benchmarks against the real
+//! operator binary. See bench/RESULTS.md for what it measures and how.
 //!
-//! The runner installs its tools (outside the namespace, where the registries are reachable),
-//! creates a private network namespace with the capture rules, and re-runs itself inside it
-//! (`--inside`), where every benchmark process lives. Guards kill every child and delete the
-//! namespace on any exit path.
+//! The runner installs its tools (outside the namespaces, where the registries are reachable),
+//! creates a private network namespace with the capture rules and re-runs itself inside it
+//! (`--inside`), where every load-benchmark process lives; then (full runs and
+//! `--control-plane-only`) a second, plain namespace for the control-plane benchmark
+//! (`--inside-control-plane`). Guards kill every child and delete the namespaces on any exit
+//! path.
+//!
+//! Flags: `--quick` (< 3 min, no control plane, no profile), `--out DIR`, `--envoy l4|http`
+//! (Envoy's configuration: `tcp_proxy`, or the HTTP router on the HTTP ports),
+//! `--control-plane-only`.
 
+mod apiserver;
+mod certs;
+mod control_plane;
+mod cp_client;
 mod load;
 mod netns;
 mod procs;
@@ -21,12 +32,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use certs::MeshCerts;
 use load::Test;
 use procs::{Proc, cpu_ticks, fact, http_status, output_within, status_kib};
-use systems::{SETUPS, Setup};
+use systems::{Bench, EnvoyMode, Setup};
 use tools::Tools;
 
 const INSIDE: &str = "--inside";
+const INSIDE_CONTROL_PLANE: &str = "--inside-control-plane";
+const CONTROL_PLANE_ONLY: &str = "--control-plane-only";
 const RATES: [u32; 3] = [500, 1000, 2000];
 
 /// How long and how often: `--quick` for a smoke run under three minutes.
@@ -35,6 +49,7 @@ pub struct Plan {
     pub quick: bool,
     pub rounds: usize,
     pub secs: u64,
+    pub envoy_mode: EnvoyMode,
 }
 
 /// One load run of one setup.
@@ -53,10 +68,15 @@ pub struct Sample {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let envoy_mode = match args.iter().position(|a| a == "--envoy") {
+        Some(i) => EnvoyMode::parse(args.get(i + 1).context("--envoy needs l4 or http")?)?,
+        None => EnvoyMode::L4,
+    };
     let plan = Plan {
         quick,
         rounds: if quick { 1 } else { 3 },
         secs: if quick { 3 } else { 6 },
+        envoy_mode,
     };
     let exe = std::env::current_exe()?;
     // target/release/trellis-bench → target
@@ -72,22 +92,42 @@ fn main() -> Result<()> {
     if args.iter().any(|a| a == INSIDE) {
         return inside(plan, &target, &out);
     }
+    if args.iter().any(|a| a == INSIDE_CONTROL_PLANE) {
+        return control_plane::run(plan, &target, &out);
+    }
     let started = Instant::now();
-    Tools::ensure(&target)?;
-    let netns = netns::Netns::create()?;
+    let control_plane_only = args.iter().any(|a| a == CONTROL_PLANE_ONLY);
+    if !control_plane_only {
+        Tools::ensure(&target)?;
+        in_namespace(netns::Netns::create()?, &exe, INSIDE, &args)?;
+    }
+    if control_plane_only || !plan.quick {
+        tools::ensure_control_plane(&target)?;
+        in_namespace(
+            netns::Netns::create_plain("cp")?,
+            &exe,
+            INSIDE_CONTROL_PLANE,
+            &args,
+        )?;
+    }
+    eprintln!("bench: done in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Re-runs the runner inside `netns` with `phase`, then deletes the namespace.
+fn in_namespace(netns: netns::Netns, exe: &Path, phase: &str, args: &[String]) -> Result<()> {
     eprintln!("bench: network namespace {} ready", netns.name);
     let status = Command::new("nsenter")
         .arg(format!("--net={}", netns.path()))
         .arg("--")
-        .arg(&exe)
-        .arg(INSIDE)
-        .args(&args)
+        .arg(exe)
+        .arg(phase)
+        .args(args)
         .status()?;
     drop(netns);
     if !status.success() {
-        bail!("the benchmark failed ({status})");
+        bail!("the benchmark ({phase}) failed ({status})");
     }
-    eprintln!("bench: done in {:.0?}", started.elapsed());
     Ok(())
 }
 
@@ -96,23 +136,31 @@ fn inside(plan: Plan, target: &Path, out: &Path) -> Result<()> {
     let work = target.join("bench/run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
+    let certs = MeshCerts::issue(&work.join("certs"))?;
     std::fs::write(
         work.join("trellis.json"),
-        serde_json::to_vec_pretty(&systems::trellis_config())?,
+        serde_json::to_vec_pretty(&systems::trellis_config(&certs))?,
     )?;
+    let bench = Bench {
+        tools: &tools,
+        work: &work,
+        certs: &certs,
+        envoy_mode: plan.envoy_mode,
+    };
     let facts = machine_facts(&tools, plan);
     let _nginx = systems::nginx(&tools, &work)?;
     load::serve_bulk()?;
 
     let mut tests = vec![Test::Http1Max, Test::Http2Max, Test::TcpBulk];
     tests.extend(RATES.map(Test::Http1Rate));
-    let total = plan.rounds * tests.len() * SETUPS.len();
+    let setups = systems::setups(plan.quick);
+    let total = plan.rounds * tests.len() * setups.len();
     let mut samples = Vec::with_capacity(total);
     for round in 0..plan.rounds {
         for &test in &tests {
             // Rotate the order each round so drift in background load spreads over all setups.
-            for k in 0..SETUPS.len() {
-                let setup = SETUPS[(k + round) % SETUPS.len()];
+            for k in 0..setups.len() {
+                let setup = setups[(k + round) % setups.len()];
                 eprint!(
                     "[{:>3}/{total}] round {} {:<13} {:<13} ",
                     samples.len() + 1,
@@ -120,7 +168,7 @@ fn inside(plan: Plan, target: &Path, out: &Path) -> Result<()> {
                     test.name(),
                     setup.to_string()
                 );
-                let sample = measure(test, setup, round, plan, &tools, &work)?;
+                let sample = measure(test, setup, round, plan, &bench)?;
                 eprintln!("{}", report::progress_line(&sample));
                 samples.push(sample);
             }
@@ -135,20 +183,21 @@ fn inside(plan: Plan, target: &Path, out: &Path) -> Result<()> {
         Some(profile(&tools, &work)?)
     };
     let facts = json!({"start": facts, "load_after": fact("cat", &["/proc/loadavg"])});
-    report::write(out, plan, &facts, &samples, &config_rss, profile.as_deref())?;
+    report::write(
+        out,
+        plan,
+        &facts,
+        &setups,
+        &samples,
+        &config_rss,
+        profile.as_deref(),
+    )?;
     eprintln!("bench: wrote {}", out.join("RESULTS.md").display());
     Ok(())
 }
 
-fn measure(
-    test: Test,
-    setup: Setup,
-    round: usize,
-    plan: Plan,
-    tools: &Tools,
-    work: &Path,
-) -> Result<Sample> {
-    let proxies = setup.start(tools, work)?;
+fn measure(test: Test, setup: Setup, round: usize, plan: Plan, bench: &Bench) -> Result<Sample> {
+    let proxies = setup.start(bench)?;
     std::thread::sleep(Duration::from_millis(300));
     let pids: Vec<u32> = proxies.iter().map(Proc::pid).collect();
     let sum = |f: &dyn Fn(u32) -> Result<u64>| -> Result<u64> { pids.iter().map(|&p| f(p)).sum() };
@@ -158,8 +207,8 @@ fn measure(
         test,
         setup.target_ip(),
         plan.secs,
-        tools,
-        &work.join("load.out"),
+        bench.tools,
+        &bench.work.join("load.out"),
     )
     .with_context(|| format!("{} through {setup}", test.name()))?;
     let cpu_ticks_used = sum(&cpu_ticks)? - cpu_before;
@@ -175,7 +224,7 @@ fn measure(
     })
 }
 
-fn clock_ticks_per_second() -> f64 {
+pub fn clock_ticks_per_second() -> f64 {
     fact("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0)
 }
 
@@ -232,6 +281,21 @@ fn profile(tools: &Tools, work: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&annotated.stdout).into_owned())
 }
 
+/// The machine facts of a control-plane run (which needs none of the load tools).
+pub fn machine_facts_control_plane(target: &Path) -> Value {
+    let operator = target.join("release/trellis-operator");
+    json!({
+        "date": fact("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "cpus": fact("nproc", &[]),
+        "kernel": fact("uname", &["-sr"]),
+        "load_before": fact("cat", &["/proc/loadavg"]),
+        "git": fact("git", &["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"]),
+        "operator": fact(&operator.to_string_lossy(), &["--version"]),
+        "kube_apiserver": fact(&tools::kube_bin().join("kube-apiserver").to_string_lossy(), &["--version"]),
+        "etcd": fact("etcd", &["--version"]).lines().next().unwrap_or("unknown").to_owned(),
+    })
+}
+
 fn machine_facts(tools: &Tools, plan: Plan) -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -246,6 +310,7 @@ fn machine_facts(tools: &Tools, plan: Plan) -> Value {
     json!({
         "date": fact("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         "command": if plan.quick { "make bench-quick" } else { "make bench" },
+        "envoy_mode": plan.envoy_mode.name(),
         "cpus": fact("nproc", &[]),
         "cpu_model": cpu,
         "memory": mem,

@@ -5,7 +5,10 @@
 //! - `127.0.0.3` — the backend behind one proxy: REDIRECT to the outbound listener (15001);
 //! - `127.0.0.4` — the backend behind two proxies: REDIRECT to 15001, and the outbound proxy's
 //!   own connection (uid 1337) REDIRECTed again to the inbound listener (15006), except the
-//!   inbound proxy's connection to the app, which leaves from 127.0.0.6 as in Istio.
+//!   inbound proxy's connection to the app, which leaves from 127.0.0.6 as in Istio;
+//! - `127.0.0.5` — the mesh path: captured like `127.0.0.4`, with mutual TLS between the two
+//!   proxies (the address is a meshed endpoint in trellis-proxy's config; Envoy's outbound
+//!   cluster originates TLS for it).
 
 use std::process::Command;
 
@@ -21,13 +24,23 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// The load benchmark's namespace: loopback and the capture rules.
     pub fn create() -> Result<Self> {
+        Self::create_named("", &RULES)
+    }
+
+    /// A namespace with loopback only (the control-plane benchmark's private cluster).
+    pub fn create_plain(kind: &str) -> Result<Self> {
+        Self::create_named(&format!("{kind}-"), &[])
+    }
+
+    fn create_named(kind: &str, rules: &[&str]) -> Result<Self> {
         remove_stale();
-        let name = format!("{PREFIX}{}", std::process::id());
+        let name = format!("{PREFIX}{kind}{}", std::process::id());
         run("ip", &["netns", "add", &name])?;
         let netns = Self { name };
         netns.exec("ip", &["link", "set", "lo", "up"])?;
-        for rule in RULES {
+        for rule in rules {
             let mut args = vec!["-t", "nat", "-A", "OUTPUT", "-p", "tcp"];
             args.extend(rule.split(' '));
             netns.exec("iptables", &args)?;
@@ -46,10 +59,12 @@ impl Netns {
     }
 }
 
-const RULES: [&str; 3] = [
+const RULES: [&str; 5] = [
     "-d 127.0.0.3 -m owner ! --uid-owner 1337 -j REDIRECT --to-ports 15001",
     "-d 127.0.0.4 -m owner ! --uid-owner 1337 -j REDIRECT --to-ports 15001",
     "-d 127.0.0.4 ! -s 127.0.0.6 -m owner --uid-owner 1337 -j REDIRECT --to-ports 15006",
+    "-d 127.0.0.5 -m owner ! --uid-owner 1337 -j REDIRECT --to-ports 15001",
+    "-d 127.0.0.5 ! -s 127.0.0.6 -m owner --uid-owner 1337 -j REDIRECT --to-ports 15006",
 ];
 
 impl Drop for Netns {
@@ -65,7 +80,11 @@ fn remove_stale() {
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(pid) = name.strip_prefix(PREFIX) else {
+        // trellis-bench-<pid> or trellis-bench-<kind>-<pid>
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.rsplit('-').next())
+        else {
             continue;
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {

