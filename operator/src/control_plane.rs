@@ -7,7 +7,7 @@
 //! policy (PeerAuthentication resolved for its pod, and the AuthorizationPolicies that apply to
 //! it) on the mesh-wide snapshot and sends it only when that proxy's version changed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,6 +77,10 @@ pub struct Snapshot {
     pub renew_issued_before: Option<time::OffsetDateTime>,
     /// VirtualServices, DestinationRules and ServiceEntries, compiled per client namespace.
     pub traffic: TrafficIndex,
+    /// Config lines already encoded for this snapshot, by per-proxy version: proxies with the
+    /// same effective config (same namespace, same inbound policy) share one encoding, so a
+    /// change costs one serialization per distinct config instead of one per proxy.
+    pub encoded: std::sync::Mutex<HashMap<String, Bytes>>,
 }
 
 pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
@@ -163,6 +167,7 @@ pub fn publish_snapshots(
                         .as_ref()
                         .and_then(crate::rotation::Rotation::renew_issued_before),
                     traffic,
+                    encoded: Default::default(),
                 })));
             }
             tokio::select! {
@@ -403,7 +408,7 @@ impl ControlPlane {
         // at most one per burst; raw discovery changes only re-check whether the pod finished.
         let mut snapshot_published = true;
         loop {
-            let mut messages = Vec::new();
+            let mut lines = Vec::new();
             // Marked seen only when taken: a snapshot published while a raw change won the
             // select below is still pending and wakes the next select at once.
             let snapshot = snapshot_published
@@ -423,10 +428,21 @@ impl ControlPlane {
                         log_inbound(identity, pod_name, &inbound, &undeclared_ports);
                         sent_inbound = Some(inbound.clone());
                     }
-                    let config =
-                        traffic::with_traffic(for_workload(&snapshot.config, inbound), &routing);
-                    sent_version = config.version.clone();
-                    messages.push(ControlMessage::Config(Box::new(config)));
+                    let cached = lock(&snapshot.encoded).get(&version).cloned();
+                    let line = match cached {
+                        Some(line) => line,
+                        None => {
+                            let config = traffic::with_traffic(
+                                for_workload(&snapshot.config, inbound),
+                                &routing,
+                            );
+                            let line = encode_line(&ControlMessage::Config(Box::new(config)));
+                            lock(&snapshot.encoded).insert(version.clone(), line.clone());
+                            line
+                        }
+                    };
+                    sent_version = version;
+                    lines.push(line);
                 }
                 // After the config: a proxy handles messages in order, so when it renews it has
                 // applied this snapshot's trust bundle.
@@ -435,20 +451,18 @@ impl ControlPlane {
                     && renew_sent != Some(before)
                 {
                     renew_sent = Some(before);
-                    messages.push(ControlMessage::Renew {
+                    lines.push(encode_line(&ControlMessage::Renew {
                         reason: "root rotation: a certificate issued since the phase began is \
                                  needed"
                             .to_owned(),
-                    });
+                    }));
                 }
             }
             if let Some(reason) = self.workload_finished(&identity.namespace, pod_name) {
-                messages.push(ControlMessage::Exit { reason });
+                lines.push(encode_line(&ControlMessage::Exit { reason }));
             }
-            for message in messages {
-                let mut line = serde_json::to_vec(&message).unwrap_or_default();
-                line.push(b'\n');
-                if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+            for line in lines {
+                if tx.send(Ok(Frame::data(line))).await.is_err() {
                     return;
                 }
             }
@@ -579,4 +593,20 @@ pub fn spiffe_id_of(leaf: &rustls::pki_types::CertificateDer<'_>) -> Option<Spif
         x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
         _ => None,
     })
+}
+
+/// One NDJSON line of the config stream.
+fn encode_line(message: &ControlMessage) -> Bytes {
+    let mut line = serde_json::to_vec(message).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// The encoded-config cache's lock; a panic while holding it leaves a usable map.
+fn lock(
+    encoded: &std::sync::Mutex<HashMap<String, Bytes>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Bytes>> {
+    encoded
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
