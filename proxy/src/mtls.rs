@@ -2,7 +2,10 @@
 //! [`MESH_H2_ALPN`] (HTTP/2, see `crate::l7`), the workload certificate on
 //! both sides. A server is verified against the trust bundle and must present the SPIFFE ID the
 //! config names for the endpoint (never a DNS name); a client is verified against the trust
-//! bundle and must carry a SPIFFE ID, which becomes the connection's source principal.
+//! bundle and must carry a SPIFFE ID in our own trust domain, which becomes the connection's
+//! source principal. The trust-domain check matters when one root signs for several trust
+//! domains: without it a workload of another domain would be accepted and could satisfy
+//! policies that name only namespaces or service accounts.
 //!
 //! The TLS settings follow the workload certificate and the trust bundle: [`MeshTlsCache`]
 //! rebuilds them when either changes, so a rotated certificate is used from the next connection.
@@ -15,6 +18,7 @@ use arc_swap::ArcSwapOption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
@@ -69,9 +73,13 @@ impl MeshTls {
             )
             .context("workload certificate")?,
         )));
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        let chain = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .context("client certificate verifier")?;
+        let verifier = Arc::new(SpiffeClientVerifier {
+            chain,
+            trust_domain: identity.spiffe_id.trust_domain.clone(),
+        });
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -94,7 +102,8 @@ impl MeshTls {
         &self.identity.spiffe_id
     }
 
-    /// Terminates mesh TLS: requires a client certificate chaining to the trust bundle.
+    /// Terminates mesh TLS: requires a client certificate chaining to the trust bundle, with a
+    /// SPIFFE ID in our trust domain.
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.server.clone())
     }
@@ -251,6 +260,90 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// Verifies a mesh client: webpki chain verification against the trust bundle (validity,
+/// signatures, client-auth usage), then that its SPIFFE ID is in our trust domain, so a
+/// handshake with another domain's workload fails instead of yielding a principal.
+struct SpiffeClientVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(thiserror::Error)]
+#[error("client presented {presented}, which is not in the trust domain {trust_domain}")]
+struct ForeignTrustDomain {
+    presented: String,
+    trust_domain: String,
+}
+
+/// rustls shows certificate errors with `Debug`: make that the readable message.
+impl fmt::Debug for ForeignTrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The trust domain of a `spiffe://` URI: the authority before the first `/`.
+fn trust_domain_of(spiffe_id: &str) -> Option<&str> {
+    spiffe_id
+        .strip_prefix("spiffe://")
+        .and_then(|rest| rest.split('/').next())
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let presented = identity::spiffe_id_of(end_entity).map_err(invalid)?;
+        if trust_domain_of(&presented) != Some(self.trust_domain.as_str()) {
+            return Err(invalid(ForeignTrustDomain {
+                presented,
+                trust_domain: self.trust_domain.clone(),
+            }));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }
 
@@ -515,6 +608,50 @@ pub(crate) mod tests {
         let (_, served) = handshake(&server_new, &foreign, SERVER).await;
         let err = format!("{:#}", served.unwrap_err());
         assert!(err.contains("UnknownIssuer"), "foreign client: {err}");
+    }
+
+    /// One root may sign for several trust domains: the server still refuses a client of
+    /// another domain, and a client without a SPIFFE ID, at the handshake.
+    #[tokio::test]
+    async fn a_client_of_another_trust_domain_is_refused() {
+        let ca = Ca::new("mesh root");
+        let bundle = std::slice::from_ref(&ca.pem);
+        let server = MeshTls::new(ca.identity(SERVER), bundle).unwrap();
+        let foreign = MeshTls::new(
+            ca.identity("spiffe://evil.example/ns/demo/sa/client"),
+            bundle,
+        )
+        .unwrap();
+        let (reply, served) = handshake(&server, &foreign, SERVER).await;
+        let err = format!("{:#}", served.unwrap_err());
+        assert!(
+            err.contains(
+                "client presented spiffe://evil.example/ns/demo/sa/client, which is not in the \
+                 trust domain cluster.local"
+            ),
+            "{err}"
+        );
+        assert!(reply.is_err(), "the client sees the refusal too");
+        // A look-alike domain that merely starts with ours is another domain.
+        let look_alike = MeshTls::new(
+            ca.identity("spiffe://cluster.local.evil/ns/demo/sa/client"),
+            bundle,
+        )
+        .unwrap();
+        let (_, served) = handshake(&server, &look_alike, SERVER).await;
+        assert!(served.is_err());
+        // Our own domain still passes.
+        let client = MeshTls::new(ca.identity(CLIENT), bundle).unwrap();
+        let (reply, served) = handshake(&server, &client, SERVER).await;
+        assert_eq!(reply.unwrap(), b"pong");
+        assert_eq!(served.unwrap().0, CLIENT);
+    }
+
+    #[test]
+    fn trust_domains_are_the_authority_of_the_spiffe_uri() {
+        assert_eq!(trust_domain_of(CLIENT), Some("cluster.local"));
+        assert_eq!(trust_domain_of("spiffe://example.org"), Some("example.org"));
+        assert_eq!(trust_domain_of("https://cluster.local/ns/a"), None);
     }
 
     #[tokio::test]

@@ -375,6 +375,21 @@ impl MeshCa {
     /// A workload certificate for `spiffe_id`, valid for an hour around now; returns the
     /// `--cert-chain` and `--key` files.
     pub fn workload_files(&self, spiffe_id: &str) -> (String, String) {
+        let now = time::OffsetDateTime::now_utc();
+        self.workload_files_valid(
+            spiffe_id,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+        )
+    }
+
+    /// [`MeshCa::workload_files`] valid from `not_before` to `not_after` (an expired one, say).
+    pub fn workload_files_valid(
+        &self,
+        spiffe_id: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> (String, String) {
         use rcgen::{
             CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, KeyPair, SanType,
         };
@@ -386,9 +401,8 @@ impl MeshCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::hours(1);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let chain = temp_path("chain.pem");
         let key_file = temp_path("key.pem");
@@ -398,5 +412,103 @@ impl MeshCa {
             chain.to_str().unwrap().to_owned(),
             key_file.to_str().unwrap().to_owned(),
         )
+    }
+}
+
+/// An HTTP/1.1 application on 127.0.0.1:`port` (keep-alive, as the proxy pools connections)
+/// answering every request `200` with the request head it received (request line and headers)
+/// as the body. Returns the heads it saw, so a test can prove a request never reached it.
+pub fn recording_http_app(port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let record = record.clone();
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = std::io::BufReader::new(stream);
+                loop {
+                    let mut head = String::new();
+                    let mut content_length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            content_length = value.trim().parse().unwrap_or(0);
+                        }
+                        head.push_str(&line);
+                    }
+                    let mut body = vec![0u8; content_length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    record.lock().unwrap().push(head.clone());
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{head}",
+                        head.len()
+                    );
+                    if writer.write_all(response.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    seen
+}
+
+/// An HTTP response read off a raw socket.
+#[derive(Debug)]
+pub struct RawReply {
+    /// 0 when the connection closed without a status line.
+    pub status: u16,
+    /// Lowercase names.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Writes `request` (a whole HTTP/1.1 request, byte for byte, so tests can send what a
+/// well-behaved client library would refuse to) on a connection from `source` to `dst` and reads
+/// the reply until the peer closes.
+pub fn raw_request(source: &str, dst: SocketAddr, request: &str) -> RawReply {
+    let mut stream = connect_from(source, dst);
+    let _ = stream.write_all(request.as_bytes());
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    RawReply {
+        status,
+        headers,
+        body: body.to_owned(),
     }
 }
