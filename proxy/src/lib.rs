@@ -33,5 +33,6 @@ pub mod route;
 pub mod sidecar;
 pub mod sniff;
 pub mod state;
+pub mod tls_origination;
 pub mod upstream;
 pub mod wait_ready;

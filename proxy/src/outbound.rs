@@ -222,6 +222,10 @@ fn pick_tcp<'a>(
         Ok(picked) => Some(picked),
         Err(PickError::Passthrough(_)) => Some(state.upstreams.passthrough(target, dst)),
         Err(PickError::NoHealthyUpstream(_)) => None,
+        Err(e @ PickError::Unresolved { .. }) => {
+            warn!(error = %e, "no endpoint");
+            None
+        }
     }
 }
 

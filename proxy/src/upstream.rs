@@ -21,7 +21,7 @@ use arc_swap::ArcSwapOption;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 use trellis_api::config::{Endpoint, ProxyConfig, Service};
-use trellis_api::traffic::{Cluster, LoadBalancer, OutlierDetection};
+use trellis_api::traffic::{Cluster, LoadBalancer, OutlierDetection, Resolution};
 
 use crate::l7::pool::{ConnectionGuard, Limits, Pool};
 pub use crate::l7::pool::{Limit, Overflow};
@@ -30,6 +30,8 @@ use crate::route::Target;
 use crate::route::balance::{self, Balancer, Pick, PickInput};
 use crate::route::outlier::{OutlierTracker, Recorded};
 use crate::route::retry::Outcome;
+
+mod dns;
 
 /// The load balancer of a service without a DestinationRule: round robin, as the proxy balanced
 /// before traffic management (see `trellis_api::traffic`).
@@ -75,6 +77,12 @@ pub enum PickError {
     /// via [`Upstreams::passthrough`].
     #[error("cluster {0}: load balancer PASSTHROUGH connects to the original destination")]
     Passthrough(String),
+    /// A DNS-resolved ServiceEntry cluster none of whose names has an answer yet (`UH`).
+    #[error("cluster {cluster}: {names}")]
+    Unresolved {
+        cluster: String,
+        names: dns::UnresolvedNames,
+    },
 }
 
 /// The endpoint chosen for one try, with its cluster's state.
@@ -154,6 +162,8 @@ pub struct Upstreams {
     /// the swap.
     config: ArcSwapOption<ProxyConfig>,
     clusters: RwLock<HashMap<ClusterKey, Arc<ClusterState>>>,
+    /// The endpoints of `resolution: DNS`/`DNS_ROUND_ROBIN` ServiceEntry clusters.
+    dns: dns::Resolver,
 }
 
 struct ClusterState {
@@ -218,6 +228,97 @@ impl Outlier {
     }
 }
 
+/// A pick among the cached DNS answers of an external service's names; the endpoint is no
+/// endpoint of the service (`Picked::endpoint` is `None`). `resolution: DNS` is Envoy's
+/// STRICT_DNS: every address is an endpoint and the cluster's LB policy chooses among them.
+/// `DNS_ROUND_ROBIN` is Envoy's LOGICAL_DNS: the answer is one logical host, so the caller passes
+/// round robin whatever the policy, and each pick (each new connection, as the pools are per
+/// address) takes the next address of the answer.
+fn pick_resolved<'a>(
+    cluster: Arc<ClusterState>,
+    subset: Option<&Cluster>,
+    resolved: &[dns::Resolved],
+    lb: &LoadBalancer,
+    hash: Option<u64>,
+    avoid: &[SocketAddr],
+) -> Result<Picked<'a>, PickError> {
+    let candidates: Vec<&Endpoint> = {
+        let outlier = lock(&cluster.outlier);
+        resolved
+            .iter()
+            .map(|r| &r.endpoint)
+            .filter(|e| balance::in_subset(e, subset))
+            .filter(|e| {
+                !outlier
+                    .as_ref()
+                    .is_some_and(|o| o.tracker.excludes(e.address))
+            })
+            .collect()
+    };
+    // A DNS endpoint may override the port; find its own entry (by identity, as two names may
+    // share an address with different ports).
+    let port = |e: &Endpoint| {
+        resolved
+            .iter()
+            .find(|r| std::ptr::eq(&r.endpoint, e))
+            .map_or(0, |r| r.port)
+    };
+    let endpoint = choose(&cluster, lb, candidates, port, hash, avoid)?;
+    let addr = SocketAddr::new(endpoint.address, port(endpoint));
+    Ok(Picked {
+        endpoint: None,
+        addr,
+        cluster,
+    })
+}
+
+/// The load balancer's choice among `candidates` (ejected endpoints already left out), avoiding
+/// the hosts in `avoid` (tried already) while another candidate remains. `port`: the port an
+/// endpoint is connected on.
+fn choose<'e>(
+    cluster: &ClusterState,
+    lb: &LoadBalancer,
+    candidates: Vec<&'e Endpoint>,
+    port: impl Fn(&Endpoint) -> u16,
+    hash: Option<u64>,
+    avoid: &[SocketAddr],
+) -> Result<&'e Endpoint, PickError> {
+    let candidates = if avoid.is_empty() {
+        candidates
+    } else {
+        let fresh: Vec<&Endpoint> = candidates
+            .iter()
+            .copied()
+            .filter(|e| !avoid.contains(&SocketAddr::new(e.address, port(e))))
+            .collect();
+        if fresh.is_empty() { candidates } else { fresh }
+    };
+    let no_endpoint = || PickError::NoHealthyUpstream(cluster.label.to_string());
+    if candidates.is_empty() {
+        return Err(no_endpoint());
+    }
+    let in_flight: Vec<u32> = if *lb == LoadBalancer::LeastRequest {
+        cluster.in_flight(&candidates)
+    } else {
+        Vec::new()
+    };
+    let input = PickInput {
+        turn: cluster.turn.fetch_add(1, Ordering::Relaxed),
+        draws: [rand::random(), rand::random()],
+        in_flight: &in_flight,
+        hash,
+    };
+    let pick = match lb {
+        LoadBalancer::ConsistentHash(_) => cluster.pick_on_ring(lb, &candidates, &input),
+        _ => Balancer::new(lb, &candidates).pick(&input),
+    };
+    match pick {
+        Pick::Endpoint(index) => candidates.get(index).copied().ok_or_else(no_endpoint),
+        Pick::Passthrough => Err(PickError::Passthrough(cluster.label.to_string())),
+        Pick::NoHealthyUpstream => Err(no_endpoint()),
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -230,6 +331,7 @@ impl Upstreams {
             metrics,
             config: ArcSwapOption::empty(),
             clusters: RwLock::default(),
+            dns: dns::Resolver::default(),
         }
     }
 
@@ -247,6 +349,7 @@ impl Upstreams {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         self.config.store(Some(config.clone()));
+        self.dns.sync(config);
         clusters.retain(|key, state| match resolve(config, &services, key) {
             Some((service, cluster)) => {
                 state.apply(service, cluster);
@@ -275,6 +378,20 @@ impl Upstreams {
         if *lb == LoadBalancer::Passthrough {
             return Err(PickError::Passthrough(cluster.label.to_string()));
         }
+        if let Some(external) = self.dns.external(&cluster.key.host) {
+            let resolved = self
+                .dns
+                .endpoints(&external, &target.port.name, target.port.target_port)
+                .map_err(|names| PickError::Unresolved {
+                    cluster: cluster.label.to_string(),
+                    names,
+                })?;
+            let lb = match external.resolution {
+                Resolution::DnsRoundRobin => &LoadBalancer::RoundRobin,
+                _ => lb,
+            };
+            return pick_resolved(cluster, target.cluster, &resolved, lb, hash, avoid);
+        }
         let port = target.port.target_port;
         let candidates = {
             let outlier = lock(&cluster.outlier);
@@ -284,47 +401,12 @@ impl Upstreams {
                     .is_some_and(|o| o.tracker.excludes(e.address))
             })
         };
-        let candidates = if avoid.is_empty() {
-            candidates
-        } else {
-            let fresh: Vec<&Endpoint> = candidates
-                .iter()
-                .copied()
-                .filter(|e| !avoid.contains(&SocketAddr::new(e.address, port)))
-                .collect();
-            if fresh.is_empty() { candidates } else { fresh }
-        };
-        let no_endpoint = || PickError::NoHealthyUpstream(cluster.label.to_string());
-        if candidates.is_empty() {
-            return Err(no_endpoint());
-        }
-        let in_flight: Vec<u32> = if *lb == LoadBalancer::LeastRequest {
-            cluster.in_flight(&candidates)
-        } else {
-            Vec::new()
-        };
-        let input = PickInput {
-            turn: cluster.turn.fetch_add(1, Ordering::Relaxed),
-            draws: [rand::random(), rand::random()],
-            in_flight: &in_flight,
-            hash,
-        };
-        let pick = match lb {
-            LoadBalancer::ConsistentHash(_) => cluster.pick_on_ring(lb, &candidates, &input),
-            _ => Balancer::new(lb, &candidates).pick(&input),
-        };
-        match pick {
-            Pick::Endpoint(index) => {
-                let endpoint = candidates.get(index).copied().ok_or_else(no_endpoint)?;
-                Ok(Picked {
-                    endpoint: Some(endpoint),
-                    addr: SocketAddr::new(endpoint.address, port),
-                    cluster,
-                })
-            }
-            Pick::Passthrough => Err(PickError::Passthrough(cluster.label.to_string())),
-            Pick::NoHealthyUpstream => Err(no_endpoint()),
-        }
+        let endpoint = choose(&cluster, lb, candidates, |_| port, hash, avoid)?;
+        Ok(Picked {
+            endpoint: Some(endpoint),
+            addr: SocketAddr::new(endpoint.address, port),
+            cluster,
+        })
     }
 
     /// The pick of a connection that goes to `dst` itself (policy `PASSTHROUGH`, or the

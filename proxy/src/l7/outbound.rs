@@ -30,7 +30,8 @@ use tracing::{debug, warn};
 use trellis_api::config::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConfig};
 use trellis_api::mesh::OutboundTrafficMode;
 use trellis_api::traffic::{
-    Headers, HttpAction, HttpMatch, HttpRoute, LoadBalancer, Mirror, RetryPolicy,
+    ClientTls, Headers, HttpAction, HttpMatch, HttpRoute, LoadBalancer, Mirror, RetryPolicy,
+    TlsMode,
 };
 
 use super::body::{Counted, Observed};
@@ -47,6 +48,7 @@ use crate::mtls::{self, MeshTls};
 use crate::route::retry::{self, Outcome, RetryDecision, Stop};
 use crate::route::{self, HttpDecision, RequestAttributes, Target, balance};
 use crate::state::ProxyState;
+use crate::tls_origination;
 use crate::upstream::{PickError, Picked, RequestGuard};
 
 /// One application connection to `dst`.
@@ -100,6 +102,8 @@ pub struct Upstream {
     pub wire: Wire,
     /// SNI of the mutual TLS (the service hostname; informational).
     pub hostname: String,
+    /// DestinationRule `tls` mode `SIMPLE`/`MUTUAL`: the proxy originates TLS to the endpoint.
+    pub origination: Option<ClientTls>,
     /// The cluster's `connectTimeout`, else the proxy's.
     pub connect_timeout: Duration,
 }
@@ -109,7 +113,15 @@ impl Upstream {
         Key {
             addr: self.addr,
             source: None,
-            peer: self.mesh.as_ref().map(|(_, peer)| peer.clone()),
+            peer: match (&self.mesh, &self.origination) {
+                (Some((_, peer)), _) => Some(peer.clone()),
+                // Originated TLS connections are pooled apart from plain ones to the address.
+                (None, Some(tls)) => Some(format!(
+                    "tls:{}",
+                    tls.sni.as_deref().unwrap_or(&self.hostname)
+                )),
+                (None, None) => None,
+            },
             wire: self.wire,
         }
     }
@@ -120,6 +132,9 @@ impl Upstream {
         let tcp = forward::connect(self.addr, None, self.connect_timeout)
             .await
             .with_context(|| format!("connecting to {}", self.addr))?;
+        if let Some(origination) = &self.origination {
+            return self.originate(origination, tcp).await;
+        }
         let Some((tls, peer)) = &self.mesh else {
             return Ok(Box::new(tcp));
         };
@@ -140,6 +155,25 @@ impl Upstream {
                 String::from_utf8_lossy(alpn)
             );
         }
+        Ok(Box::new(stream))
+    }
+}
+
+impl Upstream {
+    /// TLS origination over `tcp` (DestinationRule `tls.mode` `SIMPLE`/`MUTUAL`), offering the
+    /// ALPN of the wire the pool speaks on it.
+    async fn originate(&self, tls: &ClientTls, tcp: TcpStream) -> anyhow::Result<BoxedIo> {
+        let alpn: &[u8] = match self.wire {
+            Wire::Http2 => b"h2",
+            Wire::Http1 => b"http/1.1",
+        };
+        let connector = tls_origination::connector(tls, &self.hostname, alpn)?;
+        let server_name = tls_origination::server_name(tls, &self.hostname)?;
+        let handshake = connector.connect(server_name, tcp);
+        let stream = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| anyhow::anyhow!("TLS handshake with {} timed out", self.addr))?
+            .with_context(|| format!("TLS origination to {} ({:?})", self.addr, tls.mode))?;
         Ok(Box::new(stream))
     }
 }
@@ -176,7 +210,7 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
             original: Some(connection.dst),
         }),
         Route::Service(found) => match plan_route(connection, &config, found, &req) {
-            Ok(plan) => plan,
+            Ok(plan) => with_generated_cookie(plan),
             Err(Answer::Reason(reason)) => return record.reply(reason),
             Err(Answer::Made(response)) => return answer(record, *response, &[]),
         },
@@ -201,6 +235,8 @@ struct Plan<'a> {
     matched: Option<&'a HttpMatch>,
     /// The request's consistent-hash key, when the cluster balances by one.
     hash: Option<u64>,
+    /// The hash cookie the proxy generated for this request, set on the upstream's response.
+    set_cookie: Option<HeaderValue>,
 }
 
 impl<'a> Plan<'a> {
@@ -211,6 +247,7 @@ impl<'a> Plan<'a> {
             destination_headers: None,
             matched: None,
             hash: None,
+            set_cookie: None,
         }
     }
 }
@@ -315,7 +352,28 @@ fn plan_route<'a>(
         route: Some(matched.route),
         destination_headers: Some(&chosen.headers),
         matched: matched.matched,
+        set_cookie: None,
     })
+}
+
+/// A request to a cluster hashing on a cookie with a `ttl` that lacks the cookie: generate one,
+/// route by it and set it on the response, so the client's next requests stick to the same
+/// endpoint (Envoy's cookie generation).
+fn with_generated_cookie(mut plan: Plan<'_>) -> Plan<'_> {
+    if plan.hash.is_some() {
+        return plan;
+    }
+    let Upstreams::Cluster { target, .. } = &plan.upstreams else {
+        return plan;
+    };
+    let Some(LoadBalancer::ConsistentHash(hash)) = target.cluster.map(|c| &c.lb) else {
+        return plan;
+    };
+    if let Some(cookie) = balance::generate_cookie(&hash.key, rand::random()) {
+        plan.hash = Some(cookie.hash);
+        plan.set_cookie = HeaderValue::from_str(&cookie.set_cookie).ok();
+    }
+    plan
 }
 
 /// Answers with a response the proxy made for the route (its `x-trellis-reason` recorded).
@@ -552,6 +610,11 @@ fn respond(
         TryResult::Response(mut response) => {
             headers::strip_hop_by_hop(response.headers_mut());
             edit_response(plan, cors_origin, response.headers_mut());
+            if let Some(cookie) = &plan.set_cookie {
+                response
+                    .headers_mut()
+                    .append(http::header::SET_COOKIE, cookie.clone());
+            }
             record.flags = policy::join_flags(&flags);
             let admitted = ended.admitted;
             record.respond(response.map(|inner| {
@@ -636,6 +699,8 @@ struct Chosen<'a> {
     endpoint: Option<&'a Endpoint>,
     addr: SocketAddr,
     picked: Option<Picked<'a>>,
+    /// The cluster's DestinationRule `tls` settings.
+    tls: Option<&'a ClientTls>,
 }
 
 impl Chosen<'_> {
@@ -663,6 +728,7 @@ fn choose<'a>(
                 endpoint: None,
                 addr: *addr,
                 picked: None,
+                tls: None,
             });
         }
         Upstreams::Cluster { target, original } => (target, *original),
@@ -686,12 +752,17 @@ fn choose<'a>(
                 debug!(cluster, "no healthy endpoint");
                 return Err(Reason::NoHealthyUpstream);
             }
+            Err(e @ PickError::Unresolved { .. }) => {
+                warn!(error = %e, "no endpoint");
+                return Err(Reason::NoHealthyUpstream);
+            }
         },
     };
     Ok(Chosen {
         endpoint: picked.endpoint,
         addr: picked.addr,
         picked: Some(picked),
+        tls: target.cluster.and_then(|c| c.tls.as_ref()),
     })
 }
 
@@ -971,8 +1042,20 @@ fn upstream(
 ) -> anyhow::Result<Upstream> {
     let addr = chosen.addr;
     let declared = service.map(|(_, protocol)| protocol);
-    let mesh = crate::outbound::mesh_peer(state, config, chosen.endpoint, addr.port())?
-        .map(|(tls, peer)| (tls, peer.to_owned()));
+    let origination = chosen
+        .tls
+        .filter(|tls| tls_origination::originates(tls))
+        .cloned();
+    // The DestinationRule's `tls` replaces the mesh's mutual TLS unless it asks for it.
+    let mesh_allowed = chosen
+        .tls
+        .is_none_or(|tls| tls.mode == TlsMode::IstioMutual);
+    let mesh = if mesh_allowed {
+        crate::outbound::mesh_peer(state, config, chosen.endpoint, addr.port())?
+            .map(|(tls, peer)| (tls, peer.to_owned()))
+    } else {
+        None
+    };
     let wire = match (&mesh, declared) {
         (Some(_), _) | (None, Some(Protocol::Http2 | Protocol::Grpc)) => Wire::Http2,
         (None, Some(_)) => Wire::Http1,
@@ -985,6 +1068,7 @@ fn upstream(
         mesh,
         wire,
         hostname: service.map_or_else(String::new, |(host, _)| host.to_owned()),
+        origination,
         connect_timeout: chosen.connect_timeout(state),
     })
 }

@@ -63,7 +63,8 @@ pub struct Key {
     pub addr: SocketAddr,
     /// Local source address (`127.0.0.6` towards the application).
     pub source: Option<IpAddr>,
-    /// The SPIFFE ID the upstream proved, for mutual TLS; `None` for plaintext.
+    /// The SPIFFE ID the upstream proved, for mutual TLS; `tls:<server name>` for TLS the proxy
+    /// originates (DestinationRule `tls.mode` `SIMPLE`/`MUTUAL`); `None` for plaintext.
     pub peer: Option<String>,
     pub wire: Wire,
 }

@@ -23,14 +23,18 @@ pub fn candidates<'a>(
     cluster: Option<&Cluster>,
     ejected: impl Fn(&Endpoint) -> bool,
 ) -> Vec<&'a Endpoint> {
-    let selector = cluster.map(|c| &c.selector);
     service
         .endpoints
         .iter()
         .filter(|e| e.ready)
-        .filter(|e| selector.is_none_or(|s| has_labels(&e.labels, s)))
+        .filter(|e| in_subset(e, cluster))
         .filter(|e| !ejected(e))
         .collect()
+}
+
+/// Whether `endpoint` has the labels of the cluster's subset (every endpoint without a subset).
+pub fn in_subset(endpoint: &Endpoint, cluster: Option<&Cluster>) -> bool {
+    cluster.is_none_or(|c| has_labels(&endpoint.labels, &c.selector))
 }
 
 fn has_labels(labels: &BTreeMap<String, String>, selector: &BTreeMap<String, String>) -> bool {
@@ -196,6 +200,46 @@ pub fn hash_key(key: &HashKey, request: &RequestAttributes<'_>, source_ip: IpAdd
         }
     }?;
     Some(stable_hash(&value))
+}
+
+/// The hash cookie the proxy makes for a request that lacks it, and the key it routes by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedCookie {
+    /// The consistent-hash key of the generated value: the same key the request carrying the
+    /// cookie back will hash to, so it reaches the same endpoint.
+    pub hash: u64,
+    /// The `Set-Cookie` header value for the response.
+    pub set_cookie: String,
+}
+
+/// Envoy's cookie generation: when the policy hashes on a cookie with a `ttl` and the request
+/// lacks it, the proxy makes a value (a hash of `seed`; Envoy hashes the downstream address),
+/// routes by it, and sets it on the response. Without a `ttl` there is nothing to generate and
+/// the request is balanced at random. A `ttl` of 0 makes a session cookie (no `Max-Age`), as in
+/// Envoy; otherwise `Max-Age` is the ttl in whole seconds, at least 1.
+pub fn generate_cookie(key: &HashKey, seed: u64) -> Option<GeneratedCookie> {
+    let HashKey::Cookie {
+        name,
+        path,
+        ttl_ms: Some(ttl_ms),
+    } = key
+    else {
+        return None;
+    };
+    let value = format!("{:016x}", stable_hash(&seed.to_le_bytes()));
+    let mut set_cookie = format!("{name}={value}");
+    if let Some(path) = path {
+        set_cookie.push_str("; Path=");
+        set_cookie.push_str(path);
+    }
+    if *ttl_ms > 0 {
+        set_cookie.push_str(&format!("; Max-Age={}", (ttl_ms / 1000).max(1)));
+    }
+    set_cookie.push_str("; HttpOnly");
+    Some(GeneratedCookie {
+        hash: stable_hash(value.as_bytes()),
+        set_cookie,
+    })
 }
 
 fn cookie<'r>(request: &RequestAttributes<'r>, name: &str) -> Option<&'r str> {
@@ -400,6 +444,63 @@ mod tests {
             (1_000..=2_400).contains(&moved_on_add),
             "{moved_on_add} of 10000 moved"
         );
+    }
+
+    #[test]
+    fn generated_cookies_route_like_the_cookie_sent_back() {
+        let key = |path: Option<&str>, ttl_ms: Option<u64>| HashKey::Cookie {
+            name: "session".into(),
+            path: path.map(Into::into),
+            ttl_ms,
+        };
+        let cases = [
+            (
+                key(Some("/"), Some(3_600_000)),
+                Some("; Path=/; Max-Age=3600; HttpOnly"),
+            ),
+            (key(None, Some(1_500)), Some("; Max-Age=1; HttpOnly")),
+            (key(Some("/app"), Some(0)), Some("; Path=/app; HttpOnly")),
+            (key(Some("/"), None), None),
+            (HashKey::Header("x-user".into()), None),
+            (HashKey::SourceIp, None),
+        ];
+        for (key, attributes) in cases {
+            let generated = generate_cookie(&key, 7);
+            let Some(attributes) = attributes else {
+                assert_eq!(generated, None, "{key:?}");
+                continue;
+            };
+            let generated = generated.unwrap();
+            let (pair, rest) = generated
+                .set_cookie
+                .split_at(generated.set_cookie.find(';').unwrap());
+            assert_eq!(rest, attributes, "{key:?}");
+            let value = pair.strip_prefix("session=").unwrap();
+            assert_eq!(value.len(), 16, "{pair}");
+            // The request that carries the cookie back hashes to the key the first one used.
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::COOKIE, pair.parse().unwrap());
+            let labels = BTreeMap::new();
+            let request = RequestAttributes {
+                method: "GET",
+                path: "/",
+                query: "",
+                authority: "a",
+                scheme: "http",
+                headers: &headers,
+                source_labels: &labels,
+                source_namespace: "ns",
+                port: 80,
+            };
+            assert_eq!(
+                hash_key(&key, &request, IpAddr::from([10, 0, 0, 1])),
+                Some(generated.hash),
+                "{key:?}"
+            );
+        }
+        // Different seeds spread clients over the ring.
+        let key = key(None, Some(1_000));
+        assert_ne!(generate_cookie(&key, 1), generate_cookie(&key, 2));
     }
 
     #[test]

@@ -383,6 +383,31 @@ impl MeshCa {
         )
     }
 
+    /// A certificate for the DNS names `dns_names` (server and client auth), valid for an hour
+    /// around now, as a non-mesh TLS peer holds one; returns the chain and key files.
+    pub fn dns_files(&self, dns_names: &[&str]) -> (String, String) {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = dns_names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::hours(1);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let chain = temp_path("dns-chain.pem");
+        let key_file = temp_path("dns-key.pem");
+        std::fs::write(&chain, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (
+            chain.to_str().unwrap().to_owned(),
+            key_file.to_str().unwrap().to_owned(),
+        )
+    }
+
     /// [`MeshCa::workload_files`] valid from `not_before` to `not_after` (an expired one, say).
     pub fn workload_files_valid(
         &self,
