@@ -31,11 +31,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use support::{MeshCa, Netns, Ports, Proxy, RawReply, raw_request, recording_http_app, sample};
+use support::{
+    APP, MeshCa, Netns, Ports, Proxy, RawReply, raw_request, recording_http_app, sample,
+};
 
 const INSIDE: &str = "TRELLIS_PROXY_BYPASS_TEST_IN_NETNS";
-/// The client application: redirected to A's outbound listener.
-const APP: &str = "127.0.0.5";
 /// A plaintext peer outside the mesh: its connections to B's pod reach B's inbound listener.
 const PEER: &str = "127.0.0.7";
 /// B's pod address.

@@ -26,14 +26,12 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use support::{MeshCa, Netns, Ports, Proxy, connect_from};
+use support::{APP, MeshCa, Netns, Ports, Proxy, h1, runtime};
 use trellis_demo::body::{BoxBody, empty, full};
 use trellis_demo::control::Controls;
 use trellis_demo::server::{Identity, ServerState};
 
 const INSIDE: &str = "TRELLIS_PROXY_EXTERNAL_TEST_IN_NETNS";
-/// The client application: redirected to the proxy's outbound listener.
-const APP: &str = "127.0.0.5";
 const HTTP_PORT: u16 = 7400;
 const STICKY: &str = "sticky.shop.svc.cluster.local";
 /// ServiceEntry hosts resolved by DNS: `localhost` (the backend on 127.0.0.1) by each mode, and
@@ -140,24 +138,6 @@ fn start_proxy_with(config: &str) -> Proxy {
     let mut proxy = Proxy::with_config(ports, config, &[]);
     proxy.wait_ready();
     proxy
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// An HTTP/1.1 connection from the client application to `dst`.
-async fn h1(dst: SocketAddr) -> http1::SendRequest<BoxBody> {
-    let stream = connect_from(APP, dst);
-    stream.set_nonblocking(true).unwrap();
-    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
-    sender
 }
 
 struct Answer {

@@ -26,15 +26,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{MeshCa, Netns, Ports, Proxy, connect_from, sample};
+use support::{
+    APP, MeshCa, Netns, Ports, Proxy, app_connection, connect_from, h1, runtime, sample,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_demo::body::{BoxBody, FillerBody, empty, full};
 use trellis_demo::grpc::{GrpcDecoder, encode_message};
 use trellis_demo::ws;
 
 const INSIDE: &str = "TRELLIS_PROXY_HTTP_TEST_IN_NETNS";
-/// The client application: redirected to A's outbound listener.
-const APP: &str = "127.0.0.5";
 /// The tap's source: redirected to B's inbound listener.
 const PEER: &str = "127.0.0.7";
 /// B's pod address: what A dials, redirected to the tap.
@@ -284,21 +284,6 @@ impl Mesh {
     }
 }
 
-/// A connection from the client application to `dst`.
-fn app_connection(dst: SocketAddr) -> tokio::net::TcpStream {
-    let stream = connect_from(APP, dst);
-    stream.set_nonblocking(true).unwrap();
-    tokio::net::TcpStream::from_std(stream).unwrap()
-}
-
-async fn h1(dst: SocketAddr) -> http1::SendRequest<BoxBody> {
-    let (sender, connection) = http1::handshake(TokioIo::new(app_connection(dst)))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    sender
-}
-
 async fn h2(dst: SocketAddr) -> http2::SendRequest<BoxBody> {
     let (sender, connection) =
         http2::handshake(TokioExecutor::new(), TokioIo::new(app_connection(dst)))
@@ -351,14 +336,6 @@ fn header<'a>(answer: &'a serde_json::Value, name: &str) -> Option<&'a str> {
 fn remote_ip(answer: &serde_json::Value) -> String {
     let remote: SocketAddr = answer["remoteAddr"].as_str().unwrap().parse().unwrap();
     remote.ip().to_string()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A gRPC call on `sender`: its messages and `grpc-status`.

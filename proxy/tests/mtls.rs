@@ -21,11 +21,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, SanType,
 };
-use support::{Netns, Ports, Proxy, connect_from, echo_server, sample, temp_path};
+use support::{APP, Netns, Ports, Proxy, connect_from, echo_server, sample, temp_path};
 
 const INSIDE: &str = "TRELLIS_PROXY_MTLS_TEST_IN_NETNS";
-/// The client application: redirected to A's outbound listener.
-const APP: &str = "127.0.0.5";
 /// Other pods (and the tap): redirected to B's inbound listener.
 const PEER: &str = "127.0.0.7";
 /// B's pod address: what A dials, redirected to the tap.

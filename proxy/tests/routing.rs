@@ -28,14 +28,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use support::{Netns, Ports, Proxy, connect_from};
+use support::{APP, Netns, Ports, Proxy, connect_from, h1, runtime};
 use trellis_demo::body::{BoxBody, empty, full};
 use trellis_demo::control::Controls;
 use trellis_demo::server::{Identity, ServerState};
 
 const INSIDE: &str = "TRELLIS_PROXY_ROUTING_TEST_IN_NETNS";
-/// The client application: redirected to the proxy's outbound listener.
-const APP: &str = "127.0.0.5";
 /// Every HTTP backend listens on this port of its own address.
 const HTTP_PORT: u16 = 7300;
 /// The TCP and TLS backends.
@@ -326,24 +324,6 @@ fn start_proxy() -> Proxy {
     );
     proxy.wait_ready();
     proxy
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// An HTTP/1.1 connection from the client application to `dst`.
-async fn h1(dst: SocketAddr) -> http1::SendRequest<BoxBody> {
-    let stream = connect_from(APP, dst);
-    stream.set_nonblocking(true).unwrap();
-    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
-    sender
 }
 
 struct Answer {

@@ -21,15 +21,13 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use support::{Netns, Ports, Proxy, connect_from, sample};
+use support::{APP, Netns, Ports, Proxy, app_connection, connect_from, runtime, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_demo::body::{BoxBody, empty};
 use trellis_demo::control::Controls;
 use trellis_demo::server::{Identity, ServerState};
 
 const INSIDE: &str = "TRELLIS_PROXY_UPSTREAM_TEST_IN_NETNS";
-/// The client application: redirected to the proxy's outbound listener.
-const APP: &str = "127.0.0.5";
 
 const POOL_VIP: [u8; 4] = [127, 0, 0, 100];
 const EJECT_VIP: [u8; 4] = [127, 0, 0, 101];
@@ -53,14 +51,6 @@ fn in_netns(name: &str) -> bool {
     netns.nat_output(&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]);
     netns.rerun_inside(name, INSIDE);
     false
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn service(name: &str, vip: [u8; 4], port: u16, protocol: &str, endpoints: &[&str]) -> String {
@@ -134,12 +124,10 @@ fn start_proxy() -> Proxy {
 /// `x-trellis-reason` header.
 async fn request(vip: [u8; 4]) -> (StatusCode, Option<String>) {
     let dst = SocketAddr::from((vip, 80));
-    let stream = connect_from(APP, dst);
-    stream.set_nonblocking(true).unwrap();
-    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-    let (mut sender, connection) = http1::handshake::<_, BoxBody>(TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, connection) =
+        http1::handshake::<_, BoxBody>(TokioIo::new(app_connection(dst)))
+            .await
+            .unwrap();
     tokio::spawn(connection);
     let request = Request::get("/")
         .header("host", "svc")

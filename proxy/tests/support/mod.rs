@@ -349,6 +349,37 @@ pub fn connect_from(source: &str, dst: SocketAddr) -> TcpStream {
     stream
 }
 
+/// Source address of the tests' client application: the capture rules redirect its traffic.
+pub const APP: &str = "127.0.0.5";
+
+/// A connection from the client application to `dst`, for tokio.
+pub fn app_connection(dst: SocketAddr) -> tokio::net::TcpStream {
+    let stream = connect_from(APP, dst);
+    stream.set_nonblocking(true).unwrap();
+    tokio::net::TcpStream::from_std(stream).unwrap()
+}
+
+/// An HTTP/1.1 connection from the client application to `dst`.
+pub async fn h1(
+    dst: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<trellis_demo::body::BoxBody> {
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(app_connection(dst)))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// The runtime the async parts of a test run on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// An in-test mesh CA issuing workload certificates shaped like the operator's.
 pub struct MeshCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
