@@ -118,6 +118,54 @@ impl Drop for TestNamespace {
     }
 }
 
+/// A namespaced object a test applied, deleted when dropped so that a failing test leaves no
+/// policy or rule behind.
+pub struct Applied {
+    kind: String,
+    namespace: String,
+    name: String,
+}
+
+impl Applied {
+    /// Applies `{apiVersion, kind, metadata: {namespace, name}, spec}`.
+    pub fn spec(
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<Self> {
+        let object = serde_json::json!({
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        });
+        apply(&object.to_string())?;
+        Ok(Self {
+            kind: kind.to_ascii_lowercase(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for Applied {
+    fn drop(&mut self) {
+        let _ = kubectl(
+            &[
+                "-n",
+                &self.namespace,
+                "delete",
+                &self.kind,
+                &self.name,
+                "--ignore-not-found",
+            ],
+            None,
+        );
+    }
+}
+
 /// An echo server Deployment (`app: <name>`, version label) and its Service on port 80.
 pub fn echo_server_yaml(namespace: &str, name: &str, version: &str, replicas: u32) -> String {
     let image = demo_image();

@@ -12,42 +12,15 @@ use trellis_e2e::*;
 
 const READY: Duration = Duration::from_secs(180);
 
-/// An AuthorizationPolicy, deleted when dropped so a failing test leaves no policy behind.
-struct Policy {
-    namespace: String,
-    name: String,
-}
-
-impl Policy {
-    fn apply(namespace: &str, name: &str, spec: Value) -> anyhow::Result<Self> {
-        let object = serde_json::json!({
-            "apiVersion": "security.istio.io/v1",
-            "kind": "AuthorizationPolicy",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": spec,
-        });
-        apply(&object.to_string())?;
-        Ok(Self {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-}
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = kubectl(
-            &[
-                "-n",
-                &self.namespace,
-                "delete",
-                "authorizationpolicy",
-                &self.name,
-                "--ignore-not-found",
-            ],
-            None,
-        );
-    }
+/// An AuthorizationPolicy, deleted when dropped.
+fn authorization_policy(namespace: &str, name: &str, spec: Value) -> anyhow::Result<Applied> {
+    Applied::spec(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        namespace,
+        name,
+        spec,
+    )
 }
 
 /// Waits until the server's proxy holds exactly the policies `names` (`<namespace>.<name>`).
@@ -163,7 +136,7 @@ async fn authorization_policies_allow_deny_and_report_what_is_unsupported() -> a
     );
 
     // The seed example: ALLOW GET on app: productpage.
-    let allow_get = Policy::apply(
+    let allow_get = authorization_policy(
         &server_ns.name,
         "allow-get",
         serde_json::json!({
@@ -201,7 +174,7 @@ async fn authorization_policies_allow_deny_and_report_what_is_unsupported() -> a
 
     // A DENY on the second caller's principal blocks that caller only (GET is allowed).
     let second_principal = format!("cluster.local/ns/{}/sa/default", second.name);
-    let deny_second = Policy::apply(
+    let deny_second = authorization_policy(
         &server_ns.name,
         "deny-second",
         serde_json::json!({
@@ -228,7 +201,7 @@ async fn authorization_policies_allow_deny_and_report_what_is_unsupported() -> a
     drop(allow_get);
 
     // ALLOW by namespace: only the first caller's namespace.
-    let allow_first = Policy::apply(
+    let allow_first = authorization_policy(
         &server_ns.name,
         "allow-first-namespace",
         serde_json::json!({
@@ -252,7 +225,7 @@ async fn authorization_policies_allow_deny_and_report_what_is_unsupported() -> a
     drop(allow_first);
 
     // `spec: {}` is an ALLOW policy that matches nothing: everything is denied.
-    let deny_all = Policy::apply(&server_ns.name, "allow-nothing", serde_json::json!({}))?;
+    let deny_all = authorization_policy(&server_ns.name, "allow-nothing", serde_json::json!({}))?;
     wait_for_policies(&server_ns.name, &server, &[qualified("allow-nothing")]).await?;
     assert_eq!(
         callers.call(&client, &callers.first_ns, "GET").await?,
@@ -262,7 +235,7 @@ async fn authorization_policies_allow_deny_and_report_what_is_unsupported() -> a
 
     // CUSTOM needs an external authorizer Trellis does not have: reported, and (like Istio with
     // an unknown provider) it denies what its rules match.
-    let _custom = Policy::apply(
+    let _custom = authorization_policy(
         &server_ns.name,
         "ext-authz",
         serde_json::json!({

@@ -10,42 +10,15 @@ use trellis_e2e::*;
 const READY: Duration = Duration::from_secs(180);
 const ROOT_NAMESPACE: &str = "trellis-system";
 
-/// A PeerAuthentication, deleted when dropped so a failing test leaves no policy behind.
-struct Policy {
-    namespace: String,
-    name: String,
-}
-
-impl Policy {
-    fn apply(namespace: &str, name: &str, spec: Value) -> anyhow::Result<Self> {
-        let object = serde_json::json!({
-            "apiVersion": "security.istio.io/v1beta1",
-            "kind": "PeerAuthentication",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": spec,
-        });
-        apply(&object.to_string())?;
-        Ok(Self {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-}
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = kubectl(
-            &[
-                "-n",
-                &self.namespace,
-                "delete",
-                "peerauthentication",
-                &self.name,
-                "--ignore-not-found",
-            ],
-            None,
-        );
-    }
+/// A PeerAuthentication, deleted when dropped.
+fn peer_authentication(namespace: &str, name: &str, spec: Value) -> anyhow::Result<Applied> {
+    Applied::spec(
+        "security.istio.io/v1beta1",
+        "PeerAuthentication",
+        namespace,
+        name,
+        spec,
+    )
 }
 
 /// Waits until the server's proxy applies `mode` on port 8080.
@@ -150,7 +123,7 @@ async fn peer_authentication_modes_are_enforced_between_meshed_and_unmeshed_clie
     );
 
     // Mesh-wide STRICT: plaintext from the unmeshed client is refused, meshed still works.
-    let mesh_wide = Policy::apply(
+    let mesh_wide = peer_authentication(
         ROOT_NAMESPACE,
         "default",
         serde_json::json!({"mtls": {"mode": "STRICT"}}),
@@ -163,12 +136,12 @@ async fn peer_authentication_modes_are_enforced_between_meshed_and_unmeshed_clie
     );
 
     // Namespace STRICT with a workload-level PERMISSIVE override: the override wins.
-    let namespace_strict = Policy::apply(
+    let namespace_strict = peer_authentication(
         &server_ns.name,
         "default",
         serde_json::json!({"mtls": {"mode": "STRICT"}}),
     )?;
-    let workload = Policy::apply(
+    let workload = peer_authentication(
         &server_ns.name,
         "secure",
         serde_json::json!({"selector": {"matchLabels": {"app": "secure"}}, "mtls": {"mode": "PERMISSIVE"}}),
@@ -182,7 +155,7 @@ async fn peer_authentication_modes_are_enforced_between_meshed_and_unmeshed_clie
     drop(workload);
 
     // Port-level DISABLE under a STRICT workload: port 8080 takes plaintext again.
-    let _port_level = Policy::apply(
+    let _port_level = peer_authentication(
         &server_ns.name,
         "secure-port",
         serde_json::json!({

@@ -13,40 +13,6 @@ use trellis_e2e::*;
 const INJECT: (&str, &str) = ("trellis.dev/inject", "enabled");
 const READY: Duration = Duration::from_secs(180);
 
-/// An applied Istio object, deleted when dropped so a failing test leaves nothing behind.
-struct Applied {
-    kind: &'static str,
-    namespace: String,
-    name: String,
-}
-
-impl Applied {
-    fn yaml(kind: &'static str, namespace: &str, name: &str, yaml: &str) -> anyhow::Result<Self> {
-        apply(yaml)?;
-        Ok(Self {
-            kind,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-}
-
-impl Drop for Applied {
-    fn drop(&mut self) {
-        let _ = kubectl(
-            &[
-                "-n",
-                &self.namespace,
-                "delete",
-                self.kind,
-                &self.name,
-                "--ignore-not-found",
-            ],
-            None,
-        );
-    }
-}
-
 /// A demo-server Deployment `name-version` (labels `app: name`, `version`) with extra server
 /// arguments (e.g. `--defaults status=500` for a bad replica).
 fn server_yaml(namespace: &str, name: &str, version: &str, extra_args: &[&str]) -> String {
@@ -119,23 +85,23 @@ async fn deploy(
 }
 
 fn destination_rule(namespace: &str, name: &str, spec: Value) -> anyhow::Result<Applied> {
-    let object = serde_json::json!({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    });
-    Applied::yaml("destinationrule", namespace, name, &object.to_string())
+    Applied::spec(
+        "networking.istio.io/v1",
+        "DestinationRule",
+        namespace,
+        name,
+        spec,
+    )
 }
 
 fn virtual_service(namespace: &str, name: &str, spec: Value) -> anyhow::Result<Applied> {
-    let object = serde_json::json!({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    });
-    Applied::yaml("virtualservice", namespace, name, &object.to_string())
+    Applied::spec(
+        "networking.istio.io/v1",
+        "VirtualService",
+        namespace,
+        name,
+        spec,
+    )
 }
 
 fn subsets_v1_v2(host: &str) -> Value {
