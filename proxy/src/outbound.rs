@@ -2,11 +2,14 @@
 //! A connection to a service VIP goes to a ready endpoint of the service port chosen by round
 //! robin, one to an endpoint's address to that endpoint; either way with mutual TLS when the
 //! endpoint is meshed. Anything else is passed through to its original destination
-//! (`ALLOW_ANY`) or refused (`REGISTRY_ONLY`).
+//! (`ALLOW_ANY`) or refused (`REGISTRY_ONLY`). A service without addresses (a ServiceEntry
+//! without `addresses`) is found by the ClientHello's server name on the dialled port, as
+//! Istio's listener per port does.
 //!
 //! A VIP whose service port has a VirtualService follows its `tls` routes (by the ClientHello's
 //! SNI, see [`sni`]) and `tcp` routes: the chosen weighted destination's cluster gives the
-//! endpoint.
+//! endpoint. A cluster whose DestinationRule sets `tls.mode` `SIMPLE` or `MUTUAL` gets TLS the
+//! proxy originates instead of the mesh's mutual TLS.
 //!
 //! HTTP connections (the service port declares `http`, `http2` or `grpc`; or, with no declared
 //! protocol, the first bytes are HTTP) are handed to [`crate::l7::outbound`], which chooses the
@@ -19,15 +22,17 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 use trellis_api::config::{Endpoint, ProxyConfig};
+use trellis_api::traffic::TlsMode;
 
 use crate::capture::{self, CaptureListener};
 use crate::destination::{self, Destination};
 use crate::metrics::{MUTUAL_TLS, PLAINTEXT, TcpLabels, flags};
 use crate::mtls::{self, MeshTls};
 use crate::route::{ConnectionAttributes, Target};
+use crate::sniff::{self, Sniffed};
 use crate::state::ProxyState;
 use crate::upstream::{PickError, Picked};
-use crate::{forward, l7, route, sniff};
+use crate::{forward, l7, route, tls_origination};
 
 mod sni;
 
@@ -51,15 +56,38 @@ impl Outbound {
 
 async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
     let config = state.current_config();
-    let found = destination::lookup(&config, dst);
+    let mut found = destination::lookup(&config, dst);
+    // A known port's declared protocol decides; otherwise the first bytes (opaque when the
+    // application stays silent, so a server-speaks-first protocol is only delayed by the
+    // detection timeout).
+    let sniffed = match &found {
+        Some(_) => None,
+        None => Some(sniff::detect_protocol(&stream).await.unwrap_or_else(|e| {
+            debug!(error = %e, "outbound connection failed before its first bytes");
+            Sniffed::Opaque
+        })),
+    };
+    let http = match (&found, sniffed) {
+        (Some(found), _) => l7::is_http(found.port.protocol),
+        (None, sniffed) => sniffed.is_some_and(Sniffed::is_http),
+    };
+    // HTTP finds its service per request (by the authority when the address names none) and
+    // answers a host outside the registry itself (`REGISTRY_ONLY`: 502).
+    if http {
+        l7::outbound::serve(state, stream, peer, dst).await;
+        return;
+    }
+    if sniffed == Some(Sniffed::Tls) {
+        match sni::peek(&stream).await {
+            Ok(Some(name)) => found = destination::lookup_host(&config, &name, dst.port()),
+            Ok(None) => {}
+            Err(e) => debug!(error = %e, "connection failed before its ClientHello"),
+        }
+    }
     let mut labels = labels(&state, found.as_ref());
     if !destination::outbound_allowed(&config, found.as_ref()) {
         capture::count_refused(&state, labels, flags::NO_ROUTE);
         info!(%peer, %dst, "outbound destination not in the registry, closing (REGISTRY_ONLY)");
-        return;
-    }
-    if is_http(found.as_ref(), &stream).await {
-        l7::outbound::serve(state, stream, peer, dst).await;
         return;
     }
     let target = match &found {
@@ -104,7 +132,21 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         .as_ref()
         .map_or(state.connect_timeout, Picked::connect_timeout);
 
-    let mesh = match mesh_peer(&state, &config, endpoint, upstream.port()) {
+    let hostname = target
+        .as_ref()
+        .and_then(|t| t.service.hostnames.first())
+        .map_or("", String::as_str);
+    let cluster_tls = target
+        .as_ref()
+        .and_then(|t| t.cluster)
+        .and_then(|c| c.tls.as_ref());
+    // The DestinationRule's `tls` replaces the mesh's mutual TLS unless it asks for it.
+    let mesh = if cluster_tls.is_none_or(|tls| tls.mode == TlsMode::IstioMutual) {
+        mesh_peer(&state, &config, endpoint, upstream.port())
+    } else {
+        Ok(None)
+    };
+    let mesh = match mesh {
         Ok(mesh) => mesh,
         Err(e) => {
             capture::count_refused(&state, labels, flags::UPSTREAM_FAILURE);
@@ -122,16 +164,30 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
     };
     let Some((tls, peer_id)) = mesh else {
         labels.connection_security_policy = PLAINTEXT.into();
-        capture::serve(&state, labels, stream, tcp, peer, upstream).await;
+        match cluster_tls.filter(|tls| tls_origination::originates(tls)) {
+            // DestinationRule `tls.mode` SIMPLE/MUTUAL: the application's bytes go inside TLS
+            // the proxy originates (egress TLS origination for a TCP port).
+            Some(origination) => {
+                match tls_origination::originate(origination, hostname, None, tcp, connect_timeout)
+                    .await
+                {
+                    Ok(tls_stream) => {
+                        debug!(%peer, %upstream, "TLS originated");
+                        capture::serve(&state, labels, stream, tls_stream, peer, upstream).await;
+                    }
+                    Err(e) => {
+                        capture::count_refused(&state, labels, flags::UPSTREAM_FAILURE);
+                        warn!(%peer, %upstream, error = format!("{e:#}"), "TLS origination failed");
+                    }
+                }
+            }
+            None => capture::serve(&state, labels, stream, tcp, peer, upstream).await,
+        }
         return;
     };
     labels.source_principal = tls.local_id().to_string();
     labels.destination_principal = peer_id.to_owned();
     labels.connection_security_policy = MUTUAL_TLS.into();
-    let hostname = target
-        .as_ref()
-        .and_then(|t| t.service.hostnames.first())
-        .map_or("", String::as_str);
     let handshake = async {
         let connector = tls.connector(peer_id)?;
         let name = mtls::server_name(hostname);
@@ -225,22 +281,6 @@ fn pick_tcp<'a>(
         Err(e @ PickError::Unresolved { .. }) => {
             warn!(error = %e, "no endpoint");
             None
-        }
-    }
-}
-
-/// Whether the connection carries HTTP: as the matched service port declares, else as its
-/// first bytes say (opaque when the application stays silent, so a server-speaks-first
-/// protocol is only delayed by the detection timeout).
-async fn is_http(found: Option<&Destination<'_>>, stream: &TcpStream) -> bool {
-    if let Some(found) = found {
-        return l7::is_http(found.port.protocol);
-    }
-    match sniff::detect_protocol(stream).await {
-        Ok(sniffed) => sniffed.is_http(),
-        Err(e) => {
-            debug!(error = %e, "outbound connection failed before its first bytes");
-            false
         }
     }
 }

@@ -274,7 +274,7 @@ fn envoy_substitution(rewrite: &str) -> String {
 pub fn redirect_location(redirect: &Redirect, request: &RequestAttributes<'_>) -> String {
     let scheme = redirect.scheme.as_deref().unwrap_or(request.scheme);
     let authority = redirect.authority.as_deref().unwrap_or(request.authority);
-    let host = strip_port(authority);
+    let host = crate::destination::strip_port(authority);
     let port = match redirect.port {
         Some(RedirectPort::Number(port)) => Some(port),
         Some(RedirectPort::FromRequestPort) => Some(request.port),
@@ -291,13 +291,6 @@ pub fn redirect_location(redirect: &Redirect, request: &RequestAttributes<'_>) -
     match port.filter(|p| *p != default_port) {
         Some(port) => format!("{scheme}://{host}:{port}{path}{query}"),
         None => format!("{scheme}://{host}{path}{query}"),
-    }
-}
-
-fn strip_port(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() && !host.ends_with(':') => host,
-        _ => authority,
     }
 }
 

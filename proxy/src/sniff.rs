@@ -179,6 +179,9 @@ pub enum Sniffed {
     Http1,
     /// The HTTP/2 connection preface (h2c with prior knowledge).
     Http2,
+    /// A TLS handshake record (the application's own TLS): opaque, but its ClientHello names a
+    /// server.
+    Tls,
     /// Anything else, a silent client included: forwarded as opaque TCP.
     Opaque,
 }
@@ -196,10 +199,13 @@ pub enum HttpParse {
     Done(Sniffed),
 }
 
-/// Classifies the first bytes of a connection as HTTP/1.x, HTTP/2 (prior knowledge) or opaque.
+/// Classifies the first bytes of a connection as HTTP/1.x, HTTP/2 (prior knowledge), TLS or
+/// opaque.
 pub fn classify_http(bytes: &[u8]) -> HttpParse {
-    if bytes.is_empty() {
-        return HttpParse::NeedMore;
+    match bytes.first() {
+        None => return HttpParse::NeedMore,
+        Some(&CONTENT_TYPE_HANDSHAKE) => return HttpParse::Done(Sniffed::Tls),
+        Some(_) => {}
     }
     let common = bytes.len().min(H2_PREFACE.len());
     if bytes[..common] == H2_PREFACE[..common] {
@@ -523,7 +529,7 @@ mod tests {
     #[test]
     fn http_request_lines_and_the_h2_preface_are_http_everything_else_opaque() {
         use HttpParse::{Done, NeedMore};
-        use Sniffed::{Http1, Http2, Opaque};
+        use Sniffed::{Http1, Http2, Opaque, Tls};
         let table: &[(&[u8], HttpParse)] = &[
             (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Done(Http1)),
             (b"GET / HTTP/1.1\r\n", Done(Http1)),
@@ -549,7 +555,8 @@ mod tests {
             (b"PRI * HTTP/2.0\r\n", NeedMore),
             (b"PRI", NeedMore),
             // Not HTTP.
-            (b"\x16\x03\x01\x02\x00\x01", Done(Opaque)), // a TLS ClientHello
+            (b"\x16\x03\x01\x02\x00\x01", Done(Tls)), // a TLS ClientHello
+            (b"\x16", Done(Tls)),
             (b"SSH-2.0-OpenSSH_9.6\r\n", Done(Opaque)),
             (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Done(Opaque)), // a PostgreSQL startup
             (b"GET / HTTP/2.0\r\n", Done(Opaque)),

@@ -10,6 +10,9 @@
 //! instead carry one of those names.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -17,7 +20,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tracing::warn;
 use trellis_api::traffic::{ClientTls, TlsMode};
 
@@ -52,19 +57,37 @@ pub fn originates(tls: &ClientTls) -> bool {
 }
 
 /// The server name a connection for `host` presents and verifies: `sni`, else the host.
-pub fn server_name(tls: &ClientTls, host: &str) -> Result<ServerName<'static>, OriginationError> {
+fn server_name(tls: &ClientTls, host: &str) -> Result<ServerName<'static>, OriginationError> {
     let value = tls.sni.as_deref().unwrap_or(host);
     ServerName::try_from(value.to_owned()).map_err(|_| OriginationError::ServerName {
         value: value.to_owned(),
     })
 }
 
-/// A TLS client for a `SIMPLE`/`MUTUAL` cluster of `host`, offering `alpn`. Files are read on
-/// every call, so call it per new connection (a rotated certificate is then picked up).
-pub fn connector(
+/// TLS origination over `tcp` for a `SIMPLE`/`MUTUAL` cluster of `host`: the handshake,
+/// offering `alpn` (none for opaque TCP), within `timeout`.
+pub async fn originate(
     tls: &ClientTls,
     host: &str,
-    alpn: &[u8],
+    alpn: Option<&[u8]>,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    let addr = tcp.peer_addr()?;
+    let connector = connector(tls, host, alpn)?;
+    let server_name = server_name(tls, host)?;
+    tokio::time::timeout(timeout, connector.connect(server_name, tcp))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake with {addr} timed out"))?
+        .with_context(|| format!("TLS origination to {addr} ({:?})", tls.mode))
+}
+
+/// A TLS client for a `SIMPLE`/`MUTUAL` cluster of `host`, offering `alpn`. Files are read on
+/// every call, so call it per new connection (a rotated certificate is then picked up).
+fn connector(
+    tls: &ClientTls,
+    host: &str,
+    alpn: Option<&[u8]>,
 ) -> Result<TlsConnector, OriginationError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
@@ -120,7 +143,7 @@ pub fn connector(
         }
         _ => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
@@ -323,7 +346,7 @@ mod tests {
             ),
         ];
         for (settings, expected) in cases {
-            let error = connector(&settings, "api.example.com", b"http/1.1")
+            let error = connector(&settings, "api.example.com", Some(b"http/1.1"))
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
@@ -337,7 +360,7 @@ mod tests {
                     ..tls(TlsMode::Simple)
                 },
                 "api.example.com",
-                b"h2"
+                None
             )
             .is_ok()
         );

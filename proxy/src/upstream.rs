@@ -73,8 +73,8 @@ pub enum PickError {
     /// No ready endpoint in the subset, or every one is ejected (Envoy's `UH`).
     #[error("cluster {0}: no healthy endpoint")]
     NoHealthyUpstream(String),
-    /// The cluster's policy is `PASSTHROUGH`: connect to the address the application dialled,
-    /// via [`Upstreams::passthrough`].
+    /// The cluster's policy is `PASSTHROUGH`, or its ServiceEntry's resolution `NONE`: connect
+    /// to the address the application dialled, via [`Upstreams::passthrough`].
     #[error("cluster {0}: load balancer PASSTHROUGH connects to the original destination")]
     Passthrough(String),
     /// A DNS-resolved ServiceEntry cluster none of whose names has an answer yet (`UH`).
@@ -162,7 +162,7 @@ pub struct Upstreams {
     /// the swap.
     config: ArcSwapOption<ProxyConfig>,
     clusters: RwLock<HashMap<ClusterKey, Arc<ClusterState>>>,
-    /// The endpoints of `resolution: DNS`/`DNS_ROUND_ROBIN` ServiceEntry clusters.
+    /// The ServiceEntry facts of external clusters, and the endpoints of those resolved by DNS.
     dns: dns::Resolver,
 }
 
@@ -378,7 +378,15 @@ impl Upstreams {
         if *lb == LoadBalancer::Passthrough {
             return Err(PickError::Passthrough(cluster.label.to_string()));
         }
-        if let Some(external) = self.dns.external(&cluster.key.host) {
+        let external = self.dns.external(&cluster.key.host);
+        // `resolution: NONE`: connections arrive resolved, so they go where the application
+        // sent them (Envoy's ORIGINAL_DST cluster).
+        if external.as_ref().is_some_and(|e| {
+            e.resolution == Resolution::None && target.service.endpoints.is_empty()
+        }) {
+            return Err(PickError::Passthrough(cluster.label.to_string()));
+        }
+        if let Some(external) = external.filter(|e| dns::resolves_by_dns(e)) {
             let resolved = self
                 .dns
                 .endpoints(&external, &target.port.name, target.port.target_port)

@@ -482,3 +482,185 @@ fn destination_rule_tls_originates_tls_to_plain_http_requests() {
         "{logs}"
     );
 }
+
+/// A registry of names only, under `REGISTRY_ONLY`: ServiceEntry hosts without addresses (found
+/// by HTTP authority or TLS server name on the dialled port; one resolved by DNS to `localhost`,
+/// a wildcard with `resolution: NONE`), and a TCP port whose DestinationRule originates TLS.
+fn registry_config(ca: &str) -> String {
+    let by_name = |host: &str, port: &str, number: u16| {
+        serde_json::json!({
+            "hostnames": [host], "namespace": "egress", "vips": [],
+            "ports": [{"name": port, "port": number, "targetPort": number, "protocol": port}],
+            "endpoints": [],
+        })
+    };
+    let services = serde_json::json!([
+        by_name(BY_NAME, "http", HTTP_PORT),
+        by_name(ORIGINAL_WILDCARD, "http", HTTP_PORT),
+        by_name(TLS_BY_NAME, "tls", TLS_PORT),
+        {
+            "hostnames": [TCP_ORIGINATED], "namespace": "egress", "vips": ["127.0.0.154"],
+            "ports": [{"name": "tcp", "port": 9000, "targetPort": TLS_PORT, "protocol": "tcp"}],
+            "endpoints": [{"address": "127.0.0.52", "ready": true, "meshed": false}],
+        },
+    ]);
+    let external = |host: &str, resolution: &str, names: &[&str]| {
+        let names: Vec<_> = names
+            .iter()
+            .map(|n| serde_json::json!({"address": n}))
+            .collect();
+        serde_json::json!({"host": host, "location": "MESH_EXTERNAL", "resolution": resolution,
+                           "dnsEndpoints": names})
+    };
+    let external_services = serde_json::json!([
+        external(BY_NAME, "DNS", &["localhost"]),
+        external(ORIGINAL_WILDCARD, "NONE", &[]),
+        external(TLS_BY_NAME, "DNS", &["localhost"]),
+        external(TCP_ORIGINATED, "STATIC", &[]),
+    ]);
+    let clusters = serde_json::json!([{"host": TCP_ORIGINATED, "port": 0,
+                                       "tls": {"mode": "SIMPLE", "caCertificates": ca}}]);
+    serde_json::json!({"version": "registry-1", "outboundTrafficPolicy": "REGISTRY_ONLY",
+                       "services": services,
+                       "traffic": {"routes": [], "clusters": clusters,
+                                   "externalServices": external_services}})
+    .to_string()
+}
+
+const BY_NAME: &str = "api.by-name.test";
+const ORIGINAL_WILDCARD: &str = "*.original.test";
+const TLS_BY_NAME: &str = "tls.by-name.test";
+const TCP_ORIGINATED: &str = "db.ext.test";
+/// An address no service has and nothing listens on.
+const NOWHERE: u8 = 9;
+
+/// A GET over TLS the application makes itself to `dst`, naming `server_name` (SNI and Host)
+/// and trusting `ca_file`.
+async fn https_get(dst: SocketAddr, server_name: &str, ca_file: &str) -> anyhow::Result<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(ca_file) {
+        roots.add(cert)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, support::app_connection(dst))
+        .await?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(connection);
+    let request = Request::get("/")
+        .header("host", server_name)
+        .body(empty())?;
+    let body = sender.send_request(request).await?.into_body();
+    Ok(String::from_utf8_lossy(&body.collect().await?.to_bytes()).into_owned())
+}
+
+async fn registry_by_name(ca_file: &str) {
+    // `localhost` is resolved in the background: wait for the first answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut client = h1(vip(NOWHERE, HTTP_PORT)).await;
+    loop {
+        let answer = request(&mut client, BY_NAME, None).await;
+        if answer.status == StatusCode::OK {
+            // Found by its authority although the address dialled is no service's.
+            assert_eq!(served_by(&answer), "e1");
+            break;
+        }
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(tokio::time::Instant::now() < deadline, "never resolved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // `resolution: NONE` under a wildcard: where the application sent it.
+    let mut client = h1(vip(33, HTTP_PORT)).await;
+    let answer = request(&mut client, "www.original.test", None).await;
+    assert_eq!(served_by(&answer), "e33");
+
+    // Outside the registry: the proxy's own 502 with its reason, whether or not something
+    // listens at the address.
+    for dialled in [NOWHERE, 33] {
+        let mut client = h1(vip(dialled, HTTP_PORT)).await;
+        let answer = request(&mut client, "unknown.test", None).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{:?}", answer.body);
+        assert_eq!(answer.headers["x-trellis-reason"], "not_in_registry");
+        // The same name on a port it does not have is outside too.
+        let mut client = h1(vip(dialled, 7401)).await;
+        let answer = request(&mut client, BY_NAME, None).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{:?}", answer.body);
+    }
+
+    // TLS the application makes itself: found by its server name, relayed untouched.
+    let tls_dst = vip(NOWHERE, TLS_PORT);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        match https_get(tls_dst, TLS_BY_NAME, ca_file).await {
+            Ok(seen) => break seen,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("not yet: {e:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("TLS to {TLS_BY_NAME} never passed: {e:#}"),
+        }
+    };
+    assert_eq!(seen, "tls sni=tls.by-name.test client_certs=0");
+    // A server name outside the registry: the connection is closed.
+    let refused = https_get(tls_dst, "other.by-name.test", ca_file).await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // Plain bytes to a TCP port whose DestinationRule says SIMPLE: TLS the proxy originates.
+    let mut client = h1(vip(154, 9000)).await;
+    let answer = request(&mut client, TCP_ORIGINATED, None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, "tls sni=db.ext.test client_certs=0");
+}
+
+#[test]
+fn registry_only_finds_hosts_without_addresses_by_name_and_refuses_the_rest() {
+    if !in_netns("registry_only_finds_hosts_without_addresses_by_name_and_refuses_the_rest") {
+        return;
+    }
+    let ca = MeshCa::new("external test CA");
+    let ca_file = support::temp_path("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let ca_file = ca_file.to_str().unwrap().to_owned();
+    let runtime = runtime();
+    runtime.block_on(async {
+        start_backends().await;
+        // `localhost` for the name found by SNI; 127.0.0.52 for the originated TCP.
+        let by_name = ca.dns_files(&[TLS_BY_NAME, "other.by-name.test"]);
+        https_server(vip(1, TLS_PORT), by_name, None).await;
+        https_server(vip(52, TLS_PORT), ca.dns_files(&[TCP_ORIGINATED]), None).await;
+    });
+    let proxy = start_proxy_with(&registry_config(&ca_file));
+    let run =
+        runtime.block_on(async { tokio::time::timeout(TIMEOUT, registry_by_name(&ca_file)).await });
+    assert!(run.is_ok(), "timed out\n{}", proxy.logs());
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("request for a host outside the registry refused (REGISTRY_ONLY): 502"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("outbound destination not in the registry, closing (REGISTRY_ONLY)"),
+        "{logs}"
+    );
+    let refused: Vec<(String, String)> = proxy
+        .access_log()
+        .iter()
+        .filter(|l| l["response_code"] == 502)
+        .map(|l| {
+            (
+                l["authority"].as_str().unwrap_or_default().to_owned(),
+                l["response_flags"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(refused.len(), 4, "{refused:?}\n{logs}");
+    assert!(
+        refused.iter().all(|(_, flags)| flags == "NR"),
+        "{refused:?}"
+    );
+}

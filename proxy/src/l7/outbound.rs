@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use trellis_api::config::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConfig};
 use trellis_api::mesh::OutboundTrafficMode;
 use trellis_api::traffic::{
@@ -80,17 +80,21 @@ pub enum Route<'a> {
     /// No service known for the address: straight to it (`ALLOW_ANY`).
     Passthrough(SocketAddr),
     /// Not allowed to leave (`REGISTRY_ONLY`).
-    NoRoute,
+    OutsideRegistry,
 }
 
-/// Which service a request to `dst` is for; [`plan_route`] then applies its routes.
-pub fn route(config: &ProxyConfig, dst: SocketAddr) -> Route<'_> {
-    match destination::lookup(config, dst) {
+/// Which service a request to `dst` with `authority` is for: the service of the address, else
+/// the service without addresses that names the authority on the dialled port (a ServiceEntry
+/// without `addresses`); [`plan_route`] then applies its routes.
+pub fn route<'a>(config: &'a ProxyConfig, dst: SocketAddr, authority: &str) -> Route<'a> {
+    let found = destination::lookup(config, dst)
+        .or_else(|| destination::lookup_host(config, authority, dst.port()));
+    match found {
         Some(found) => Route::Service(found),
         None if config.outbound_traffic_policy == OutboundTrafficMode::AllowAny => {
             Route::Passthrough(dst)
         }
-        None => Route::NoRoute,
+        None => Route::OutsideRegistry,
     }
 }
 
@@ -167,13 +171,9 @@ impl Upstream {
             Wire::Http2 => b"h2",
             Wire::Http1 => b"http/1.1",
         };
-        let connector = tls_origination::connector(tls, &self.hostname, alpn)?;
-        let server_name = tls_origination::server_name(tls, &self.hostname)?;
-        let handshake = connector.connect(server_name, tcp);
-        let stream = tokio::time::timeout(self.connect_timeout, handshake)
-            .await
-            .map_err(|_| anyhow::anyhow!("TLS handshake with {} timed out", self.addr))?
-            .with_context(|| format!("TLS origination to {} ({:?})", self.addr, tls.mode))?;
+        let stream =
+            tls_origination::originate(tls, &self.hostname, Some(alpn), tcp, self.connect_timeout)
+                .await?;
         Ok(Box::new(stream))
     }
 }
@@ -193,16 +193,21 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
     let state = &connection.state;
     // The snapshot this request uses to its end, whatever config arrives meanwhile.
     let config = state.current_config();
-    let route = route(&config, connection.dst);
+    let authority = headers::authority(&req).unwrap_or_default();
+    let route = route(&config, connection.dst, &authority);
     let found = match route {
         Route::Service(found) => Some(found),
-        Route::Passthrough(_) | Route::NoRoute => None,
+        Route::Passthrough(_) | Route::OutsideRegistry => None,
     };
     let labels = crate::outbound::labels(state, found.as_ref());
     let mut record = Record::start(state.clone(), labels, &req, connection.peer);
     record.request_id = headers::ensure_request_id(req.headers_mut());
     let plan = match route {
-        Route::NoRoute => return record.reply(Reason::NoRoute),
+        Route::OutsideRegistry => {
+            info!(peer = %connection.peer, dst = %connection.dst, authority,
+                  "request for a host outside the registry refused (REGISTRY_ONLY): 502");
+            return record.reply(Reason::NotInRegistry);
+        }
         Route::Passthrough(addr) => Plan::to(Upstreams::Passthrough(addr)),
         // An endpoint the application dialled itself: no VirtualService applies to it.
         Route::Service(found) if found.endpoint.is_some() => Plan::to(Upstreams::Cluster {
@@ -210,7 +215,10 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
             original: Some(connection.dst),
         }),
         Route::Service(found) => match plan_route(connection, &config, found, &req) {
-            Ok(plan) => with_generated_cookie(plan),
+            Ok(plan) => with_generated_cookie(Plan {
+                dialled: Some(connection.dst),
+                ..plan
+            }),
             Err(Answer::Reason(reason)) => return record.reply(reason),
             Err(Answer::Made(response)) => return answer(record, *response, &[]),
         },
@@ -237,6 +245,9 @@ struct Plan<'a> {
     hash: Option<u64>,
     /// The hash cookie the proxy generated for this request, set on the upstream's response.
     set_cookie: Option<HeaderValue>,
+    /// The address the application dialled: where `PASSTHROUGH` (or `resolution: NONE`) sends a
+    /// request to a service without a VIP.
+    dialled: Option<SocketAddr>,
 }
 
 impl<'a> Plan<'a> {
@@ -248,6 +259,7 @@ impl<'a> Plan<'a> {
             matched: None,
             hash: None,
             set_cookie: None,
+            dialled: None,
         }
     }
 }
@@ -353,6 +365,7 @@ fn plan_route<'a>(
         destination_headers: Some(&chosen.headers),
         matched: matched.matched,
         set_cookie: None,
+        dialled: None,
     })
 }
 
@@ -737,16 +750,15 @@ fn choose<'a>(
         Some(dst) => state.upstreams.passthrough(target, dst),
         None => match state.upstreams.pick(target, plan.hash, avoid) {
             Ok(picked) => picked,
-            // `PASSTHROUGH`: the address the application dialled (a VIP, which kube-proxy
-            // balances), still counted against the cluster.
+            // `PASSTHROUGH`: the service's VIP (which kube-proxy balances), else the address
+            // the application dialled; still counted against the cluster.
             Err(PickError::Passthrough(_)) => {
-                let vip = target.service.vips.first().copied();
-                let Some(vip) = vip else {
+                let vip = target.service.vips.first();
+                let addr = vip.map(|vip| SocketAddr::new(*vip, target.port.port));
+                let Some(addr) = addr.or(plan.dialled) else {
                     return Err(Reason::NoHealthyUpstream);
                 };
-                state
-                    .upstreams
-                    .passthrough(target, SocketAddr::new(vip, target.port.port))
+                state.upstreams.passthrough(target, addr)
             }
             Err(PickError::NoHealthyUpstream(cluster)) => {
                 debug!(cluster, "no healthy endpoint");
@@ -1086,6 +1098,9 @@ mod tests {
                     "hostnames":["reviews.default.svc.cluster.local"],"namespace":"default",
                     "vips":["10.96.0.20"],
                     "ports":[{{"name":"http","port":80,"targetPort":8080,"protocol":"http"}}],
+                    "endpoints":[]}},{{
+                    "hostnames":["api.example.com"],"namespace":"egress","vips":[],
+                    "ports":[{{"name":"http","port":80,"targetPort":80,"protocol":"http"}}],
                     "endpoints":[]}}]}}"#
                 )
                 .as_bytes(),
@@ -1099,16 +1114,34 @@ mod tests {
         let hostname = |route: Route<'_>| match route {
             Route::Service(found) => found.hostname().to_owned(),
             Route::Passthrough(addr) => format!("passthrough {addr}"),
-            Route::NoRoute => "none".to_owned(),
+            Route::OutsideRegistry => "none".to_owned(),
         };
+        let other_port: SocketAddr = "10.1.1.1:8080".parse().unwrap();
+        // (config, address dialled, authority) → where the request goes
         let table = [
-            (&allow_any, vip, "reviews.default.svc.cluster.local"),
-            (&registry_only, vip, "reviews.default.svc.cluster.local"),
-            (&allow_any, other, "passthrough 10.1.1.1:80"),
-            (&registry_only, other, "none"),
+            (&allow_any, vip, "", "reviews.default.svc.cluster.local"),
+            (&registry_only, vip, "", "reviews.default.svc.cluster.local"),
+            // The address decides before the authority.
+            (
+                &registry_only,
+                vip,
+                "api.example.com",
+                "reviews.default.svc.cluster.local",
+            ),
+            (&allow_any, other, "", "passthrough 10.1.1.1:80"),
+            (&registry_only, other, "", "none"),
+            // A service without addresses, by its name on its port.
+            (&registry_only, other, "api.example.com", "api.example.com"),
+            (&allow_any, other, "api.example.com:80", "api.example.com"),
+            (&registry_only, other_port, "api.example.com:8080", "none"),
+            (&registry_only, other, "www.example.com", "none"),
         ];
-        for (config, dst, expected) in table {
-            assert_eq!(hostname(route(config, dst)), expected, "{dst}");
+        for (config, dst, authority, expected) in table {
+            assert_eq!(
+                hostname(route(config, dst, authority)),
+                expected,
+                "{dst} {authority}"
+            );
         }
     }
 

@@ -14,9 +14,11 @@ use crate::metrics::flags;
 /// Why the proxy answered instead of the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
-    /// The request's destination is no longer allowed (the config changed under
-    /// `REGISTRY_ONLY` while the connection was open).
+    /// The service's VirtualService has no route the request matches (Envoy's 404 `NR`).
     NoRoute,
+    /// Under `outboundTrafficPolicy: REGISTRY_ONLY`, neither the address nor the authority is a
+    /// service of the registry (Istio answers 502 from its `BlackHoleCluster`).
+    NotInRegistry,
     /// The service port has no ready endpoint.
     NoHealthyUpstream,
     /// Connecting to the endpoint failed, its mutual TLS handshake included.
@@ -39,6 +41,7 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::NotInRegistry => StatusCode::BAD_GATEWAY,
             Self::InvalidPath => StatusCode::BAD_REQUEST,
             Self::RbacAccessDenied => StatusCode::FORBIDDEN,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -52,7 +55,7 @@ impl Reason {
     /// Envoy's response flag.
     pub fn flag(self) -> &'static str {
         match self {
-            Self::NoRoute => flags::NO_ROUTE,
+            Self::NoRoute | Self::NotInRegistry => flags::NO_ROUTE,
             Self::NoHealthyUpstream => flags::NO_HEALTHY_UPSTREAM,
             Self::UpstreamConnectFailure => flags::UPSTREAM_FAILURE,
             Self::UpstreamReset => flags::UPSTREAM_CONNECTION_TERMINATION,
@@ -68,6 +71,7 @@ impl Reason {
     pub fn code(self) -> &'static str {
         match self {
             Self::NoRoute => "no_route",
+            Self::NotInRegistry => "not_in_registry",
             Self::NoHealthyUpstream => "no_healthy_upstream",
             Self::UpstreamConnectFailure => "upstream_connect_failure",
             Self::UpstreamReset => "upstream_reset",
@@ -83,6 +87,9 @@ impl Reason {
     fn message(self) -> &'static str {
         match self {
             Self::NoRoute => "route not found",
+            Self::NotInRegistry => {
+                "destination not in the service registry (outboundTrafficPolicy REGISTRY_ONLY)"
+            }
             Self::NoHealthyUpstream => "no healthy upstream",
             Self::UpstreamConnectFailure => "upstream connect error",
             Self::UpstreamReset => "upstream reset before response headers",
@@ -127,6 +134,7 @@ mod tests {
     async fn every_reason_has_a_status_flag_header_and_one_line() {
         let table = [
             (Reason::NoRoute, 404, "NR", "no_route"),
+            (Reason::NotInRegistry, 502, "NR", "not_in_registry"),
             (Reason::NoHealthyUpstream, 503, "UH", "no_healthy_upstream"),
             (
                 Reason::UpstreamConnectFailure,

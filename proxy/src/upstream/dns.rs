@@ -33,7 +33,7 @@ pub struct Resolved {
 /// The DNS view of the config's external services and the cached answers of their names.
 #[derive(Default)]
 pub struct Resolver {
-    /// Host → its ServiceEntry facts, for the hosts resolved by DNS only.
+    /// Host → its ServiceEntry facts.
     services: RwLock<HashMap<String, Arc<ExternalService>>>,
     names: RwLock<HashMap<String, Arc<Name>>>,
 }
@@ -65,12 +65,12 @@ impl Resolver {
             .traffic
             .external_services
             .iter()
-            .filter(|s| matches!(s.resolution, Resolution::Dns | Resolution::DnsRoundRobin))
             .map(|s| (s.host.clone(), Arc::new(s.clone())))
             .collect();
         let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
         let wanted: HashMap<&str, ()> = services
             .values()
+            .filter(|s| resolves_by_dns(s))
             .flat_map(|s| s.dns_endpoints.iter().map(|e| (e.address.as_str(), ())))
             .collect();
         names.retain(|name, _| wanted.contains_key(name.as_str()));
@@ -85,7 +85,7 @@ impl Resolver {
             .unwrap_or_else(PoisonError::into_inner) = services;
     }
 
-    /// The DNS facts of `host`, when the config resolves it by DNS.
+    /// The ServiceEntry facts of `host` (its resolution, and the names to resolve for DNS).
     pub fn external(&self, host: &str) -> Option<Arc<ExternalService>> {
         self.services
             .read()
@@ -115,6 +115,14 @@ impl Resolver {
     ) -> Result<Vec<Resolved>, UnresolvedNames> {
         endpoints(service, port_name, target_port, |name| self.answer(name))
     }
+}
+
+/// Whether the ServiceEntry's endpoints come from DNS answers.
+pub fn resolves_by_dns(service: &ExternalService) -> bool {
+    matches!(
+        service.resolution,
+        Resolution::Dns | Resolution::DnsRoundRobin
+    )
 }
 
 /// Names of a cluster none of which has been answered yet.
