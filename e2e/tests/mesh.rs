@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -145,18 +146,35 @@ async fn each_proxy_holds_its_spiffe_identity_chained_to_the_mesh_root() -> anyh
     Ok(())
 }
 
-#[tokio::test]
-async fn the_ca_refuses_a_csr_for_another_identity() -> anyhow::Result<()> {
-    let client = client().await?;
-    let ns = TestNamespace::create("e2e-csr", &[INJECT])?;
+/// What a workload asking for its certificate holds: the mesh root, its ServiceAccount token
+/// and the identity it may ask for.
+struct Caller {
+    root: String,
+    token: String,
+    own: String,
+}
+
+/// A fresh meshed namespace with a ServiceAccount `caller`, and what `caller` needs to request
+/// its certificate.
+async fn caller(client: &kube::Client, prefix: &str) -> anyhow::Result<(TestNamespace, Caller)> {
+    let ns = TestNamespace::create(prefix, &[INJECT])?;
     apply(&format!(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: caller, namespace: {}}}\n",
         ns.name
     ))?;
-    let root = identity::root_from_configmap(&client, &ns.name).await?;
-    let token = identity::token_for(&client, &ns.name, "caller").await?;
+    let caller = Caller {
+        root: identity::root_from_configmap(client, &ns.name).await?,
+        token: identity::token_for(client, &ns.name, "caller").await?,
+        own: format!("spiffe://cluster.local/ns/{}/sa/caller", ns.name),
+    };
+    Ok((ns, caller))
+}
+
+#[tokio::test]
+async fn the_ca_refuses_a_csr_for_another_identity() -> anyhow::Result<()> {
+    let client = client().await?;
+    let (ns, Caller { root, token, own }) = caller(&client, "e2e-csr").await?;
     let control_plane = PortForward::start("trellis-system", "svc/trellis-operator", 15012)?;
-    let own = format!("spiffe://cluster.local/ns/{}/sa/caller", ns.name);
     let (status, body) =
         identity::request_certificate(control_plane.local_port, &root, &token, &own).await?;
     assert_eq!(status, 200, "own identity is signed: {body}");
@@ -495,4 +513,132 @@ mod identity {
             })?;
         Ok(())
     }
+}
+
+/// Puts the operator back to one replica, however the test ends.
+struct OneReplicaAtTheEnd;
+
+impl Drop for OneReplicaAtTheEnd {
+    fn drop(&mut self) {
+        let _ = kubectl(
+            &[
+                "-n",
+                "trellis-system",
+                "scale",
+                "deployment/trellis-operator",
+                "--replicas=1",
+            ],
+            None,
+        );
+    }
+}
+
+/// The operator pod holding the leader Lease.
+fn lease_holder() -> anyhow::Result<String> {
+    let holder = kubectl(
+        &[
+            "-n",
+            "trellis-system",
+            "get",
+            "lease",
+            "trellis-operator-leader",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+        None,
+    )?;
+    Ok(holder.trim().to_owned())
+}
+
+async fn operator_pods(client: &kube::Client) -> anyhow::Result<Vec<Pod>> {
+    Ok(Api::<Pod>::namespaced(client.clone(), "trellis-system")
+        .list(&ListParams::default().labels("app.kubernetes.io/name=trellis-operator"))
+        .await?
+        .items)
+}
+
+#[tokio::test]
+async fn a_replica_that_is_not_the_leader_signs_certificates() -> anyhow::Result<()> {
+    let client = client().await?;
+    let (_ns, Caller { root, token, own }) = caller(&client, "e2e-follower").await?;
+
+    let _restore = OneReplicaAtTheEnd;
+    kubectl(
+        &[
+            "-n",
+            "trellis-system",
+            "scale",
+            "deployment/trellis-operator",
+            "--replicas=2",
+        ],
+        None,
+    )?;
+    let follower = wait_for("a second operator replica, ready", READY, || {
+        let client = client.clone();
+        async move {
+            let pods = operator_pods(&client).await?;
+            let ready: Vec<&Pod> = pods.iter().filter(|p| is_ready(p)).collect();
+            if ready.len() < 2 {
+                return Ok(None);
+            }
+            let leader = lease_holder()?;
+            Ok(ready
+                .iter()
+                .filter_map(|p| p.metadata.name.clone())
+                .find(|name| *name != leader))
+        }
+    })
+    .await?;
+
+    // The follower signs (it publishes the mesh state it reads within a few seconds of start).
+    let forward = PortForward::start("trellis-system", &format!("pod/{follower}"), 15012)?;
+    let signed = wait_for(
+        "the follower to sign a CSR",
+        Duration::from_secs(60),
+        || {
+            let (root, token, own) = (root.clone(), token.clone(), own.clone());
+            let port = forward.local_port;
+            async move {
+                match identity::request_certificate(port, &root, &token, &own).await {
+                    Ok((200, _)) => Ok(Some(())),
+                    Ok((status, body)) => {
+                        eprintln!("follower answered {status}: {body}");
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        eprintln!("follower not serving yet: {e:#}");
+                        Ok(None)
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    drop(forward);
+    let logs = kubectl(
+        &["-n", "trellis-system", "logs", &format!("pod/{follower}")],
+        None,
+    )
+    .unwrap_or_default();
+    signed.with_context(|| format!("follower {follower} logs:\n{logs}"))?;
+    assert!(
+        !logs.contains("became leader"),
+        "{follower} was the follower throughout:\n{logs}"
+    );
+
+    // Back to one replica, leading, before the next test.
+    drop(_restore);
+    wait_for("one operator replica, leading", READY, || {
+        let client = client.clone();
+        async move {
+            let pods = operator_pods(&client).await?;
+            let leader = lease_holder()?;
+            Ok((pods.len() == 1
+                && is_ready(&pods[0])
+                && pods[0].metadata.name.as_deref() == Some(leader.as_str()))
+            .then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
 }

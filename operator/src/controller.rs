@@ -10,13 +10,18 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, EventSource, Namespace, Secret};
+use k8s_openapi::ClusterResourceScope;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event as CoreEvent, EventSource, Namespace, Pod, Secret,
+};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -205,16 +210,98 @@ async fn reconcile_active(mesh: &Mesh, ctx: &Context) -> Result<bool> {
     injector::apply_webhook_configuration(ctx, mesh, &state).await?;
     crate::validation::apply_webhook_configuration(ctx, mesh, &state).await?;
     crate::cni::reconcile(ctx, mesh).await?;
+    publish_state(ctx, state);
+    Ok(rotating)
+}
+
+/// Hands `state` to the CA endpoint, injector and discovery when it differs from the last one.
+fn publish_state(ctx: &Context, state: Arc<MeshState>) {
     if ctx.mesh_state.borrow().as_ref().is_none_or(|old| {
         old.spec != state.spec
             || old.ca.material() != state.ca.material()
             || old.ca.trust_bundle() != state.ca.trust_bundle()
             || old.root_rotation != state.root_rotation
     }) {
-        info!(version = %spec.version, "mesh state updated");
+        info!(version = %state.spec.version, "mesh state updated");
         ctx.mesh_state.send_replace(Some(state));
     }
-    Ok(rotating)
+}
+
+/// Server-side applies a cluster-scoped object the operator owns (the admission webhook
+/// configurations) under our field manager, taking over fields another manager set.
+pub async fn apply_cluster_scoped<K>(ctx: &Context, name: &str, object: &K) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = ClusterResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let mut value = serde_json::to_value(object)?;
+    // Apply needs both in the body; typed objects serialize without them.
+    value["apiVersion"] = K::api_version(&()).into();
+    value["kind"] = K::kind(&()).into();
+    Api::<K>::all(ctx.client.clone())
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&value),
+        )
+        .await?;
+    Ok(())
+}
+
+/// How often a replica that is not the leader reads the Mesh and the CA Secret.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Until this replica leads: publishes the mesh state the leader reconciled, read without
+/// writing anything (the active Mesh and the CA Secret, every [`FOLLOW_INTERVAL`]). A replica
+/// that is not the leader (a second replica, or the new pod of a rolling update waiting for the
+/// lease) thus signs certificates, injects sidecars and streams config like the leader; only the
+/// leader writes (CA creation, root rotation steps, webhook configurations, status). Never
+/// returns: drop it once leadership is acquired.
+pub async fn follow(ctx: Arc<Context>) {
+    loop {
+        match observe(&ctx).await {
+            Ok(Some(state)) => publish_state(&ctx, state),
+            Ok(None) => info!("no active Mesh or mesh CA yet: waiting for the leader"),
+            Err(error) => warn!(%error, "reading the mesh state as a follower"),
+        }
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
+    }
+}
+
+/// The active Mesh's state as the leader left it; `None` until the Mesh and the CA exist.
+async fn observe(ctx: &Context) -> Result<Option<Arc<MeshState>>> {
+    let Some(mesh) = Api::<Mesh>::all(ctx.client.clone())
+        .get_opt(MESH_NAME)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let spec = &mesh.spec;
+    let workload_ttl = workload_ttl(&spec.certificates.workload_ttl)?;
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.namespace);
+    let (ca, root_rotation) = match spec.certificates.ca_secret.as_deref() {
+        Some(user_secret) => (user_ca(&secrets, user_secret, &ctx.namespace).await?, None),
+        None => {
+            let Some(secret) = secrets.get_opt(CA_SECRET).await? else {
+                return Ok(None);
+            };
+            let rotation = rotation::recorded(&secret)?;
+            let current = material_from_secret(&secret)?;
+            (
+                rotation::load(&secret, current, rotation.as_ref())?,
+                rotation,
+            )
+        }
+    };
+    Ok(Some(Arc::new(MeshState {
+        spec: spec.clone(),
+        ca,
+        workload_ttl,
+        root_rotation,
+    })))
 }
 
 /// Shortest accepted `workloadTtl`: below it a proxy would spend a noticeable share of the
@@ -263,14 +350,8 @@ async fn ensure_ca(
                  rotating its Secret"
             );
         }
-        let Some(secret) = secrets.get_opt(user_secret).await? else {
-            return Err(Error::InvalidSpec(format!(
-                "spec.certificates.caSecret: Secret {}/{user_secret} does not exist",
-                ctx.namespace
-            )));
-        };
         return Ok((
-            CertificateAuthority::load(material_from_secret(&secret)?)?,
+            user_ca(&secrets, user_secret, &ctx.namespace).await?,
             None,
             None,
         ));
@@ -314,10 +395,44 @@ async fn ensure_ca(
         trust_domain: &spec.trust_domain,
         root_ttl,
         bound: workload_ttl,
+        sole_server: ready_replicas(ctx).await? <= 1,
     };
     let outcome =
         rotation::reconcile(&secrets, secret, current, settings, &ctx.proxy_certificates).await?;
     Ok((outcome.ca, outcome.rotation, outcome.entered))
+}
+
+/// How many operator replicas are ready, i.e. serve proxies (this one included).
+async fn ready_replicas(ctx: &Context) -> Result<usize> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ctx.namespace)
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/name={OPERATOR_NAME}")))
+        .await?;
+    Ok(pods.items.iter().filter(|pod| pod_ready(pod)).count())
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// The CA of the user's `caSecret`.
+async fn user_ca(
+    secrets: &Api<Secret>,
+    name: &str,
+    namespace: &str,
+) -> Result<CertificateAuthority> {
+    let Some(secret) = secrets.get_opt(name).await? else {
+        return Err(Error::InvalidSpec(format!(
+            "spec.certificates.caSecret: Secret {namespace}/{name} does not exist"
+        )));
+    };
+    Ok(CertificateAuthority::load(material_from_secret(&secret)?)?)
 }
 
 fn material_from_secret(secret: &Secret) -> Result<CaMaterial> {

@@ -17,8 +17,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Resource};
+use kube::Resource;
 use trellis_api::Mesh;
 use trellis_api::mesh::{Interception, MeshSpec};
 use trellis_api::wellknown::{
@@ -30,7 +29,7 @@ use trellis_api::wellknown::{
     TOKEN_AUDIENCE, VALIDATION_CONTAINER,
 };
 
-use crate::controller::{Context, MANAGER, MeshState};
+use crate::controller::{Context, MeshState};
 use crate::env::{field_env, restricted_security_context};
 use crate::error::{Error, Result};
 
@@ -531,17 +530,7 @@ pub async fn apply_webhook_configuration(
             ),
         ]),
     };
-    let mut value = serde_json::to_value(&configuration)?;
-    value["apiVersion"] = "admissionregistration.k8s.io/v1".into();
-    value["kind"] = "MutatingWebhookConfiguration".into();
-    Api::<MutatingWebhookConfiguration>::all(ctx.client.clone())
-        .patch(
-            WEBHOOK_CONFIGURATION,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&value),
-        )
-        .await?;
-    Ok(())
+    crate::controller::apply_cluster_scoped(ctx, WEBHOOK_CONFIGURATION, &configuration).await
 }
 
 #[cfg(test)]

@@ -168,7 +168,12 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
     metrics.set_ready();
 
     let elector = leader::LeaderElector::new(client.clone(), &namespace, pod_name);
-    elector.acquire().await;
+    // Serve (certificates, injection, config) from what the leader reconciled until this
+    // replica leads.
+    tokio::select! {
+        () = controller::follow(ctx.clone()) => {}
+        () = elector.acquire() => {}
+    }
     tokio::select! {
         result = controller::run(ctx.clone()) => {
             result?;

@@ -319,6 +319,10 @@ pub struct Settings<'a> {
     pub root_ttl: Duration,
     /// Longest wait of a phase: the workload certificate lifetime.
     pub bound: Duration,
+    /// Whether this replica is the only one serving proxies. Other replicas serve config
+    /// streams too, and their proxies are not in this replica's [`ProxyCertificates`]: then
+    /// "every connected proxy renewed" proves nothing and only `bound` ends a phase.
+    pub sole_server: bool,
 }
 
 /// Advances the rotation recorded in our CA Secret by at most one phase and returns the CA to
@@ -336,6 +340,7 @@ pub async fn reconcile(
         trust_domain,
         root_ttl,
         bound,
+        sole_server,
     } = settings;
     let rotation = recorded(&secret)?;
     let now = OffsetDateTime::now_utc();
@@ -345,7 +350,13 @@ pub async fn reconcile(
             connected: 0,
             settled: false,
         },
-        |r| progress.progress(r.since),
+        |r| {
+            let observed = progress.progress(r.since);
+            Progress {
+                settled: observed.settled && sole_server,
+                ..observed
+            }
+        },
     );
     let step = next_step(rotation.as_ref(), trigger, observed, now, bound);
     let (material, next_rotation) = match step {

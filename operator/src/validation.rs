@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
@@ -17,7 +17,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     WebhookClientConfig,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 use kube::core::{ApiResource, DynamicObject};
 use kube::{Api, Client, Resource};
@@ -27,10 +27,10 @@ use trellis_api::networking::validate::{Kind, validate_object};
 use trellis_api::networking::{DestinationRule, EXTRA_VERSIONS, NETWORKING_GROUP, STORED_VERSION};
 use trellis_api::wellknown::OPERATOR_NAME;
 
-use crate::controller::{Context, MANAGER, MeshState};
+use crate::controller::{Context, MeshState};
 use crate::error::{Error, Result};
 use crate::https::{self, Body, Peer};
-use crate::webhook::decode_review;
+use crate::webhook::admission_request;
 
 /// Path of the validating webhook on the webhook port.
 pub const VALIDATE_PATH: &str = "/validate/networking";
@@ -40,10 +40,6 @@ pub const WEBHOOK_CONFIGURATION: &str = "trellis-networking-validator";
 pub const WEBHOOK_NAME: &str = "validation.networking.trellis.dev";
 /// Resources of `networking.istio.io` sent to the webhook.
 pub const RESOURCES: &[&str] = &["virtualservices", "destinationrules", "serviceentries"];
-
-/// The same bound as the injector's: the API server caps objects at about 3 MiB, and a review
-/// of an update carries the old object too. Anything larger is refused unread.
-const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct Validation {
     pub client: Client,
@@ -55,19 +51,9 @@ impl Validation {
         request: Request<Incoming>,
         _peer: Arc<Peer>,
     ) -> Response<Body> {
-        if request.uri().path() != VALIDATE_PATH {
-            return https::error(StatusCode::NOT_FOUND, "no such endpoint");
-        }
-        if request.method() != Method::POST {
-            return https::method_not_allowed(&Method::POST);
-        }
-        let body = match https::read_body(request.into_body(), MAX_REVIEW_BYTES).await {
-            Ok(body) => body,
+        let admission = match admission_request(request, VALIDATE_PATH).await {
+            Ok(admission) => admission,
             Err(response) => return response,
-        };
-        let admission = match decode_review(&body) {
-            Ok(request) => request,
-            Err(e) => return https::error(StatusCode::BAD_REQUEST, e),
         };
         let destination_rules = match (&admission.object, kind_of(&admission)) {
             (Some(_), Some(Kind::VirtualService)) => {
@@ -219,17 +205,7 @@ pub async fn apply_webhook_configuration(
         .ok_or(Error::MissingObjectKey("Mesh"))?;
     let configuration =
         webhook_configuration(&ctx.namespace, &state.ca.trust_bundle().concat(), owner);
-    let mut value = serde_json::to_value(&configuration)?;
-    value["apiVersion"] = "admissionregistration.k8s.io/v1".into();
-    value["kind"] = "ValidatingWebhookConfiguration".into();
-    Api::<ValidatingWebhookConfiguration>::all(ctx.client.clone())
-        .patch(
-            WEBHOOK_CONFIGURATION,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&value),
-        )
-        .await?;
-    Ok(())
+    crate::controller::apply_cluster_scoped(ctx, WEBHOOK_CONFIGURATION, &configuration).await
 }
 
 #[cfg(test)]
@@ -237,6 +213,8 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
     use trellis_api::networking::examples;
+
+    use crate::webhook::decode_review;
 
     fn admission(
         operation: &str,

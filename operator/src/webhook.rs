@@ -17,7 +17,9 @@ use crate::https::{self, Body, Peer};
 use crate::injector::{self, Decision, INJECT_PATH, InjectionParams};
 use crate::metrics::{Metrics, OutcomeLabels};
 
-/// AdmissionReviews of Pods are far smaller; anything larger is refused unread.
+/// Largest AdmissionReview body read, for both admission webhooks: the API server caps objects
+/// at about 3 MiB, and a review of an update carries the old object too. Anything larger is
+/// refused unread.
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct Webhook {
@@ -34,19 +36,9 @@ impl Webhook {
         request: Request<Incoming>,
         _peer: Arc<Peer>,
     ) -> Response<Body> {
-        if request.uri().path() != INJECT_PATH {
-            return https::error(StatusCode::NOT_FOUND, "no such endpoint");
-        }
-        if request.method() != Method::POST {
-            return https::method_not_allowed(&Method::POST);
-        }
-        let body = match https::read_body(request.into_body(), MAX_REVIEW_BYTES).await {
-            Ok(body) => body,
+        let admission = match admission_request(request, INJECT_PATH).await {
+            Ok(admission) => admission,
             Err(response) => return response,
-        };
-        let admission = match decode_review(&body) {
-            Ok(request) => request,
-            Err(e) => return https::error(StatusCode::BAD_REQUEST, e),
         };
         let response = self.review(&admission).await;
         let outcome = if !response.allowed {
@@ -128,6 +120,23 @@ impl Webhook {
             }
         }
     }
+}
+
+/// The admission request a `POST` to `path` carries, or the answer to send instead: 404 for
+/// another path, 405 for another method, 413 for a body over [`MAX_REVIEW_BYTES`], 400 for one
+/// that is no AdmissionReview.
+pub async fn admission_request(
+    request: Request<Incoming>,
+    path: &str,
+) -> Result<AdmissionRequest<DynamicObject>, Response<Body>> {
+    if request.uri().path() != path {
+        return Err(https::error(StatusCode::NOT_FOUND, "no such endpoint"));
+    }
+    if request.method() != Method::POST {
+        return Err(https::method_not_allowed(&Method::POST));
+    }
+    let body = https::read_body(request.into_body(), MAX_REVIEW_BYTES).await?;
+    decode_review(&body).map_err(|e| https::error(StatusCode::BAD_REQUEST, e))
 }
 
 /// Decodes an AdmissionReview body into its request. Pure (fuzzed by `fuzz/admission_review`):
