@@ -455,15 +455,20 @@ async fn tls_origination(proxy_logs: impl Fn() -> String) {
     }
 }
 
+/// A CA made for the test, and the file holding its certificate.
+fn test_ca() -> (MeshCa, String) {
+    let ca = MeshCa::new("external test CA");
+    let ca_file = support::temp_path("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    (ca, ca_file.to_str().unwrap().to_owned())
+}
+
 #[test]
 fn destination_rule_tls_originates_tls_to_plain_http_requests() {
     if !in_netns("destination_rule_tls_originates_tls_to_plain_http_requests") {
         return;
     }
-    let ca = MeshCa::new("external test CA");
-    let ca_file = support::temp_path("ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    let ca_file = ca_file.to_str().unwrap().to_owned();
+    let (ca, ca_file) = test_ca();
     let client = ca.dns_files(&["client.shop.test"]);
     let runtime = runtime();
     runtime.block_on(async {
@@ -622,10 +627,7 @@ fn registry_only_finds_hosts_without_addresses_by_name_and_refuses_the_rest() {
     if !in_netns("registry_only_finds_hosts_without_addresses_by_name_and_refuses_the_rest") {
         return;
     }
-    let ca = MeshCa::new("external test CA");
-    let ca_file = support::temp_path("ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    let ca_file = ca_file.to_str().unwrap().to_owned();
+    let (ca, ca_file) = test_ca();
     let runtime = runtime();
     runtime.block_on(async {
         start_backends().await;
