@@ -31,9 +31,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use support::{
-    APP, MeshCa, Netns, Ports, Proxy, RawReply, raw_request, recording_http_app, sample,
-};
+use support::{APP, MeshCa, Ports, Proxy, RawReply, raw_request, recording_http_app, sample};
 
 const INSIDE: &str = "TRELLIS_PROXY_BYPASS_TEST_IN_NETNS";
 /// A plaintext peer outside the mesh: its connections to B's pod reach B's inbound listener.
@@ -56,18 +54,16 @@ type Seen = Arc<Mutex<Vec<String>>>;
 /// Runs the test `name` inside a fresh network namespace with the capture rules above; returns
 /// true when this process is the one inside.
 fn in_netns(name: &str) -> bool {
-    if std::env::var_os(INSIDE).is_some() {
-        return true;
-    }
-    let netns = Netns::create(name)
-        .expect("cannot create a network namespace: this test needs root, iproute2 and iptables");
-    assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
-    // B's forwards to its application return, as the real capture rules do.
-    netns.nat_output(&["-s", "127.0.0.6", "-j", "RETURN"]);
-    netns.nat_output(&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]);
-    netns.nat_output(&["-d", POD_B, "-j", "REDIRECT", "--to-ports", "15006"]);
-    netns.rerun_inside(name, INSIDE);
-    false
+    support::in_netns(
+        name,
+        INSIDE,
+        &[
+            // B's forwards to its application return, as the real capture rules do.
+            &["-s", "127.0.0.6", "-j", "RETURN"],
+            &["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"],
+            &["-d", POD_B, "-j", "REDIRECT", "--to-ports", "15006"],
+        ],
+    )
 }
 
 /// The static config both sidecars load: two services on B's pod, their VirtualServices, and

@@ -26,9 +26,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{
-    APP, MeshCa, Netns, Ports, Proxy, app_connection, connect_from, h1, runtime, sample,
-};
+use support::{APP, MeshCa, Ports, Proxy, app_connection, connect_from, h1, runtime, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_demo::body::{BoxBody, FillerBody, empty, full};
 use trellis_demo::grpc::{GrpcDecoder, encode_message};
@@ -62,20 +60,18 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `test` inside a fresh network namespace with the capture rules of the two pods.
 fn in_netns(name: &str) -> bool {
-    if std::env::var_os(INSIDE).is_some() {
-        return true;
-    }
-    let netns = Netns::create(name)
-        .expect("cannot create a network namespace: this test needs root, iproute2 and iptables");
-    assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
-    // B's forwards to its application return (as the real capture rules do).
-    netns.nat_output(&["-s", "127.0.0.6", "-j", "RETURN"]);
-    netns.nat_output(&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]);
-    netns.nat_output(&["-s", PEER, "-j", "REDIRECT", "--to-ports", "15006"]);
     let tap = TAP_PORT.to_string();
-    netns.nat_output(&["-d", POD_B, "-j", "REDIRECT", "--to-ports", &tap]);
-    netns.rerun_inside(name, INSIDE);
-    false
+    support::in_netns(
+        name,
+        INSIDE,
+        &[
+            // B's forwards to its application return (as the real capture rules do).
+            &["-s", "127.0.0.6", "-j", "RETURN"],
+            &["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"],
+            &["-s", PEER, "-j", "REDIRECT", "--to-ports", "15006"],
+            &["-d", POD_B, "-j", "REDIRECT", "--to-ports", &tap],
+        ],
+    )
 }
 
 fn vip(ip: [u8; 4]) -> SocketAddr {

@@ -28,7 +28,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use support::{APP, Netns, Ports, Proxy, connect_from, h1, runtime};
+use support::{APP, Ports, Proxy, connect_from, h1, runtime};
 use trellis_demo::body::{BoxBody, empty, full};
 use trellis_demo::control::Controls;
 use trellis_demo::server::{Identity, ServerState};
@@ -44,15 +44,11 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the test inside a fresh network namespace with the client's capture rule.
 fn in_netns(name: &str) -> bool {
-    if std::env::var_os(INSIDE).is_some() {
-        return true;
-    }
-    let netns = Netns::create(name)
-        .expect("cannot create a network namespace: this test needs root, iproute2 and iptables");
-    assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
-    netns.nat_output(&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]);
-    netns.rerun_inside(name, INSIDE);
-    false
+    support::in_netns(
+        name,
+        INSIDE,
+        &[&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]],
+    )
 }
 
 fn vip(last: u8, port: u16) -> SocketAddr {

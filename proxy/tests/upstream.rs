@@ -21,7 +21,7 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use support::{APP, Netns, Ports, Proxy, app_connection, connect_from, runtime, sample};
+use support::{APP, Ports, Proxy, app_connection, connect_from, runtime, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_demo::body::{BoxBody, empty};
 use trellis_demo::control::Controls;
@@ -42,15 +42,11 @@ const TCP_CLUSTER: &str = "outbound|80||tcp.shop.svc.cluster.local";
 
 /// Runs `test` inside a fresh network namespace where the client's connections are captured.
 fn in_netns(name: &str) -> bool {
-    if std::env::var_os(INSIDE).is_some() {
-        return true;
-    }
-    let netns = Netns::create(name)
-        .expect("cannot create a network namespace: this test needs root, iproute2 and iptables");
-    assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
-    netns.nat_output(&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]);
-    netns.rerun_inside(name, INSIDE);
-    false
+    support::in_netns(
+        name,
+        INSIDE,
+        &[&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]],
+    )
 }
 
 fn service(name: &str, vip: [u8; 4], port: u16, protocol: &str, endpoints: &[&str]) -> String {

@@ -335,6 +335,23 @@ impl Drop for Netns {
     }
 }
 
+/// Runs the test `name` inside a fresh network namespace with loopback up and the iptables nat
+/// OUTPUT `rules` (each the arguments after `-A OUTPUT`) in place. Returns true when already
+/// inside (`marker` set: run the test's body), false once the run inside has passed.
+pub fn in_netns(name: &str, marker: &str, rules: &[&[&str]]) -> bool {
+    if std::env::var_os(marker).is_some() {
+        return true;
+    }
+    let netns = Netns::create(name)
+        .expect("cannot create a network namespace: this test needs root, iproute2 and iptables");
+    assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
+    for rule in rules {
+        netns.nat_output(rule);
+    }
+    netns.rerun_inside(name, marker);
+    false
+}
+
 /// A TCP connection to `dst` from the local address `source` (which the capture rules of a test
 /// namespace may redirect), with a 10 s read timeout.
 pub fn connect_from(source: &str, dst: SocketAddr) -> TcpStream {
