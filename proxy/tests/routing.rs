@@ -91,6 +91,13 @@ fn subset(name: &str, subset: &str, key: &str) -> serde_json::Value {
 /// The proxy's static config: services, VirtualService routes and DestinationRule subsets.
 fn config() -> String {
     let services = vec![
+        // Answers its headers at once, then a body over 2 s.
+        service(
+            "dribble",
+            108,
+            (80, HTTP_PORT, "http"),
+            vec![endpoint(17, &[])],
+        ),
         service(
             "echo",
             105,
@@ -152,6 +159,9 @@ fn config() -> String {
     ];
     let prefix = |p: &str| serde_json::json!({"uri": {"prefix": p}});
     let routes = serde_json::json!([
+        {"host": host("dribble"), "port": 80, "http": [
+            {"action": {"route": [to("dribble", "", 100)]}, "timeoutMs": 500}
+        ]},
         {"host": host("echo"), "port": 80, "tcp": [
             {"route": [to("echo", "one", 50), to("echo", "two", 50)]}
         ]},
@@ -268,12 +278,48 @@ async fn start_backends() -> Seen {
             std::future::pending(),
         ));
     }
+    let listener = tokio::net::TcpListener::bind(vip(17, HTTP_PORT))
+        .await
+        .unwrap();
+    tokio::spawn(dribble(listener));
     let seen = Seen::default();
     let listener = tokio::net::TcpListener::bind(vip(16, HTTP_PORT))
         .await
         .unwrap();
     tokio::spawn(record_requests(listener, seen.clone()));
     seen
+}
+
+/// A server that answers every request's headers at once and then a chunked body of ten
+/// chunks, one every 200 ms.
+async fn dribble(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let headers = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            if stream.write_all(headers.as_bytes()).await.is_err() {
+                return;
+            }
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if stream.write_all(b"5\r\ndrip.\r\n").await.is_err() {
+                    return;
+                }
+            }
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+        });
+    }
 }
 
 /// A server that records what reaches it and answers 204.
@@ -590,9 +636,33 @@ fn timeouts_retries_and_faults_behave_as_configured() {
         timeouts.iter().all(|(s, f)| *s == 504 && f == "UT"),
         "{timeouts:?}"
     );
+    let cut = logged(&proxy, "/dribble");
+    assert_eq!(
+        cut,
+        [(200, "UT".to_owned())],
+        "a body cut by the route timeout"
+    );
 }
 
 async fn resilience() {
+    // The route timeout spans the whole response, as Envoy's does: a body still coming after
+    // 0.5 s is cut (the headers had arrived at once).
+    let mut dribble = h1(vip(108, 80)).await;
+    let started = Instant::now();
+    let request = Request::get("/dribble")
+        .header("host", "dribble")
+        .body(empty())
+        .unwrap();
+    let response = dribble.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await;
+    let took = started.elapsed();
+    assert!(body.is_err(), "the body was not cut: {body:?}");
+    assert!(
+        (Duration::from_millis(450)..Duration::from_millis(1200)).contains(&took),
+        "cut after {took:?}"
+    );
+
     // A 0.5 s route timeout against a 2 s backend.
     let mut slow = h1(vip(101, 80)).await;
     for _ in 0..3 {

@@ -55,6 +55,11 @@ where
     }
 }
 
+/// A response cut because the route's timeout passed while its body was still coming.
+#[derive(Debug, thiserror::Error)]
+#[error("the route timeout passed before the response body ended")]
+pub struct RouteTimeout;
+
 /// A response body on its way to the downstream, carrying the request's record.
 pub struct Observed {
     inner: Body,
@@ -93,9 +98,13 @@ impl HttpBody for Observed {
                     }
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
                 if let Some(mut record) = self.record.take() {
-                    record.flags = flags::UPSTREAM_CONNECTION_TERMINATION;
+                    record.flags = if e.is::<RouteTimeout>() {
+                        flags::UPSTREAM_REQUEST_TIMEOUT
+                    } else {
+                        flags::UPSTREAM_CONNECTION_TERMINATION
+                    };
                 }
             }
             Poll::Ready(None) => drop(self.record.take()),

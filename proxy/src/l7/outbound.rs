@@ -34,13 +34,13 @@ use trellis_api::traffic::{
     TlsMode,
 };
 
-use super::body::{Counted, Observed};
+use super::body::{Counted, Observed, RouteTimeout};
 use super::headers::{self, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION, X_TRELLIS_REASON};
 use super::pool::{self, BoxedIo, Key, Pool, SendError, Wire};
 use super::replay::ReplayBody;
 use super::reply::Reason;
 use super::telemetry::Record;
-use super::{Body, policy, upgrade};
+use super::{Body, BoxError, policy, upgrade};
 use crate::destination::{self, Destination};
 use crate::forward;
 use crate::metrics::{MUTUAL_TLS, PLAINTEXT, flags};
@@ -582,11 +582,16 @@ async fn forward(
     let retries = route.map_or(&default_retries, |r| &r.retries);
     let replay = ReplayBody::new(body);
     let tries = tries(state, config, &plan, &head, &replay, retries);
-    // The route's timeout covers every try and backoff, until the response headers (Envoy's
-    // route timeout; `x-envoy-upstream-rq-timeout-ms` from the application is not honoured).
-    // 0 means no timeout, as in Istio and Envoy.
-    let ended = match route.and_then(|r| r.timeout_ms).filter(|ms| *ms > 0) {
-        Some(limit) => tokio::time::timeout(Duration::from_millis(limit), tries)
+    // The route's timeout covers every try and backoff and the whole response, its body
+    // included (Envoy's route timeout): before the headers it is a 504, after them the response
+    // is cut. `x-envoy-upstream-rq-timeout-ms` from the application is not honoured. 0 means no
+    // timeout, as in Istio and Envoy.
+    let deadline = route
+        .and_then(|r| r.timeout_ms)
+        .filter(|ms| *ms > 0)
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let ended = match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, tries)
             .await
             .unwrap_or_else(|_| Ended::unavailable(Reason::UpstreamTimeout)),
         None => tries.await,
@@ -594,16 +599,34 @@ async fn forward(
     if let Some(route) = route {
         mirror(&connection.state, config, route, &plan, &head, &replay);
     }
-    respond(record, &plan, cors_origin.as_ref(), flags, ended)
+    let answer = Answered {
+        plan: &plan,
+        cors_origin: cors_origin.as_ref(),
+        deadline,
+    };
+    respond(record, answer, flags, ended)
+}
+
+/// How a request that went upstream is answered.
+struct Answered<'p, 'a> {
+    plan: &'p Plan<'a>,
+    /// The CORS origin to allow on the response.
+    cors_origin: Option<&'p HeaderValue>,
+    /// The route timeout's end, which the response body must meet too.
+    deadline: Option<tokio::time::Instant>,
 }
 
 fn respond(
     mut record: Record,
-    plan: &Plan<'_>,
-    cors_origin: Option<&HeaderValue>,
+    answered: Answered<'_, '_>,
     mut flags: Vec<&'static str>,
     ended: Ended,
 ) -> Response<Observed> {
+    let Answered {
+        plan,
+        cors_origin,
+        deadline,
+    } = answered;
     record.upstream = ended.upstream;
     match &ended.security {
         Some((local, peer)) => {
@@ -634,8 +657,8 @@ fn respond(
                 Admitted {
                     inner,
                     _guard: admitted,
+                    deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
                 }
-                .map_err(Into::into)
                 .boxed_unsync()
             }))
         }
@@ -673,21 +696,30 @@ impl Ended {
 }
 
 /// A response body that keeps its request admitted on the cluster (`http2MaxRequests`, the
-/// endpoint's in-flight count for `LEAST_REQUEST`) until the body ends or is dropped.
+/// endpoint's in-flight count for `LEAST_REQUEST`) until the body ends or is dropped, and ends
+/// in a [`RouteTimeout`] error when the route's timeout passes first.
 struct Admitted {
     inner: Incoming,
     _guard: Option<RequestGuard>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl HttpBody for Admitted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Checked first, so a body that is always ready cannot outrun it.
+        if let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.deadline = None;
+            return Poll::Ready(Some(Err(Box::new(RouteTimeout))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
