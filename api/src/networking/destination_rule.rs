@@ -35,7 +35,7 @@ use super::{PortSelector, WorkloadSelector};
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct DestinationRuleSpec {
     /// The name of a service from the service registry (short names are in the rule's
     /// namespace).
@@ -56,7 +56,7 @@ pub struct DestinationRuleSpec {
 
 /// Istio's `TrafficPolicy`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSettings>,
@@ -79,7 +79,7 @@ pub struct TrafficPolicy {
 
 /// Istio's `TrafficPolicy.PortTrafficPolicy`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PortTrafficPolicy {
     /// The destination port this policy applies to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,7 +96,7 @@ pub struct PortTrafficPolicy {
 
 /// Istio's `Subset`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Subset {
     /// Name of the subset, referred to by routes.
     pub name: String,
@@ -110,7 +110,7 @@ pub struct Subset {
 
 /// Istio's `LoadBalancerSettings`: `simple` or `consistentHash`, with locality settings.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simple: Option<SimpleLb>,
@@ -139,7 +139,7 @@ pub enum SimpleLb {
 
 /// Istio's `LoadBalancerSettings.ConsistentHashLB`: one hash key, one of `ringHash`/`maglev`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ConsistentHashLb {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_header_name: Option<String>,
@@ -160,7 +160,7 @@ pub struct ConsistentHashLb {
 
 /// Istio's `ConsistentHashLB.HTTPCookie`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpCookie {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,7 +172,7 @@ pub struct HttpCookie {
 
 /// Istio's `ConsistentHashLB.RingHash`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RingHash {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum_ring_size: Option<u64>,
@@ -180,7 +180,7 @@ pub struct RingHash {
 
 /// Istio's `ConsistentHashLB.MagLev`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Maglev {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_size: Option<u64>,
@@ -188,7 +188,7 @@ pub struct Maglev {
 
 /// Istio's `LocalityLoadBalancerSetting`: one of `distribute`, `failover`/`failoverPriority`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct LocalityLbSetting {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub distribute: Vec<LocalityDistribute>,
@@ -203,7 +203,7 @@ pub struct LocalityLbSetting {
 
 /// Istio's `LocalityLoadBalancerSetting.Distribute`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct LocalityDistribute {
     /// Originating locality, `region/zone/subzone` (`*` wildcards allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,7 +215,7 @@ pub struct LocalityDistribute {
 
 /// Istio's `LocalityLoadBalancerSetting.Failover`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct LocalityFailover {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
@@ -225,7 +225,7 @@ pub struct LocalityFailover {
 
 /// Istio's `WarmupConfiguration` (slow start).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WarmupConfiguration {
     pub duration: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -236,7 +236,7 @@ pub struct WarmupConfiguration {
 
 /// Istio's `ConnectionPoolSettings`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ConnectionPoolSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpSettings>,
@@ -246,7 +246,7 @@ pub struct ConnectionPoolSettings {
 
 /// Istio's `ConnectionPoolSettings.TCPSettings`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TcpSettings {
     /// Maximum number of HTTP/1 or TCP connections to a destination host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -263,7 +263,7 @@ pub struct TcpSettings {
 
 /// Istio's `TCPSettings.TcpKeepalive`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TcpKeepalive {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probes: Option<u32>,
@@ -275,7 +275,7 @@ pub struct TcpKeepalive {
 
 /// Istio's `ConnectionPoolSettings.HTTPSettings`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpSettings {
     #[serde(
         default,
@@ -318,7 +318,7 @@ pub enum H2UpgradePolicy {
 
 /// Istio's `OutlierDetection`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split_external_local_origin_errors: Option<bool>,
@@ -351,7 +351,7 @@ pub struct OutlierDetection {
 
 /// Istio's `ClientTLSSettings`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ClientTlsSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<TlsMode>,
@@ -386,7 +386,7 @@ pub enum TlsMode {
 
 /// Istio's `TrafficPolicy.TunnelSettings`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TunnelSettings {
     /// `CONNECT` (default) or `POST`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -397,7 +397,7 @@ pub struct TunnelSettings {
 
 /// Istio's `TrafficPolicy.ProxyProtocol`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ProxyProtocol {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<ProxyProtocolVersion>,
@@ -413,7 +413,7 @@ pub enum ProxyProtocolVersion {
 
 /// Istio's `TrafficPolicy.RetryBudget`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RetryBudget {
     /// Concurrent retries as a percentage of active requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]

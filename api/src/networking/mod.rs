@@ -4,12 +4,13 @@
 //! with the same schema); and their validation ([`validate`]), which the operator's admission
 //! webhook runs.
 //!
-//! Decoding is strict: every struct refuses unknown fields, and [`decode_strict`] names the path
-//! of a misspelt one. The API server prunes unknown fields of these closed schemas while
-//! decoding a request, before admission, so on a cluster with these CRDs a typo is refused by
-//! `kubectl`'s validation against the published schema; the webhook's strict decode refuses what
-//! reaches it unpruned (see docs/ARCHITECTURE.md). Stored objects hold only known fields, so
-//! watches always decode.
+//! A misspelt field is refused by the API server, whatever the client: every object of the
+//! published schemas keeps unknown fields (`x-kubernetes-preserve-unknown-fields`) instead of
+//! pruning them, so they reach the admission webhook, whose [`decode_strict`] refuses the first
+//! one naming its path. (Pruning would drop a typo silently before admission on servers without
+//! strict field validation, as Kubernetes before 1.25.) The types themselves decode leniently,
+//! ignoring unknown fields, so that an object stored while the webhook was not yet registered
+//! can never stop a watch from decoding.
 //!
 //! Optional fields are `Option`s in Rust (absent and zero differ in Istio, e.g. `retries` or
 //! `consecutive5xxErrors`), but the published schema is made non-`nullable`
@@ -59,7 +60,6 @@ pub enum StringMatch {
 
 /// The wire shape of [`StringMatch`]: a protobuf `oneof`, i.e. an object with at most one key.
 #[derive(Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct StringMatchFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     exact: Option<String>,
@@ -119,7 +119,6 @@ impl JsonSchema for StringMatch {
 
 /// Istio's `Percent`: a fraction of traffic, `0.0..=100.0`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Percent {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub value: f64,
@@ -133,7 +132,6 @@ fn is_zero(value: &f64) -> bool {
 
 /// Istio's `PortSelector`: a port of the destination service.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct PortSelector {
     /// Valid port number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,7 +140,7 @@ pub struct PortSelector {
 
 /// Istio's `istio.type.v1beta1.WorkloadSelector` (as in `DestinationRule.workloadSelector`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
     /// Labels a workload must all carry.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -150,12 +148,14 @@ pub struct WorkloadSelector {
 }
 
 /// The CRD of a networking kind as installed: `v1` stored, [`EXTRA_VERSIONS`] served with the
-/// same schema (conversion `None`, as the schemas are identical), and a schema without
-/// `nullable` so that `kubectl` validates inside optional objects.
+/// same schema (conversion `None`, as the schemas are identical), a schema without `nullable`
+/// so that `kubectl` validates the types inside optional objects, and every object keeping
+/// unknown fields for the admission webhook to refuse (see the module documentation).
 pub fn networking_crd<K: CustomResourceExt>() -> CustomResourceDefinition {
     let mut crd = K::crd();
     let mut value = serde_json::to_value(&crd).expect("a CRD always serializes");
     strip_nullable(&mut value);
+    keep_unknown_fields(&mut value["spec"]["versions"][0]["schema"]["openAPIV3Schema"]);
     crd = serde_json::from_value(value).expect("removing `nullable` keeps the CRD valid");
     let stored = crd.spec.versions[0].clone();
     for name in EXTRA_VERSIONS {
@@ -170,6 +170,28 @@ pub fn networking_crd<K: CustomResourceExt>() -> CustomResourceDefinition {
         webhook: None,
     });
     crd
+}
+
+/// Marks every object schema that lists its properties with
+/// `x-kubernetes-preserve-unknown-fields`: the API server then keeps a misspelt field for the
+/// webhook to refuse instead of dropping it. Free-form maps (`additionalProperties`) are left
+/// as they are: every key of theirs is valid.
+fn keep_unknown_fields(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            if map.get("type").and_then(serde_json::Value::as_str) == Some("object")
+                && map.contains_key("properties")
+            {
+                map.insert(
+                    "x-kubernetes-preserve-unknown-fields".to_owned(),
+                    serde_json::Value::Bool(true),
+                );
+            }
+            map.values_mut().for_each(keep_unknown_fields);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(keep_unknown_fields),
+        _ => {}
+    }
 }
 
 /// Removes `nullable: true` and the `null` that schemars lists among an optional enum's values.
@@ -187,15 +209,55 @@ fn strip_nullable(value: &mut serde_json::Value) {
     }
 }
 
-/// Decodes a value strictly into `T`; the error names the path of the offending field
-/// (`http[0].route[0].destination.subsett: unknown field ...`).
+/// Decodes a value strictly into `T`: a field `T` does not know is an error, like a value of the
+/// wrong type. The error names the path of the offending field
+/// (`http[0].route[0].destination.subsett: unknown field "subsett"`).
 pub fn decode_strict<T: serde::de::DeserializeOwned>(
     value: &serde_json::Value,
 ) -> Result<T, DecodeError> {
-    serde_path_to_error::deserialize(value).map_err(|error| DecodeError {
-        path: error.path().to_string(),
-        message: error.into_inner().to_string(),
-    })
+    let mut track = serde_path_to_error::Track::new();
+    let mut unknown = Vec::new();
+    let decoded = serde_ignored::deserialize(
+        serde_path_to_error::Deserializer::new(value, &mut track),
+        |path| unknown.push(field_path(&path)),
+    );
+    let decoded = decoded.map_err(|error: serde_json::Error| DecodeError {
+        path: track.path().to_string(),
+        message: error.to_string(),
+    })?;
+    match unknown.into_iter().next() {
+        None => Ok(decoded),
+        Some((path, field)) => Err(DecodeError {
+            path,
+            message: format!("unknown field {field:?}"),
+        }),
+    }
+}
+
+/// The dotted path of an ignored field (as `serde_path_to_error` writes paths) and its name.
+fn field_path(path: &serde_ignored::Path<'_>) -> (String, String) {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => (".".to_owned(), String::new()),
+        Path::Seq { parent, index } => {
+            let (parent, _) = field_path(parent);
+            (
+                format!("{}[{index}]", parent.trim_start_matches('.')),
+                String::new(),
+            )
+        }
+        Path::Map { parent, key } => {
+            let (parent, _) = field_path(parent);
+            let path = match parent.as_str() {
+                "." => key.clone(),
+                parent => format!("{parent}.{key}"),
+            };
+            (path, key.clone())
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
 }
 
 /// A field that failed to decode: where, and why.

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceEntrySpec {
     /// The hosts of the service (DNS names, wildcard prefixes allowed except with DNS
     /// resolution).
@@ -79,7 +79,7 @@ pub struct ServiceEntrySpec {
 
 /// Istio's `ServicePort` (`Port` in ServiceEntry).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub number: u32,
     /// HTTP, HTTPS, GRPC, HTTP2, MONGO, TCP or TLS.
@@ -115,7 +115,7 @@ pub enum Resolution {
 
 /// Istio's `WorkloadEntry` as a ServiceEntry endpoint.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkloadEntry {
     /// IP, DNS name or `unix://` socket, without port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,7 +141,7 @@ pub struct WorkloadEntry {
 
 /// Istio's `networking.WorkloadSelector` (ServiceEntry's, keyed `labels`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct EntryWorkloadSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,

@@ -112,11 +112,11 @@ fn string_match_is_a_oneof_that_allows_the_empty_match() {
         (json!({"regex": "a+"}), Ok(StringMatch::Regex("a+".into()))),
         (json!({}), Ok(StringMatch::Any)),
         (json!({"exact": "a", "prefix": "b"}), Err("only one of")),
-        (json!({"exct": "a"}), Err("unknown field `exct`")),
+        (json!({"exct": "a"}), Err("unknown field \"exct\"")),
         (json!("a"), Err("invalid type")),
     ];
     for (input, expected) in cases {
-        let decoded = serde_json::from_value::<StringMatch>(input.clone());
+        let decoded = decode_strict::<StringMatch>(&input);
         match (decoded, expected) {
             (Ok(decoded), Ok(expected)) => {
                 assert_eq!(decoded, expected, "{input}");
@@ -136,17 +136,17 @@ fn strict_decoding_names_the_path_of_a_misspelt_field() {
         (
             json!({"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a", "subsett": "v1"}}]}]}),
             "http[0].route[0].destination.subsett",
-            "unknown field `subsett`",
+            "unknown field \"subsett\"",
         ),
         (
             json!({"hosts": ["a"], "htttp": []}),
             "htttp",
-            "unknown field `htttp`",
+            "unknown field \"htttp\"",
         ),
         (
             json!({"hosts": ["a"], "http": [{"match": [{"uri": {"prefx": "/"}}]}]}),
-            "http[0].match[0].uri",
-            "unknown field `prefx`",
+            "http[0].match[0].uri.prefx",
+            "unknown field \"prefx\"",
         ),
         (
             json!({"hosts": ["a"], "http": [{"timeout": 5}]}),
@@ -181,8 +181,29 @@ fn strict_decoding_names_the_path_of_a_misspelt_field() {
     );
 }
 
+/// The paths of object schemas with properties but without `x-kubernetes-preserve-unknown-fields`.
+fn objects_dropping_unknown_fields(schema: &serde_json::Value, at: &str, found: &mut Vec<String>) {
+    let Some(map) = schema.as_object() else {
+        return;
+    };
+    if let Some(properties) = map.get("properties").and_then(|p| p.as_object()) {
+        if map.get("x-kubernetes-preserve-unknown-fields") != Some(&json!(true)) {
+            found.push(at.to_owned());
+        }
+        for (name, property) in properties {
+            objects_dropping_unknown_fields(property, &format!("{at}.{name}"), found);
+        }
+    }
+    if let Some(items) = map.get("items") {
+        objects_dropping_unknown_fields(items, &format!("{at}[]"), found);
+    }
+    if let Some(values) = map.get("additionalProperties") {
+        objects_dropping_unknown_fields(values, &format!("{at}{{}}"), found);
+    }
+}
+
 #[test]
-fn crds_serve_three_versions_with_one_closed_structural_schema() {
+fn crds_serve_three_versions_with_one_structural_schema_that_keeps_unknown_fields() {
     let expected = [
         ("virtualservices.networking.istio.io", "vs"),
         ("destinationrules.networking.istio.io", "dr"),
@@ -229,9 +250,13 @@ fn crds_serve_three_versions_with_one_closed_structural_schema() {
                 .iter()
                 .all(|v| v["schema"] == versions[0]["schema"])
         );
+        // Every object that lists its properties keeps unknown fields, for the webhook to refuse
+        // naming them (pruning would drop them silently before admission).
+        let mut closed = Vec::new();
+        objects_dropping_unknown_fields(&versions[0]["schema"]["openAPIV3Schema"], "", &mut closed);
+        assert!(closed.is_empty(), "{name}: {closed:?}");
         let text = crd.to_string();
         for forbidden in [
-            "x-kubernetes-preserve-unknown-fields",
             "\"$ref\"",
             "anyOf",
             "oneOf",
@@ -247,8 +272,16 @@ fn crds_serve_three_versions_with_one_closed_structural_schema() {
             );
         }
     }
-    // The generated (unpatched) CRD is where `nullable` would come from: make sure the patch
-    // matters, so this test fails if `networking_crd` stops removing it.
+    // The generated (unpatched) CRD is where `nullable` would come from, and it prunes unknown
+    // fields: make sure the patch matters, so this test fails if `networking_crd` stops making it.
+    let generated = VirtualService::crd();
+    let mut closed = Vec::new();
+    objects_dropping_unknown_fields(
+        &serde_json::to_value(&generated).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
+        "",
+        &mut closed,
+    );
+    assert!(!closed.is_empty());
     assert!(
         serde_json::to_string(&VirtualService::crd())
             .unwrap()

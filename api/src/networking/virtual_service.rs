@@ -42,7 +42,7 @@ use super::{Percent, PortSelector, StringMatch};
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct VirtualServiceSpec {
     /// The destination hosts to which traffic is being sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -66,7 +66,7 @@ pub struct VirtualServiceSpec {
 
 /// Istio's `HTTPRoute`: match conditions and what to do with matching HTTP traffic.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
     /// The name assigned to the route for debugging purposes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,7 +121,7 @@ pub struct HttpRoute {
 
 /// Istio's `HTTPMatchRequest`: conditions that are all ANDed.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpMatchRequest {
     /// The name assigned to a match; appended to the route's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -165,7 +165,7 @@ pub struct HttpMatchRequest {
 
 /// Istio's `HTTPRouteDestination`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRouteDestination {
     pub destination: Destination,
     /// Relative proportion of traffic to this destination.
@@ -178,7 +178,7 @@ pub struct HttpRouteDestination {
 
 /// Istio's `RouteDestination` (TCP and TLS routes).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RouteDestination {
     pub destination: Destination,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,7 +187,7 @@ pub struct RouteDestination {
 
 /// Istio's `Destination`: a service (and optionally a subset and port) to send traffic to.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Destination {
     /// The name of a service from the service registry (short names are in the rule's
     /// namespace).
@@ -202,7 +202,7 @@ pub struct Destination {
 
 /// Istio's `Headers`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Headers {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<HeaderOperations>,
@@ -212,7 +212,7 @@ pub struct Headers {
 
 /// Istio's `Headers.HeaderOperations`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HeaderOperations {
     /// Overwrite headers with these values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -227,7 +227,7 @@ pub struct HeaderOperations {
 
 /// Istio's `HTTPRedirect`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRedirect {
     /// Overwrite the path portion of the URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -258,7 +258,7 @@ pub enum RedirectPortSelection {
 
 /// Istio's `HTTPDirectResponse`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpDirectResponse {
     /// The HTTP status to answer with.
     pub status: u32,
@@ -268,7 +268,7 @@ pub struct HttpDirectResponse {
 
 /// Istio's `HTTPBody`: either `string` or base64 `bytes`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub string: Option<String>,
@@ -279,7 +279,7 @@ pub struct HttpBody {
 
 /// Istio's `Delegate`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Delegate {
     /// Name of the delegate VirtualService.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,7 +291,7 @@ pub struct Delegate {
 
 /// Istio's `HTTPRewrite`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRewrite {
     /// Rewrite the path (or the matched prefix) with this value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -305,7 +305,7 @@ pub struct HttpRewrite {
 
 /// Istio's `RegexRewrite`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RegexRewrite {
     /// RE2 regex matched against the path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -317,7 +317,7 @@ pub struct RegexRewrite {
 
 /// Istio's `HTTPRetry`. An absent `retries` means the mesh default; `attempts: 0` disables.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRetry {
     /// Number of retries for a request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -341,7 +341,7 @@ pub struct HttpRetry {
 
 /// Istio's `HTTPFaultInjection`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpFaultInjection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay: Option<FaultDelay>,
@@ -351,7 +351,7 @@ pub struct HttpFaultInjection {
 
 /// Istio's `HTTPFaultInjection.Delay`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct FaultDelay {
     /// Fixed delay before forwarding the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -369,7 +369,7 @@ pub struct FaultDelay {
 
 /// Istio's `HTTPFaultInjection.Abort`: one of `httpStatus`, `grpcStatus`, `http2Error`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct FaultAbort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<i32>,
@@ -386,7 +386,7 @@ pub struct FaultAbort {
 
 /// Istio's `HTTPMirrorPolicy`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpMirrorPolicy {
     pub destination: Destination,
     /// Percentage mirrored (100 when absent).
@@ -396,7 +396,7 @@ pub struct HttpMirrorPolicy {
 
 /// Istio's `CorsPolicy`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CorsPolicy {
     /// Origins allowed, as string matches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -430,7 +430,7 @@ pub enum UnmatchedPreflights {
 
 /// Istio's `TLSRoute`: routing of non-terminated TLS by SNI.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TlsRoute {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub r#match: Vec<TlsMatchAttributes>,
@@ -440,7 +440,7 @@ pub struct TlsRoute {
 
 /// Istio's `TLSMatchAttributes`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TlsMatchAttributes {
     /// SNI values to match (wildcard prefixes allowed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -460,7 +460,7 @@ pub struct TlsMatchAttributes {
 
 /// Istio's `TCPRoute`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TcpRoute {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub r#match: Vec<L4MatchAttributes>,
@@ -470,7 +470,7 @@ pub struct TcpRoute {
 
 /// Istio's `L4MatchAttributes`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct L4MatchAttributes {
     /// Destination IPs or CIDRs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -960,19 +960,19 @@ fn unknown_fields_are_refused_at_their_path() {
             Kind::VirtualService,
             json!({"spec": {"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a", "subsett": "v1"}}]}]}}),
             "spec.http[0].route[0].destination.subsett",
-            "unknown field `subsett`, expected one of `host`, `subset`, `port`",
+            "unknown field \"subsett\"",
         ),
         (
             Kind::DestinationRule,
             json!({"spec": {"host": "a", "trafficPolicy": {"outlierDetection": {"consecutive5xxErrrors": 1}}}}),
             "spec.trafficPolicy.outlierDetection.consecutive5xxErrrors",
-            "unknown field `consecutive5xxErrrors`",
+            "unknown field \"consecutive5xxErrrors\"",
         ),
         (
             Kind::ServiceEntry,
             json!({"spec": {"hosts": ["a.com"], "resolution": "DNS", "endpoint": []}}),
             "spec.endpoint",
-            "unknown field `endpoint`",
+            "unknown field \"endpoint\"",
         ),
         (
             Kind::ServiceEntry,
