@@ -99,7 +99,7 @@ fn redirected_destination(
 
 /// Counts a connection closed before anything was relayed, with `flags` as its response flags.
 pub fn count_refused(state: &ProxyState, mut labels: TcpLabels, flags: &str) {
-    labels.response_flags = flags.to_owned();
+    labels.response_flags = flags.into();
     drop(state.metrics.open_connection(labels));
 }
 
@@ -120,9 +120,9 @@ pub async fn serve<D, U>(
     let connection = state.metrics.open_connection(labels);
     match forward::relay(downstream, upstream, &connection.bytes).await {
         Ok(totals) => debug!(
-            %peer, %dst, reporter, received = totals.received, sent = totals.sent,
+            %peer, %dst, %reporter, received = totals.received, sent = totals.sent,
             "connection closed"
         ),
-        Err(e) => debug!(%peer, %dst, reporter, error = %e, "connection ended with an error"),
+        Err(e) => debug!(%peer, %dst, %reporter, error = %e, "connection ended with an error"),
     }
 }

@@ -25,7 +25,7 @@ use crate::capture::{self, CaptureListener};
 use crate::destination;
 use crate::forward;
 use crate::l7::{self, rewind::Rewind};
-use crate::metrics::{MUTUAL_TLS, PLAINTEXT, TcpLabels, flags};
+use crate::metrics::{TcpLabels, flags, values};
 use crate::mtls;
 use crate::sniff::{self, Detected};
 use crate::state::ProxyState;
@@ -151,7 +151,7 @@ async fn terminate(
     peer: SocketAddr,
     dst: SocketAddr,
 ) {
-    labels.connection_security_policy = MUTUAL_TLS.into();
+    labels.connection_security_policy = values::mutual_tls();
     let tls = match state.current_identity() {
         Some(identity) => state.mesh_tls.get(&identity, config),
         None => Err(anyhow::anyhow!("no workload certificate")),
@@ -164,7 +164,7 @@ async fn terminate(
             return;
         }
     };
-    labels.destination_principal = tls.local_id().to_string();
+    labels.destination_principal = tls.local_id().to_string().into();
     let handshake = async {
         let stream = tls.acceptor().accept(stream).await?;
         let peer_id = mtls::peer_id(stream.get_ref().1)?;
@@ -184,10 +184,10 @@ async fn terminate(
         }
     };
     if let Ok(id) = peer_id.parse::<SpiffeId>() {
-        labels.source_workload_namespace = id.namespace;
+        labels.source_workload_namespace = id.namespace.into();
     }
-    labels.source_principal = peer_id.clone();
-    debug!(%peer, %dst, source_principal = labels.source_principal, "mesh mutual TLS accepted");
+    labels.source_principal = peer_id.as_str().into();
+    debug!(%peer, %dst, source_principal = %labels.source_principal, "mesh mutual TLS accepted");
     let declared = declared_protocol(config, dst);
     let mesh_http = stream.get_ref().1.alpn_protocol() == Some(MESH_H2_ALPN);
     let sni = stream.get_ref().1.server_name().map(str::to_owned);
@@ -241,12 +241,7 @@ async fn connect_app(
 }
 
 fn labels(state: &ProxyState, config: &ProxyConfig, dst: SocketAddr) -> TcpLabels {
-    let workload = &state.workload;
-    let mut labels = TcpLabels::unknown("destination");
-    labels.destination_workload = workload.name.clone();
-    labels.destination_workload_namespace = workload.namespace.clone();
-    labels.destination_principal = workload.spiffe_id().to_string();
-    labels.connection_security_policy = PLAINTEXT.into();
+    let mut labels = state.inbound_labels.clone();
     if let Some(found) = destination::lookup(config, dst) {
         labels = labels.with_service(found.hostname(), &found.service.namespace);
     }

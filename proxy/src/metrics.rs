@@ -2,6 +2,9 @@
 //! opaque connections, requests (`istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes`) for HTTP.
 
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
@@ -12,6 +15,37 @@ use prometheus_client::registry::Registry;
 use crate::forward::ByteCounters;
 
 pub const UNKNOWN: &str = "unknown";
+
+/// A label value. Shared: the label sets of every request are copies of a few values, so a copy
+/// is a reference count, not an allocation.
+pub type LabelValue = Arc<str>;
+
+/// Shared [`LabelValue`]s of the values most label sets carry, allocated once.
+pub mod values {
+    use std::sync::LazyLock;
+
+    use super::LabelValue;
+
+    macro_rules! shared {
+        ($($name:ident = $text:expr;)*) => {$(
+            pub fn $name() -> LabelValue {
+                static VALUE: LazyLock<LabelValue> = LazyLock::new(|| LabelValue::from($text));
+                VALUE.clone()
+            }
+        )*};
+    }
+
+    shared! {
+        unknown = super::UNKNOWN;
+        no_flags = "-";
+        empty = "";
+        tcp = "tcp";
+        http = "http";
+        grpc = "grpc";
+        mutual_tls = super::MUTUAL_TLS;
+        plaintext = super::PLAINTEXT;
+    }
+}
 
 /// `response_flags` values (Envoy's names, as Istio reports them).
 pub mod flags {
@@ -54,46 +88,46 @@ pub const PLAINTEXT: &str = "none";
 /// Istio's standard TCP labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
-    pub destination_principal: String,
-    pub request_protocol: String,
-    pub connection_security_policy: String,
-    pub response_flags: String,
+    pub reporter: LabelValue,
+    pub source_workload: LabelValue,
+    pub source_workload_namespace: LabelValue,
+    pub source_principal: LabelValue,
+    pub destination_workload: LabelValue,
+    pub destination_workload_namespace: LabelValue,
+    pub destination_service: LabelValue,
+    pub destination_service_name: LabelValue,
+    pub destination_service_namespace: LabelValue,
+    pub destination_principal: LabelValue,
+    pub request_protocol: LabelValue,
+    pub connection_security_policy: LabelValue,
+    pub response_flags: LabelValue,
 }
 
 impl TcpLabels {
     /// Labels with every peer field `unknown`, for `reporter` (`source` or `destination`).
     pub fn unknown(reporter: &str) -> Self {
         Self {
-            reporter: reporter.to_owned(),
-            source_workload: UNKNOWN.into(),
-            source_workload_namespace: UNKNOWN.into(),
-            source_principal: UNKNOWN.into(),
-            destination_workload: UNKNOWN.into(),
-            destination_workload_namespace: UNKNOWN.into(),
-            destination_service: UNKNOWN.into(),
-            destination_service_name: UNKNOWN.into(),
-            destination_service_namespace: UNKNOWN.into(),
-            destination_principal: UNKNOWN.into(),
-            request_protocol: "tcp".into(),
-            connection_security_policy: UNKNOWN.into(),
-            response_flags: "-".into(),
+            reporter: reporter.into(),
+            source_workload: values::unknown(),
+            source_workload_namespace: values::unknown(),
+            source_principal: values::unknown(),
+            destination_workload: values::unknown(),
+            destination_workload_namespace: values::unknown(),
+            destination_service: values::unknown(),
+            destination_service_name: values::unknown(),
+            destination_service_namespace: values::unknown(),
+            destination_principal: values::unknown(),
+            request_protocol: values::tcp(),
+            connection_security_policy: values::unknown(),
+            response_flags: values::no_flags(),
         }
     }
 
     /// Fills the `destination_service*` labels from a service's first hostname and namespace.
     pub fn with_service(mut self, hostname: &str, namespace: &str) -> Self {
-        self.destination_service = hostname.to_owned();
-        self.destination_service_name = hostname.split('.').next().unwrap_or(hostname).to_owned();
-        self.destination_service_namespace = namespace.to_owned();
+        self.destination_service = hostname.into();
+        self.destination_service_name = hostname.split('.').next().unwrap_or(hostname).into();
+        self.destination_service_namespace = namespace.into();
         self
     }
 }
@@ -103,10 +137,10 @@ impl TcpLabels {
 pub struct RequestLabels {
     #[prometheus(flatten)]
     pub connection: TcpLabels,
-    pub response_code: String,
+    pub response_code: u16,
     /// `grpc-status` of a gRPC response (trailers, or headers of a trailers-only response);
     /// empty for other requests, as Istio reports it.
-    pub grpc_response_status: String,
+    pub grpc_response_status: LabelValue,
 }
 
 /// Envoy's default histogram buckets, which Istio's request histograms use (milliseconds for
@@ -160,8 +194,20 @@ pub struct RequestSample {
     pub response_bytes: u64,
 }
 
+/// The request metrics of one label set.
+struct RequestMetrics {
+    count: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Each label set's request metrics, found with one fast hash per request rather than a
+    /// SipHash of the whole label set in each of the four families (the hot path's largest
+    /// single cost before). Keys hold the proxy's own label values; the hasher is seeded.
+    by_labels: RwLock<HashMap<RequestLabels, RequestMetrics, foldhash::fast::RandomState>>,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
@@ -236,6 +282,7 @@ impl Metrics {
         let upstream = UpstreamMetrics::register(&mut registry);
         Self {
             registry,
+            by_labels: RwLock::default(),
             upstream,
             opened,
             closed,
@@ -265,17 +312,34 @@ impl Metrics {
 
     /// Counts one finished HTTP request.
     pub fn record_request(&self, sample: &RequestSample) {
+        let observe = |metrics: &RequestMetrics| {
+            metrics.count.inc();
+            metrics.duration.observe(sample.duration_ms);
+            metrics.request_bytes.observe(sample.request_bytes as f64);
+            metrics.response_bytes.observe(sample.response_bytes as f64);
+        };
         let labels = &sample.labels;
-        self.requests.get_or_create(labels).inc();
-        self.duration
-            .get_or_create(labels)
-            .observe(sample.duration_ms);
-        self.request_bytes
-            .get_or_create(labels)
-            .observe(sample.request_bytes as f64);
-        self.response_bytes
-            .get_or_create(labels)
-            .observe(sample.response_bytes as f64);
+        if let Some(metrics) = self
+            .by_labels
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(labels)
+        {
+            return observe(metrics);
+        }
+        // A new label set: its metrics from the families (the same counters they encode).
+        let metrics = RequestMetrics {
+            count: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        };
+        observe(&metrics);
+        self.by_labels
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(labels.clone())
+            .or_insert(metrics);
     }
 
     /// Counts a connection as opened; it is counted as closed when the guard drops.
@@ -424,7 +488,7 @@ mod tests {
         let sample = RequestSample {
             labels: RequestLabels {
                 connection,
-                response_code: "200".into(),
+                response_code: 200,
                 grpc_response_status: "5".into(),
             },
             duration_ms: 7.0,

@@ -26,7 +26,7 @@ use trellis_api::traffic::TlsMode;
 
 use crate::capture::{self, CaptureListener};
 use crate::destination::{self, Destination};
-use crate::metrics::{MUTUAL_TLS, PLAINTEXT, TcpLabels, flags};
+use crate::metrics::{TcpLabels, flags, values};
 use crate::mtls::{self, MeshTls};
 use crate::route::{ConnectionAttributes, Target};
 use crate::sniff::{self, Sniffed};
@@ -104,7 +104,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
     if let Some(target) = &target {
         let hostname = target.service.hostnames.first().map_or("", String::as_str);
         labels = labels.with_service(hostname, &target.service.namespace);
-        labels.destination_workload_namespace = target.service.namespace.clone();
+        labels.destination_workload_namespace = labels.destination_service_namespace.clone();
     }
     let picked = match (&found, &target) {
         (Some(found), Some(target)) => match pick_tcp(&state, target, found, dst) {
@@ -163,7 +163,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         }
     };
     let Some((tls, peer_id)) = mesh else {
-        labels.connection_security_policy = PLAINTEXT.into();
+        labels.connection_security_policy = values::plaintext();
         match cluster_tls.filter(|tls| tls_origination::originates(tls)) {
             // DestinationRule `tls.mode` SIMPLE/MUTUAL: the application's bytes go inside TLS
             // the proxy originates (egress TLS origination for a TCP port).
@@ -185,9 +185,9 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         }
         return;
     };
-    labels.source_principal = tls.local_id().to_string();
-    labels.destination_principal = peer_id.to_owned();
-    labels.connection_security_policy = MUTUAL_TLS.into();
+    labels.source_principal = tls.local_id().to_string().into();
+    labels.destination_principal = peer_id.into();
+    labels.connection_security_policy = values::mutual_tls();
     let handshake = async {
         let connector = tls.connector(peer_id)?;
         let name = mtls::server_name(hostname);
@@ -313,14 +313,10 @@ pub(crate) fn mesh_peer<'a>(
 }
 
 pub(crate) fn labels(state: &ProxyState, found: Option<&Destination<'_>>) -> TcpLabels {
-    let workload = &state.workload;
-    let mut labels = TcpLabels::unknown("source");
-    labels.source_workload = workload.name.clone();
-    labels.source_workload_namespace = workload.namespace.clone();
-    labels.source_principal = workload.spiffe_id().to_string();
+    let mut labels = state.outbound_labels.clone();
     if let Some(found) = found {
         labels = labels.with_service(found.hostname(), &found.service.namespace);
-        labels.destination_workload_namespace = found.service.namespace.clone();
+        labels.destination_workload_namespace = labels.destination_service_namespace.clone();
     }
     labels
 }

@@ -14,7 +14,7 @@ use crate::drain::Drain;
 use crate::identity::Identity;
 use crate::l7::pool::Pool;
 use crate::logging::LogControl;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TcpLabels, values};
 use crate::mtls::MeshTlsCache;
 use crate::upstream::Upstreams;
 
@@ -72,6 +72,11 @@ pub struct ProxyState {
     pub upstreams: Arc<Upstreams>,
     /// Whether every HTTP request is logged as one JSON line on stdout.
     pub access_log: bool,
+    /// The label set of an outbound connection or request before its destination is known:
+    /// `reporter="source"`, this workload as the source. Built once; requests copy it.
+    pub outbound_labels: TcpLabels,
+    /// The same for inbound: `reporter="destination"`, this workload as the destination.
+    pub inbound_labels: TcpLabels,
 }
 
 impl ProxyState {
@@ -79,8 +84,25 @@ impl ProxyState {
         let metrics = Metrics::new();
         let connect_timeout = Duration::from_secs(args.connect_timeout_seconds);
         let upstreams = Arc::new(Upstreams::new(metrics.upstream(), connect_timeout));
+        let workload = Workload::from_args(args);
+        let principal = workload.spiffe_id().to_string();
+        let outbound_labels = TcpLabels {
+            source_workload: workload.name.as_str().into(),
+            source_workload_namespace: workload.namespace.as_str().into(),
+            source_principal: principal.as_str().into(),
+            ..TcpLabels::unknown("source")
+        };
+        let inbound_labels = TcpLabels {
+            destination_workload: workload.name.as_str().into(),
+            destination_workload_namespace: workload.namespace.as_str().into(),
+            destination_principal: principal.as_str().into(),
+            connection_security_policy: values::plaintext(),
+            ..TcpLabels::unknown("destination")
+        };
         Self {
-            workload: Workload::from_args(args),
+            workload,
+            outbound_labels,
+            inbound_labels,
             config: ArcSwapOption::empty(),
             identity: watch::Sender::new(None),
             mesh_tls: MeshTlsCache::default(),

@@ -43,7 +43,7 @@ use super::telemetry::Record;
 use super::{Body, BoxError, policy, upgrade};
 use crate::destination::{self, Destination};
 use crate::forward;
-use crate::metrics::{MUTUAL_TLS, PLAINTEXT, flags};
+use crate::metrics::{flags, values};
 use crate::mtls::{self, MeshTls};
 use crate::route::retry::{self, Outcome, RetryDecision, Stop};
 use crate::route::{self, HttpDecision, RequestAttributes, Target, balance};
@@ -228,7 +228,8 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
             .labels
             .clone()
             .with_service(target_hostname(target), &target.service.namespace);
-        record.labels.destination_workload_namespace = target.service.namespace.clone();
+        record.labels.destination_workload_namespace =
+            record.labels.destination_service_namespace.clone();
     }
     forward(connection, &config, record, req, plan).await
 }
@@ -630,12 +631,14 @@ fn respond(
     record.upstream = ended.upstream;
     match &ended.security {
         Some((local, peer)) => {
-            record.labels.source_principal.clone_from(local);
-            record.labels.destination_principal.clone_from(peer);
-            record.labels.connection_security_policy = MUTUAL_TLS.into();
+            if *record.labels.source_principal != **local {
+                record.labels.source_principal = local.as_str().into();
+            }
+            record.labels.destination_principal = peer.as_str().into();
+            record.labels.connection_security_policy = values::mutual_tls();
         }
         None if ended.upstream.is_some() => {
-            record.labels.connection_security_policy = PLAINTEXT.into();
+            record.labels.connection_security_policy = values::plaintext();
         }
         None => {}
     }
@@ -962,11 +965,11 @@ async fn upgrade(
     };
     match &upstream.mesh {
         Some((tls, peer)) => {
-            record.labels.source_principal = tls.local_id().to_string();
-            record.labels.destination_principal = peer.clone();
-            record.labels.connection_security_policy = MUTUAL_TLS.into();
+            record.labels.source_principal = tls.local_id().to_string().into();
+            record.labels.destination_principal = peer.as_str().into();
+            record.labels.connection_security_policy = values::mutual_tls();
         }
-        None => record.labels.connection_security_policy = PLAINTEXT.into(),
+        None => record.labels.connection_security_policy = values::plaintext(),
     }
     // `Upgrade` and `Connection: upgrade` were kept; the upgrade crosses as HTTP/1.1.
     let req = head.request(body, Wire::Http1, upstream.mesh.is_some());

@@ -17,7 +17,7 @@ use super::Body;
 use super::body::Observed;
 use super::pool::SendError;
 use super::reply::Reason;
-use crate::metrics::{RequestLabels, RequestSample, TcpLabels};
+use crate::metrics::{RequestLabels, RequestSample, TcpLabels, values};
 use crate::state::ProxyState;
 
 pub const GRPC_STATUS: &str = "grpc-status";
@@ -50,7 +50,11 @@ impl Record {
         req: &Request<B>,
         downstream: SocketAddr,
     ) -> Self {
-        labels.request_protocol = if is_grpc(req) { "grpc" } else { "http" }.into();
+        labels.request_protocol = if is_grpc(req) {
+            values::grpc()
+        } else {
+            values::http()
+        };
         Self {
             state,
             labels,
@@ -92,7 +96,7 @@ impl Record {
     pub fn fail(self, error: &SendError) -> Response<Observed> {
         let reason = Reason::of(error);
         warn!(
-            reporter = self.labels.reporter, upstream = ?self.upstream, %error,
+            reporter = %self.labels.reporter, upstream = ?self.upstream, %error,
             reason = reason.code(), "request failed"
         );
         self.reply(reason)
@@ -117,11 +121,17 @@ impl Record {
         RequestSample {
             labels: RequestLabels {
                 connection: TcpLabels {
-                    response_flags: self.flags.to_owned(),
+                    response_flags: match self.flags {
+                        "-" => values::no_flags(),
+                        flags => flags.into(),
+                    },
                     ..self.labels.clone()
                 },
-                response_code: self.status.to_string(),
-                grpc_response_status: self.grpc_status.clone().unwrap_or_default(),
+                response_code: self.status,
+                grpc_response_status: self
+                    .grpc_status
+                    .as_deref()
+                    .map_or_else(values::empty, Into::into),
             },
             duration_ms: self.started.elapsed().as_secs_f64() * 1_000.0,
             request_bytes: self.request_bytes.load(Ordering::Relaxed),
@@ -137,7 +147,7 @@ impl Record {
         json!({
             "type": "access",
             "start_time_unix_ms": start_ms,
-            "reporter": self.labels.reporter,
+            "reporter": &*self.labels.reporter,
             "method": self.method,
             "path": self.path,
             "authority": self.authority,
@@ -152,9 +162,9 @@ impl Record {
             "upstream_host": self.upstream.map(|a| a.to_string()),
             "downstream_peer": self.downstream.to_string(),
             "request_id": self.request_id,
-            "source_principal": self.labels.source_principal,
-            "destination_service": self.labels.destination_service,
-            "connection_security_policy": self.labels.connection_security_policy,
+            "source_principal": &*self.labels.source_principal,
+            "destination_service": &*self.labels.destination_service,
+            "connection_security_policy": &*self.labels.connection_security_policy,
         })
     }
 }
