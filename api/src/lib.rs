@@ -12,8 +12,10 @@ pub mod identity;
 pub mod mesh;
 pub mod networking;
 pub mod protocol;
+pub mod schema;
 pub mod security;
 pub mod traffic;
+pub mod validate;
 pub mod wellknown;
 
 pub use identity::SpiffeId;

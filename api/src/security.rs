@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -14,6 +15,8 @@ use crate::config::PeerAuthenticationMode;
 
 /// API group of Istio's security resources.
 pub const SECURITY_GROUP: &str = "security.istio.io";
+/// Versions served besides the stored `v1`, with the same schema, as Istio serves them.
+pub const SECURITY_EXTRA_VERSIONS: &[&str] = &["v1beta1"];
 
 /// Mutual TLS requirements for connections into the selected workloads (Istio's
 /// `security.istio.io/v1` `PeerAuthentication`).
@@ -538,10 +541,23 @@ impl AuthorizationPolicySpec {
     }
 }
 
+/// The CRD of a security kind as published: the generated one, with every object keeping
+/// unknown fields for the admission webhook to refuse ([`crate::schema`]).
+pub fn published_crd<K: CustomResourceExt>() -> CustomResourceDefinition {
+    let mut value = serde_json::to_value(K::crd()).expect("a CRD always serializes");
+    for version in value["spec"]["versions"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        crate::schema::keep_unknown_fields(&mut version["schema"]["openAPIV3Schema"]);
+    }
+    serde_json::from_value(value).expect("marking objects keeps the CRD valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::CustomResourceExt;
     use serde_json::json;
 
     #[test]
@@ -597,8 +613,8 @@ spec:
     }
 
     #[test]
-    fn crd_schema_is_structural_and_closed() {
-        let crd = serde_json::to_value(PeerAuthentication::crd()).unwrap();
+    fn crd_schema_is_structural_and_keeps_unknown_fields() {
+        let crd = serde_json::to_value(published_crd::<PeerAuthentication>()).unwrap();
         assert_eq!(
             crd["metadata"]["name"],
             "peerauthentications.security.istio.io"
@@ -623,9 +639,11 @@ spec:
             spec["properties"]["selector"]["properties"]["matchLabels"]["additionalProperties"]["type"],
             "string"
         );
+        let closed =
+            crate::schema::objects_dropping_unknown_fields(&version["schema"]["openAPIV3Schema"]);
+        assert!(closed.is_empty(), "{closed:?}");
         let text = crd.to_string();
         for forbidden in [
-            "x-kubernetes-preserve-unknown-fields",
             "\"$ref\"",
             "anyOf",
             "oneOf",
@@ -732,8 +750,8 @@ spec:
     }
 
     #[test]
-    fn authorization_policy_schema_is_structural_and_closed() {
-        let crd = serde_json::to_value(AuthorizationPolicy::crd()).unwrap();
+    fn authorization_policy_schema_is_structural_and_keeps_unknown_fields() {
+        let crd = serde_json::to_value(published_crd::<AuthorizationPolicy>()).unwrap();
         assert_eq!(
             crd["metadata"]["name"],
             "authorizationpolicies.security.istio.io"
@@ -783,9 +801,11 @@ spec:
         for field in ["targetRef", "targetRefs", "provider", "selector"] {
             assert!(spec["properties"][field].is_object(), "{field}");
         }
+        let closed =
+            crate::schema::objects_dropping_unknown_fields(&version["schema"]["openAPIV3Schema"]);
+        assert!(closed.is_empty(), "{closed:?}");
         let text = crd.to_string();
         for forbidden in [
-            "x-kubernetes-preserve-unknown-fields",
             "\"$ref\"",
             "anyOf",
             "oneOf",

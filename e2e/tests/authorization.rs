@@ -263,5 +263,20 @@ async fn authorization_policies_allow_deny_and_report_what_is_unsupported() -> a
         only("200"),
         "the CUSTOM rules match /admin only"
     );
+
+    // A misspelt field is refused by the API server (through the validating webhook) for any
+    // client: pruned, `principles` would have left an empty source that matches every caller.
+    let typo = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: typo, namespace: {}}}\nspec:\n  rules:\n  - from:\n    - source: {{principles: [cluster.local/ns/x/sa/y]}}\n",
+        server_ns.name
+    );
+    let refused = kubectl(&["apply", "--validate=false", "-f", "-"], Some(&typo))
+        .expect_err("a misspelt AuthorizationPolicy field is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("denied the request")
+            && message.contains("spec.rules[0].from[0].source.principles: unknown field"),
+        "{message}"
+    );
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use trellis_api::networking::{
     self, DestinationRule, NETWORKING_GROUP, ServiceEntry, VirtualService,
 };
-use trellis_api::security::SECURITY_GROUP;
+use trellis_api::security::{self, SECURITY_EXTRA_VERSIONS, SECURITY_GROUP};
 use trellis_api::wellknown::{
     CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT,
 };
@@ -226,24 +226,21 @@ fn deployment() -> Deployment {
     }
 }
 
-/// Versions served besides the stored `v1`, with the same schema, as Istio serves them. The
-/// schemas are identical, so the API server converts between them itself (strategy `None`).
-const PEER_AUTHENTICATION_EXTRA_VERSIONS: &[&str] = &["v1beta1"];
-
 /// `PeerAuthentication` (security.istio.io): `v1` stored, `v1beta1` served with the same schema.
 fn peer_authentication_crd() -> CustomResourceDefinition {
-    with_extra_versions(PeerAuthentication::crd())
+    with_extra_versions(security::published_crd::<PeerAuthentication>())
 }
 
 /// `AuthorizationPolicy` (security.istio.io): `v1` stored, `v1beta1` served with the same schema.
 fn authorization_policy_crd() -> CustomResourceDefinition {
-    with_extra_versions(AuthorizationPolicy::crd())
+    with_extra_versions(security::published_crd::<AuthorizationPolicy>())
 }
 
-/// Adds [`PEER_AUTHENTICATION_EXTRA_VERSIONS`] (Istio's security versions) to a `v1` CRD.
+/// Adds [`SECURITY_EXTRA_VERSIONS`] (Istio's security versions) to a `v1` CRD. The schemas are
+/// identical, so the API server converts between them itself (strategy `None`).
 fn with_extra_versions(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     let stored = crd.spec.versions[0].clone();
-    for name in PEER_AUTHENTICATION_EXTRA_VERSIONS {
+    for name in SECURITY_EXTRA_VERSIONS {
         let mut version = stored.clone();
         version.name = (*name).to_owned();
         version.served = true;

@@ -1,10 +1,12 @@
 //! The validating admission webhook for Istio's traffic resources (`VirtualService`,
-//! `DestinationRule`, `ServiceEntry`) on 15017 (`POST /validate/networking`), and the
-//! `ValidatingWebhookConfiguration` that sends their creations and updates to it.
+//! `DestinationRule`, `ServiceEntry`) and security policies (`PeerAuthentication`,
+//! `AuthorizationPolicy`) on 15017 (`POST /validate/networking`, the path kept from when only
+//! the traffic kinds were validated), and the `ValidatingWebhookConfiguration` that sends their
+//! creations and updates to it.
 //!
 //! This module only adapts: it decodes the AdmissionReview (garbage is a 400, a body over the
 //! bound a 413), reads the namespace's DestinationRules for a VirtualService's subset check, and
-//! answers with the verdict of the pure [`trellis_api::networking::validate`], whose message
+//! answers with the verdict of the pure [`trellis_api::validate`], whose message
 //! names the offending field.
 
 use std::sync::Arc;
@@ -23,8 +25,9 @@ use kube::core::{ApiResource, DynamicObject};
 use kube::{Api, Client, Resource};
 use tracing::{debug, info, warn};
 use trellis_api::Mesh;
-use trellis_api::networking::validate::{Kind, validate_object};
 use trellis_api::networking::{DestinationRule, EXTRA_VERSIONS, NETWORKING_GROUP, STORED_VERSION};
+use trellis_api::security::{SECURITY_EXTRA_VERSIONS, SECURITY_GROUP};
+use trellis_api::validate::{Kind, validate_object};
 use trellis_api::wellknown::OPERATOR_NAME;
 
 use crate::controller::{Context, MeshState};
@@ -40,6 +43,8 @@ pub const WEBHOOK_CONFIGURATION: &str = "trellis-networking-validator";
 pub const WEBHOOK_NAME: &str = "validation.networking.trellis.dev";
 /// Resources of `networking.istio.io` sent to the webhook.
 pub const RESOURCES: &[&str] = &["virtualservices", "destinationrules", "serviceentries"];
+/// Resources of `security.istio.io` sent to the webhook.
+pub const SECURITY_RESOURCES: &[&str] = &["peerauthentications", "authorizationpolicies"];
 
 pub struct Validation {
     pub client: Client,
@@ -99,9 +104,7 @@ impl Validation {
 
 /// Our kind for the request's resource, if it is one of `networking.istio.io`'s we validate.
 fn kind_of(request: &AdmissionRequest<DynamicObject>) -> Option<Kind> {
-    (request.kind.group == NETWORKING_GROUP)
-        .then(|| Kind::from_name(&request.kind.kind))
-        .flatten()
+    Kind::from_group_and_name(&request.kind.group, &request.kind.kind)
 }
 
 /// The verdict on one admission request, given the DestinationRules of its namespace. Pure.
@@ -115,7 +118,7 @@ pub fn review(
         return allow;
     };
     let Some(kind) = kind_of(request) else {
-        // Only our three kinds are registered; anything else is not ours to judge.
+        // Only our kinds are registered; anything else is not ours to judge.
         debug!(kind = ?request.kind, "not a validated kind; allowing");
         return allow;
     };
@@ -151,10 +154,19 @@ pub fn webhook_configuration(
     owner: OwnerReference,
 ) -> ValidatingWebhookConfiguration {
     let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-    let versions: Vec<String> = std::iter::once(STORED_VERSION)
-        .chain(EXTRA_VERSIONS.iter().copied())
-        .map(str::to_owned)
-        .collect();
+    let versions = |extra: &[&str]| -> Vec<String> {
+        std::iter::once(STORED_VERSION)
+            .chain(extra.iter().copied())
+            .map(str::to_owned)
+            .collect()
+    };
+    let rule = |group: &str, extra_versions: &[&str], resources: &[&str]| RuleWithOperations {
+        api_groups: Some(strings(&[group])),
+        api_versions: Some(versions(extra_versions)),
+        operations: Some(strings(&["CREATE", "UPDATE"])),
+        resources: Some(strings(resources)),
+        scope: Some("Namespaced".to_owned()),
+    };
     ValidatingWebhookConfiguration {
         metadata: kube::api::ObjectMeta {
             name: Some(WEBHOOK_CONFIGURATION.to_owned()),
@@ -175,17 +187,14 @@ pub fn webhook_configuration(
                 }),
                 ..WebhookClientConfig::default()
             },
-            // As Istio's: an object that was not validated is not admitted. Only these three
-            // kinds are sent, so an operator outage blocks traffic-rule edits, nothing else.
+            // As Istio's: an object that was not validated is not admitted. Only these kinds are
+            // sent, so an operator outage blocks traffic-rule and policy edits, nothing else.
             failure_policy: Some("Fail".to_owned()),
             match_policy: Some("Equivalent".to_owned()),
-            rules: Some(vec![RuleWithOperations {
-                api_groups: Some(strings(&[NETWORKING_GROUP])),
-                api_versions: Some(versions),
-                operations: Some(strings(&["CREATE", "UPDATE"])),
-                resources: Some(strings(RESOURCES)),
-                scope: Some("Namespaced".to_owned()),
-            }]),
+            rules: Some(vec![
+                rule(NETWORKING_GROUP, EXTRA_VERSIONS, RESOURCES),
+                rule(SECURITY_GROUP, SECURITY_EXTRA_VERSIONS, SECURITY_RESOURCES),
+            ]),
             side_effects: "None".to_owned(),
             timeout_seconds: Some(10),
             ..ValidatingWebhook::default()
@@ -222,13 +231,23 @@ mod tests {
         version: &str,
         object: Option<Value>,
     ) -> AdmissionRequest<DynamicObject> {
+        admission_in(NETWORKING_GROUP, operation, kind, version, object)
+    }
+
+    fn admission_in(
+        group: &str,
+        operation: &str,
+        kind: &str,
+        version: &str,
+        object: Option<Value>,
+    ) -> AdmissionRequest<DynamicObject> {
         let review = json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
             "request": {
                 "uid": "0df28fbd-5f5f-4f7a-8b5a-1b2a3c4d5e6f",
-                "kind": {"group": NETWORKING_GROUP, "version": version, "kind": kind},
-                "resource": {"group": NETWORKING_GROUP, "version": version, "resource": "x"},
+                "kind": {"group": group, "version": version, "kind": kind},
+                "resource": {"group": group, "version": version, "resource": "x"},
                 "name": "reviews",
                 "namespace": "shop",
                 "operation": operation,
@@ -346,6 +365,42 @@ mod tests {
     }
 
     #[test]
+    fn security_policies_with_a_misspelt_field_are_refused() {
+        let policy = |source: Value| {
+            json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                   "metadata": {"name": "allow-a", "namespace": "shop"},
+                   "spec": {"rules": [{"from": [{"source": source}]}]}})
+        };
+        let typo = policy(json!({"principles": ["cluster.local/ns/shop/sa/a"]}));
+        let request = admission_in(
+            SECURITY_GROUP,
+            "CREATE",
+            "AuthorizationPolicy",
+            "v1",
+            Some(typo),
+        );
+        let response = review(&request, &[]);
+        assert!(!response.allowed);
+        assert!(
+            response
+                .result
+                .message
+                .contains("spec.rules[0].from[0].source.principles: unknown field"),
+            "{}",
+            response.result.message
+        );
+        let good = policy(json!({"principals": ["cluster.local/ns/shop/sa/a"]}));
+        let request = admission_in(
+            SECURITY_GROUP,
+            "UPDATE",
+            "AuthorizationPolicy",
+            "v1beta1",
+            Some(good),
+        );
+        assert!(review(&request, &[]).allowed);
+    }
+
+    #[test]
     fn configuration_sends_our_kinds_to_the_validation_path_and_fails_closed() {
         let owner = OwnerReference {
             api_version: "trellis.dev/v1alpha1".to_owned(),
@@ -377,6 +432,12 @@ mod tests {
                 "apiVersions": ["v1", "v1beta1", "v1alpha3"],
                 "operations": ["CREATE", "UPDATE"],
                 "resources": ["virtualservices", "destinationrules", "serviceentries"],
+                "scope": "Namespaced",
+            }, {
+                "apiGroups": ["security.istio.io"],
+                "apiVersions": ["v1", "v1beta1"],
+                "operations": ["CREATE", "UPDATE"],
+                "resources": ["peerauthentications", "authorizationpolicies"],
                 "scope": "Namespaced",
             }])
         );

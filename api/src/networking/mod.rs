@@ -1,16 +1,12 @@
 //! Istio's `networking.istio.io` traffic resources — `VirtualService`, `DestinationRule` and
 //! `ServiceEntry` — with every field of Istio's API under Istio's JSON names, so existing YAML
 //! applies unchanged; the CRDs served for them (`v1` stored, `v1beta1` and `v1alpha3` served
-//! with the same schema); and their validation ([`validate`]), which the operator's admission
-//! webhook runs.
+//! with the same schema), validated by [`crate::validate`] in the operator's admission webhook.
 //!
-//! A misspelt field is refused by the API server, whatever the client: every object of the
-//! published schemas keeps unknown fields (`x-kubernetes-preserve-unknown-fields`) instead of
-//! pruning them, so they reach the admission webhook, whose [`decode_strict`] refuses the first
-//! one naming its path. (Pruning would drop a typo silently before admission on servers without
-//! strict field validation, as Kubernetes before 1.25.) The types themselves decode leniently,
-//! ignoring unknown fields, so that an object stored while the webhook was not yet registered
-//! can never stop a watch from decoding.
+//! A misspelt field is refused by the API server, whatever the client: the published schemas
+//! keep unknown fields ([`crate::schema`]) so that the webhook's [`decode_strict`] sees and
+//! refuses them (pruning would drop a typo silently before admission on servers without strict
+//! field validation, as Kubernetes before 1.25).
 //!
 //! Optional fields are `Option`s in Rust (absent and zero differ in Istio, e.g. `retries` or
 //! `consecutive5xxErrors`), but the published schema is made non-`nullable`
@@ -20,8 +16,10 @@
 pub mod destination_rule;
 pub mod examples;
 pub mod service_entry;
-pub mod validate;
 pub mod virtual_service;
+
+use crate::schema::keep_unknown_fields;
+pub use crate::schema::{DecodeError, decode_strict};
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -172,28 +170,6 @@ pub fn networking_crd<K: CustomResourceExt>() -> CustomResourceDefinition {
     crd
 }
 
-/// Marks every object schema that lists its properties with
-/// `x-kubernetes-preserve-unknown-fields`: the API server then keeps a misspelt field for the
-/// webhook to refuse instead of dropping it. Free-form maps (`additionalProperties`) are left
-/// as they are: every key of theirs is valid.
-fn keep_unknown_fields(schema: &mut serde_json::Value) {
-    match schema {
-        serde_json::Value::Object(map) => {
-            if map.get("type").and_then(serde_json::Value::as_str) == Some("object")
-                && map.contains_key("properties")
-            {
-                map.insert(
-                    "x-kubernetes-preserve-unknown-fields".to_owned(),
-                    serde_json::Value::Bool(true),
-                );
-            }
-            map.values_mut().for_each(keep_unknown_fields);
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(keep_unknown_fields),
-        _ => {}
-    }
-}
-
 /// Removes `nullable: true` and the `null` that schemars lists among an optional enum's values.
 fn strip_nullable(value: &mut serde_json::Value) {
     match value {
@@ -207,66 +183,6 @@ fn strip_nullable(value: &mut serde_json::Value) {
         serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nullable),
         _ => {}
     }
-}
-
-/// Decodes a value strictly into `T`: a field `T` does not know is an error, like a value of the
-/// wrong type. The error names the path of the offending field
-/// (`http[0].route[0].destination.subsett: unknown field "subsett"`).
-pub fn decode_strict<T: serde::de::DeserializeOwned>(
-    value: &serde_json::Value,
-) -> Result<T, DecodeError> {
-    let mut track = serde_path_to_error::Track::new();
-    let mut unknown = Vec::new();
-    let decoded = serde_ignored::deserialize(
-        serde_path_to_error::Deserializer::new(value, &mut track),
-        |path| unknown.push(field_path(&path)),
-    );
-    let decoded = decoded.map_err(|error: serde_json::Error| DecodeError {
-        path: track.path().to_string(),
-        message: error.to_string(),
-    })?;
-    match unknown.into_iter().next() {
-        None => Ok(decoded),
-        Some((path, field)) => Err(DecodeError {
-            path,
-            message: format!("unknown field {field:?}"),
-        }),
-    }
-}
-
-/// The dotted path of an ignored field (as `serde_path_to_error` writes paths) and its name.
-fn field_path(path: &serde_ignored::Path<'_>) -> (String, String) {
-    use serde_ignored::Path;
-    match path {
-        Path::Root => (".".to_owned(), String::new()),
-        Path::Seq { parent, index } => {
-            let (parent, _) = field_path(parent);
-            (
-                format!("{}[{index}]", parent.trim_start_matches('.')),
-                String::new(),
-            )
-        }
-        Path::Map { parent, key } => {
-            let (parent, _) = field_path(parent);
-            let path = match parent.as_str() {
-                "." => key.clone(),
-                parent => format!("{parent}.{key}"),
-            };
-            (path, key.clone())
-        }
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => field_path(parent),
-    }
-}
-
-/// A field that failed to decode: where, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct DecodeError {
-    /// Dotted path from the decoded value's root (`.` when the root itself failed).
-    pub path: String,
-    pub message: String,
 }
 
 #[cfg(test)]

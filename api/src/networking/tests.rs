@@ -2,8 +2,9 @@ use kube::CustomResourceExt;
 use serde_json::{Value, json};
 
 use super::examples::EXAMPLES;
-use super::validate::{Kind, validate_object};
 use super::*;
+use crate::schema::objects_dropping_unknown_fields;
+use crate::validate::{Kind, validate_object};
 
 fn example_value(yaml: &str, version: &str) -> Value {
     let mut value: Value = serde_yaml::from_str(yaml).unwrap();
@@ -49,7 +50,7 @@ fn istio_documentation_examples_round_trip_in_every_served_version() {
                 "ServiceEntry" => round_trip::<ServiceEntry>(name, version, &value),
                 other => panic!("{name}: unexpected kind {other}"),
             }
-            let kind = Kind::from_name(kind).unwrap();
+            let kind = Kind::from_group_and_name(NETWORKING_GROUP, kind).unwrap();
             if let Err(rejection) = validate_object(kind, &value, namespace, &rules) {
                 panic!("{name} ({version}) is refused: {rejection}");
             }
@@ -181,27 +182,6 @@ fn strict_decoding_names_the_path_of_a_misspelt_field() {
     );
 }
 
-/// The paths of object schemas with properties but without `x-kubernetes-preserve-unknown-fields`.
-fn objects_dropping_unknown_fields(schema: &serde_json::Value, at: &str, found: &mut Vec<String>) {
-    let Some(map) = schema.as_object() else {
-        return;
-    };
-    if let Some(properties) = map.get("properties").and_then(|p| p.as_object()) {
-        if map.get("x-kubernetes-preserve-unknown-fields") != Some(&json!(true)) {
-            found.push(at.to_owned());
-        }
-        for (name, property) in properties {
-            objects_dropping_unknown_fields(property, &format!("{at}.{name}"), found);
-        }
-    }
-    if let Some(items) = map.get("items") {
-        objects_dropping_unknown_fields(items, &format!("{at}[]"), found);
-    }
-    if let Some(values) = map.get("additionalProperties") {
-        objects_dropping_unknown_fields(values, &format!("{at}{{}}"), found);
-    }
-}
-
 #[test]
 fn crds_serve_three_versions_with_one_structural_schema_that_keeps_unknown_fields() {
     let expected = [
@@ -252,8 +232,7 @@ fn crds_serve_three_versions_with_one_structural_schema_that_keeps_unknown_field
         );
         // Every object that lists its properties keeps unknown fields, for the webhook to refuse
         // naming them (pruning would drop them silently before admission).
-        let mut closed = Vec::new();
-        objects_dropping_unknown_fields(&versions[0]["schema"]["openAPIV3Schema"], "", &mut closed);
+        let closed = objects_dropping_unknown_fields(&versions[0]["schema"]["openAPIV3Schema"]);
         assert!(closed.is_empty(), "{name}: {closed:?}");
         let text = crd.to_string();
         for forbidden in [
@@ -275,11 +254,8 @@ fn crds_serve_three_versions_with_one_structural_schema_that_keeps_unknown_field
     // The generated (unpatched) CRD is where `nullable` would come from, and it prunes unknown
     // fields: make sure the patch matters, so this test fails if `networking_crd` stops making it.
     let generated = VirtualService::crd();
-    let mut closed = Vec::new();
-    objects_dropping_unknown_fields(
+    let closed = objects_dropping_unknown_fields(
         &serde_json::to_value(&generated).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
-        "",
-        &mut closed,
     );
     assert!(!closed.is_empty());
     assert!(

@@ -1,7 +1,9 @@
-//! Validation of `VirtualService`, `DestinationRule` and `ServiceEntry` as Istio's admission
-//! webhook validates them, as pure functions: an object (and, for a VirtualService, the
-//! DestinationRules of its namespace) in, every problem out, each naming the field path
-//! (`spec.http[0].route[1].weight`). The operator's webhook only adapts this to AdmissionReviews.
+//! Validation of the Istio kinds the operator admits — `VirtualService`, `DestinationRule`,
+//! `ServiceEntry`, `PeerAuthentication` and `AuthorizationPolicy` — as Istio's admission webhook
+//! validates them, as pure functions: an object (and, for a VirtualService, the DestinationRules
+//! of its namespace) in, every problem out, each naming the field path
+//! (`spec.http[0].route[1].weight`). Unknown fields are refused everywhere (strict decoding). The
+//! operator's webhook only adapts this to AdmissionReviews.
 //!
 //! Where Istio only warns, or where this file decides differently, the rule says why:
 //! - A route's `subset` is refused only when a DestinationRule for the same host exists in the
@@ -19,16 +21,22 @@ use std::net::IpAddr;
 
 use serde::de::DeserializeOwned;
 
-use super::destination_rule::{
+use crate::networking::NETWORKING_GROUP;
+use crate::networking::destination_rule::{
     ClientTlsSettings, ConnectionPoolSettings, LoadBalancerSettings, LocalityLbSetting,
     OutlierDetection, PortTrafficPolicy, TlsMode, TrafficPolicy,
 };
-use super::service_entry::{Resolution, ServiceEntrySpec, WorkloadEntry};
-use super::virtual_service::{
+use crate::networking::service_entry::{Resolution, ServiceEntrySpec, WorkloadEntry};
+use crate::networking::virtual_service::{
     Destination, FaultAbort, FaultDelay, HttpFaultInjection, HttpMatchRequest, HttpRetry,
     HttpRewrite, HttpRoute, RouteDestination, TcpRoute, TlsRoute,
 };
-use super::{DestinationRule, DestinationRuleSpec, StringMatch, VirtualServiceSpec, decode_strict};
+use crate::networking::{DestinationRule, DestinationRuleSpec, StringMatch, VirtualServiceSpec};
+use crate::schema::decode_strict;
+use crate::security::{
+    AuthorizationAction, AuthorizationOperation, AuthorizationPolicySpec, AuthorizationSource,
+    PeerAuthenticationSpec, SECURITY_GROUP,
+};
 
 /// Kubernetes' cluster domain, which Istio appends to short service names.
 const CLUSTER_DOMAIN: &str = "svc.cluster.local";
@@ -91,15 +99,19 @@ pub enum Kind {
     VirtualService,
     DestinationRule,
     ServiceEntry,
+    PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    /// The kind named by an object's `kind`, if it is one of ours.
-    pub fn from_name(kind: &str) -> Option<Self> {
-        match kind {
-            "VirtualService" => Some(Self::VirtualService),
-            "DestinationRule" => Some(Self::DestinationRule),
-            "ServiceEntry" => Some(Self::ServiceEntry),
+    /// The kind of an object of API group `group` named by its `kind`, if it is one of ours.
+    pub fn from_group_and_name(group: &str, kind: &str) -> Option<Self> {
+        match (group, kind) {
+            (NETWORKING_GROUP, "VirtualService") => Some(Self::VirtualService),
+            (NETWORKING_GROUP, "DestinationRule") => Some(Self::DestinationRule),
+            (NETWORKING_GROUP, "ServiceEntry") => Some(Self::ServiceEntry),
+            (SECURITY_GROUP, "PeerAuthentication") => Some(Self::PeerAuthentication),
+            (SECURITY_GROUP, "AuthorizationPolicy") => Some(Self::AuthorizationPolicy),
             _ => None,
         }
     }
@@ -145,6 +157,12 @@ pub fn validate_object(
         Kind::ServiceEntry => decode_spec::<ServiceEntrySpec>(spec, &mut errors)
             .iter()
             .for_each(|spec| errors.extend(validate_service_entry(spec))),
+        Kind::PeerAuthentication => decode_spec::<PeerAuthenticationSpec>(spec, &mut errors)
+            .iter()
+            .for_each(|spec| errors.extend(validate_peer_authentication(spec))),
+        Kind::AuthorizationPolicy => decode_spec::<AuthorizationPolicySpec>(spec, &mut errors)
+            .iter()
+            .for_each(|spec| errors.extend(validate_authorization_policy(spec))),
     }
     if errors.is_empty() {
         Ok(())
@@ -1386,3 +1404,120 @@ fn entry_endpoint(
 
 #[cfg(test)]
 mod tests;
+
+/// `PeerAuthentication`: Istio's rules for `portLevelMtls` (only with a selector, keys that are
+/// port numbers).
+pub fn validate_peer_authentication(spec: &PeerAuthenticationSpec) -> Vec<FieldError> {
+    let mut errors = Errors::default();
+    if !spec.port_level_mtls.is_empty() && spec.selector.match_labels.is_empty() {
+        errors.add(
+            "spec.portLevelMtls",
+            "needs a selector: port-level settings apply to the selected workloads' ports",
+        );
+    }
+    for port in spec.port_level_mtls.keys() {
+        if !matches!(port.parse::<u16>(), Ok(1..)) {
+            errors.add(
+                &format!("spec.portLevelMtls[{port}]"),
+                "not a port number in 1..=65535",
+            );
+        }
+    }
+    errors.0
+}
+
+/// `AuthorizationPolicy`, as Istio validates it: one attachment (selector or targetRef), a
+/// provider exactly for CUSTOM, no empty `from.source` / `to.operation` (an empty one would
+/// match everything — typically a field whose name was mistyped), conditions with a key and
+/// values, valid ports and IP blocks.
+pub fn validate_authorization_policy(spec: &AuthorizationPolicySpec) -> Vec<FieldError> {
+    let mut errors = Errors::default();
+    if !spec.selector.match_labels.is_empty() && spec.has_target_ref() {
+        errors.add(
+            "spec",
+            "only one of selector, targetRef or targetRefs may be set",
+        );
+    }
+    match (&spec.action, spec.provider.is_empty()) {
+        (AuthorizationAction::Custom, true) => {
+            errors.add("spec.provider", "action CUSTOM needs a provider");
+        }
+        (AuthorizationAction::Custom, false) | (_, true) => {}
+        (_, false) => errors.add(
+            "spec.provider",
+            "a provider is only allowed with action CUSTOM",
+        ),
+    }
+    if spec.action == AuthorizationAction::Unknown {
+        errors.add("spec.action", "not one of ALLOW, DENY, AUDIT, CUSTOM");
+    }
+    for (r, rule) in spec.rules.iter().enumerate() {
+        let path = format!("spec.rules[{r}]");
+        for (f, from) in rule.from.iter().enumerate() {
+            authorization_source(
+                &mut errors,
+                &format!("{path}.from[{f}].source"),
+                &from.source,
+            );
+        }
+        for (t, to) in rule.to.iter().enumerate() {
+            authorization_operation(
+                &mut errors,
+                &format!("{path}.to[{t}].operation"),
+                &to.operation,
+            );
+        }
+        for (w, when) in rule.when.iter().enumerate() {
+            let path = format!("{path}.when[{w}]");
+            if when.key.is_empty() {
+                errors.add(&format!("{path}.key"), "must not be empty");
+            }
+            if when.values.is_empty() && when.not_values.is_empty() {
+                errors.add(&path, "needs values or notValues");
+            }
+        }
+    }
+    errors.0
+}
+
+fn authorization_source(errors: &mut Errors, path: &str, source: &AuthorizationSource) {
+    if source.is_empty() {
+        errors.add(path, "must not be empty");
+        return;
+    }
+    for (field, blocks) in [
+        ("ipBlocks", &source.ip_blocks),
+        ("notIpBlocks", &source.not_ip_blocks),
+        ("remoteIpBlocks", &source.remote_ip_blocks),
+        ("notRemoteIpBlocks", &source.not_remote_ip_blocks),
+    ] {
+        for (i, block) in blocks.iter().enumerate() {
+            if !is_ip_or_cidr(block) {
+                errors.add(
+                    &format!("{path}.{field}[{i}]"),
+                    format!("{block:?} is not an IP address or CIDR block"),
+                );
+            }
+        }
+    }
+}
+
+fn authorization_operation(errors: &mut Errors, path: &str, operation: &AuthorizationOperation) {
+    if operation.is_empty() {
+        errors.add(path, "must not be empty");
+        return;
+    }
+    for (field, ports) in [
+        ("ports", &operation.ports),
+        ("notPorts", &operation.not_ports),
+    ] {
+        for (i, port) in ports.iter().enumerate() {
+            if port.parse::<u16>().is_err() {
+                errors.add(
+                    &format!("{path}.{field}[{i}]"),
+                    format!("{port:?} is not a port number"),
+                );
+            }
+        }
+    }
+}

@@ -1039,3 +1039,107 @@ fn durations_parse_as_go_parses_them() {
         assert_eq!(parse_duration_nanos(text), expected, "{text:?}");
     }
 }
+
+#[test]
+fn security_kinds_refuse_typos_and_what_istio_refuses() {
+    use Kind::{AuthorizationPolicy as Ap, PeerAuthentication as Pa};
+    let ok: Result<(), &str> = Ok(());
+    // (kind, spec, Ok or the path of the first error)
+    let cases: Vec<(Kind, Value, Result<(), &str>)> = vec![
+        (Pa, json!({"mtls": {"mode": "STRICT"}}), ok),
+        (
+            Pa,
+            json!({"selector": {"matchLabels": {"app": "a"}}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+            ok,
+        ),
+        (
+            Pa,
+            json!({"mtls": {"mdoe": "STRICT"}}),
+            Err("spec.mtls.mdoe"),
+        ),
+        (
+            Pa,
+            json!({"portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+            Err("spec.portLevelMtls"),
+        ),
+        (
+            Pa,
+            json!({"selector": {"matchLabels": {"app": "a"}}, "portLevelMtls": {"http": {"mode": "DISABLE"}}}),
+            Err("spec.portLevelMtls[http]"),
+        ),
+        (Ap, json!({}), ok),
+        (Ap, json!({"action": "DENY", "rules": [{}]}), ok),
+        (
+            Ap,
+            json!({"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/a/sa/b"]}}],
+                              "to": [{"operation": {"methods": ["GET"], "ports": ["8080"]}}],
+                              "when": [{"key": "request.headers[x]", "values": ["y"]}]}]}),
+            ok,
+        ),
+        // A misspelt field: refused, never read as an empty (match-everything) source.
+        (
+            Ap,
+            json!({"rules": [{"from": [{"source": {"principles": ["cluster.local/ns/a/sa/b"]}}]}]}),
+            Err("spec.rules[0].from[0].source.principles"),
+        ),
+        (
+            Ap,
+            json!({"rules": [{"from": [{"source": {}}]}]}),
+            Err("spec.rules[0].from[0].source"),
+        ),
+        (
+            Ap,
+            json!({"rules": [{"to": [{"operation": {}}]}]}),
+            Err("spec.rules[0].to[0].operation"),
+        ),
+        (
+            Ap,
+            json!({"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}),
+            Err("spec.rules[0].to[0].operation.ports[0]"),
+        ),
+        (
+            Ap,
+            json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}),
+            Err("spec.rules[0].from[0].source.ipBlocks[0]"),
+        ),
+        (
+            Ap,
+            json!({"rules": [{"when": [{"key": "source.ip"}]}]}),
+            Err("spec.rules[0].when[0]"),
+        ),
+        (
+            Ap,
+            json!({"action": "CUSTOM", "rules": [{}]}),
+            Err("spec.provider"),
+        ),
+        (
+            Ap,
+            json!({"action": "CUSTOM", "provider": {"name": "ext"}, "rules": [{}]}),
+            ok,
+        ),
+        (
+            Ap,
+            json!({"action": "DENY", "provider": {"name": "ext"}}),
+            Err("spec.provider"),
+        ),
+        (
+            Ap,
+            json!({"selector": {"matchLabels": {"app": "a"}},
+                   "targetRef": {"kind": "Gateway", "name": "g"}}),
+            Err("spec"),
+        ),
+    ];
+    for (kind, spec, expected) in cases {
+        let verdict = validate_object(kind, &json!({"spec": spec}), NAMESPACE, &[]);
+        match (verdict, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(rejection), Err(path)) => {
+                assert_eq!(
+                    rejection.errors[0].path, path,
+                    "{kind:?} {spec}: {rejection}"
+                )
+            }
+            (verdict, expected) => panic!("{kind:?} {spec}: {verdict:?}, expected {expected:?}"),
+        }
+    }
+}
