@@ -211,7 +211,7 @@ async fn admission_reviews_are_answered_with_the_verdict_over_both_http_versions
         let (allowed, message) = verdict(&body);
         assert!(!allowed);
         assert!(
-            message.contains("spec.ports[0].protocl: unknown field `protocl`"),
+            message.contains("spec.ports[0].protocl: unknown field \"protocl\""),
             "{message}"
         );
     }
