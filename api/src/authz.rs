@@ -296,6 +296,15 @@ impl StringMatch {
         }
     }
 
+    /// Whether the pattern names a port (`example.com:8080`, `example.com:*`): such a `hosts`
+    /// value is matched against the whole authority, a value without one against the host.
+    pub fn names_a_port(&self) -> bool {
+        match self {
+            Self::Exact(text) | Self::Prefix(text) | Self::Suffix(text) => text.contains(':'),
+            Self::Presence => false,
+        }
+    }
+
     /// ASCII case-insensitive match, for host names (Istio's `hosts` ignore case).
     pub fn matches_ignoring_case(&self, value: &str) -> bool {
         let fold = |s: &str| s.to_ascii_lowercase();

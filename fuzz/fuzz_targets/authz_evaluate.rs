@@ -4,7 +4,7 @@
 //!
 //! Input, one item per line: the `InboundAuthorization` JSON, the source IP, the peer's SPIFFE
 //! ID (empty: plaintext), the destination port, the method (empty: a TCP connection, no
-//! request), the request target, the host, then `name: value` headers.
+//! request), the request target, the authority, then `name: value` headers.
 
 #![no_main]
 
@@ -39,7 +39,10 @@ fuzz_target!(|data: &[u8]| {
     let destination_port = next().parse().unwrap_or(8080);
     let method = next();
     let target = next();
-    let host = next();
+    let authority = next();
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
     let mut headers = HeaderMap::new();
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -63,6 +66,7 @@ fuzz_target!(|data: &[u8]| {
         (Ok(path), false) => Some(HttpAttributes {
             method,
             path: &path.path,
+            authority,
             host,
             headers: &headers,
         }),

@@ -64,7 +64,9 @@ pub struct HttpAttributes<'a> {
     pub method: &'a str,
     /// `NormalizedPath::path` (no query).
     pub path: &'a str,
-    /// `:authority` / `Host` without port.
+    /// `:authority` / `Host` as sent (with its port, if any).
+    pub authority: &'a str,
+    /// The authority without its port.
     pub host: &'a str,
     pub headers: &'a HeaderMap,
 }
@@ -237,7 +239,16 @@ fn operation_matches(operation: &Operation, peer: &Peer) -> bool {
     let Some(request) = peer.request else {
         return true;
     };
-    let host_matches = |m: &StringMatch| m.matches_ignoring_case(request.host);
+    // A value with a port (`example.com:8080`, `example.com:*`) is matched against the whole
+    // authority, as Envoy matches Istio's; one without against the host, so that a port in the
+    // request cannot step around it.
+    let host_matches = |m: &StringMatch| {
+        m.matches_ignoring_case(if m.names_a_port() {
+            request.authority
+        } else {
+            request.host
+        })
+    };
     let hosts = (operation.hosts.is_empty() || operation.hosts.iter().any(host_matches))
         && !operation.not_hosts.iter().any(host_matches);
     hosts
@@ -354,11 +365,12 @@ mod tests {
         }
     }
 
-    /// A request: method, path, host and headers as `name: value` pairs (repeats kept).
+    /// A request: method, path, authority (with port) and headers as `name: value` pairs
+    /// (repeats kept).
     struct Request {
         method: &'static str,
         path: &'static str,
-        host: &'static str,
+        authority: &'static str,
         headers: HeaderMap,
     }
 
@@ -373,7 +385,7 @@ mod tests {
         Request {
             method,
             path,
-            host: "web.foo.svc.cluster.local",
+            authority: "web.foo.svc.cluster.local:8080",
             headers: map,
         }
     }
@@ -386,7 +398,8 @@ mod tests {
         let attributes = request.map(|r| HttpAttributes {
             method: r.method,
             path: r.path,
-            host: r.host,
+            authority: r.authority,
+            host: r.authority.split(':').next().unwrap_or_default(),
             headers: &r.headers,
         });
         evaluate(compiled, &connection(principal), attributes.as_ref()) == Verdict::Allow
@@ -624,6 +637,32 @@ mod tests {
                 Some(&get),
                 false,
             ),
+            // A hosts value with a port is matched against the authority (`host:*` is Istio's
+            // way of naming any port); one without, against the host whatever the port.
+            (
+                json!({"to": [{"hosts": [{"exact": "web.foo.svc.cluster.local:8080"}]}]}),
+                None,
+                Some(&get),
+                true,
+            ),
+            (
+                json!({"to": [{"hosts": [{"exact": "web.foo.svc.cluster.local:9090"}]}]}),
+                None,
+                Some(&get),
+                false,
+            ),
+            (
+                json!({"to": [{"hosts": [{"prefix": "WEB.foo.svc.cluster.local:"}]}]}),
+                None,
+                Some(&get),
+                true,
+            ),
+            (
+                json!({"to": [{"notHosts": [{"prefix": "web.foo.svc.cluster.local:"}]}]}),
+                None,
+                Some(&get),
+                false,
+            ),
             // to entries OR, fields within an entry AND
             (
                 json!({"to": [{"methods": [{"exact": "POST"}]}, {"paths": [{"prefix": "/api/"}]}]}),
@@ -782,7 +821,8 @@ mod tests {
             let attributes = request.map(|r| HttpAttributes {
                 method: r.method,
                 path: r.path,
-                host: r.host,
+                authority: r.authority,
+                host: r.authority.split(':').next().unwrap_or_default(),
                 headers: &r.headers,
             });
             evaluate(&compiled, &connection(principal), attributes.as_ref())

@@ -161,6 +161,7 @@ impl Connection {
         let request = HttpAttributes {
             method: req.method().as_str(),
             path: &normalized.path,
+            authority: &authority,
             host: host_without_port(&authority),
             headers: req.headers(),
         };
