@@ -759,3 +759,125 @@ async fn protocols_pass_through_two_sidecars() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Puts the `default` Mesh back to `ALLOW_ANY` when dropped, also when the test fails.
+struct RegistryOnly;
+
+impl RegistryOnly {
+    fn set() -> anyhow::Result<Self> {
+        set_outbound_traffic_policy("REGISTRY_ONLY")?;
+        Ok(Self)
+    }
+}
+
+impl Drop for RegistryOnly {
+    fn drop(&mut self) {
+        if let Err(e) = set_outbound_traffic_policy("ALLOW_ANY") {
+            eprintln!("could not restore outboundTrafficPolicy ALLOW_ANY: {e:#}");
+        }
+    }
+}
+
+fn set_outbound_traffic_policy(mode: &str) -> anyhow::Result<()> {
+    let patch = serde_json::json!({"spec": {"outboundTrafficPolicy": {"mode": mode}}});
+    kubectl(
+        &[
+            "patch",
+            "mesh",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        None,
+    )?;
+    Ok(())
+}
+
+/// `outboundTrafficPolicy: REGISTRY_ONLY` on the real cluster: a request for a host outside the
+/// registry is answered by the client's sidecar with a 502 and the reason, and a ServiceEntry
+/// host without `addresses` (resolved by DNS to an in-cluster Service) is reached by its name
+/// although the address the application dialled belongs to no service.
+#[tokio::test]
+async fn registry_only_admits_service_entry_names_and_refuses_the_rest() -> anyhow::Result<()> {
+    let client = client().await?;
+    let ns = TestNamespace::create("e2e-egress", &[INJECT])?;
+    apply(&echo_server_yaml(&ns.name, "echo", "v1", 1))?;
+    wait_pods_ready(&client, &ns.name, "app=echo", 1, READY).await?;
+    let entry = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: echo-by-name, namespace: {ns}}}\nspec:\n  hosts: [echo.external.test]\n  location: MESH_EXTERNAL\n  resolution: DNS\n  ports: [{{number: 7777, name: http, protocol: HTTP, targetPort: 80}}]\n  endpoints: [{{address: echo.{ns}.svc.cluster.local}}]\n",
+        ns = ns.name
+    );
+    apply(&entry)?;
+    let _registry_only = RegistryOnly::set()?;
+    // An address that is no service VIP or endpoint: the node's own, on a port nothing serves.
+    let node_ip = kubectl(
+        &[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={.items[0].status.addresses[?(@.type==\"InternalIP\")].address}",
+        ],
+        None,
+    )?;
+    let url = format!("http://{}:7777/", node_ip.trim());
+    let runs = [
+        (
+            "by-name",
+            vec![
+                "--url",
+                &url,
+                "-H",
+                "host:echo.external.test",
+                "--count",
+                "20",
+                "--linger",
+                "60s",
+            ],
+        ),
+        (
+            "unknown",
+            vec![
+                "--url",
+                &url,
+                "-H",
+                "host:unknown.test",
+                "--count",
+                "20",
+                "--linger",
+                "60s",
+            ],
+        ),
+    ];
+    let summaries = run_clients(&client, &ns.name, &runs).await?;
+    let (by_name, unknown) = (&summaries[0], &summaries[1]);
+    println!("by name: {by_name:?}\nunknown: {unknown:?}");
+    assert_eq!(
+        status_count(by_name, 200),
+        20,
+        "the ServiceEntry name reaches the echo Service: {by_name:?}"
+    );
+    assert_eq!(version_count(by_name, "v1"), 20, "{by_name:?}");
+    assert_eq!(
+        status_count(unknown, 502),
+        20,
+        "a host outside the registry gets the sidecar's 502: {unknown:?}"
+    );
+    let metrics = sidecar_metrics(&client, &ns.name, "unknown").await?;
+    let refused = counter_sum(
+        &metrics,
+        "istio_requests_total",
+        &[("response_code", "502"), ("response_flags", "NR")],
+    );
+    assert_eq!(refused, 20.0, "{metrics}");
+    let logs = kubectl(
+        &["-n", &ns.name, "logs", "unknown", "-c", "trellis-proxy"],
+        None,
+    )?;
+    assert!(
+        logs.contains("request for a host outside the registry refused (REGISTRY_ONLY): 502"),
+        "{logs}"
+    );
+    Ok(())
+}
