@@ -144,9 +144,13 @@ test: lint unit manifests-check e2e
 # `e2e/cluster.sh build`, simulated proxies) and writes bench/RESULTS.md, results.json,
 # control-plane.json and latency.svg; `bench-quick` (< 3 min, load only) writes the same files
 # under the target dir; `bench-control-plane` runs the control-plane part alone into bench/.
+# `bench-profile` runs only the profiles `bench` ends with (callgrind of the one-hop and mesh
+# paths, perf of the mesh path and of the operator during propagation, massif of the proxy with
+# 10,000 services) into bench/profile-*.txt and RESULTS.md (~2 min after the build; needs perf
+# and valgrind, installed by the runner when missing).
 # ENVOY: Envoy's fair counterpart to trellis-proxy: `http` (HTTP router on the HTTP ports) now that
 # trellis-proxy proxies declared http ports as HTTP; `l4` (tcp_proxy) for an L4-only proxy.
-.PHONY: bench-quick bench-control-plane
+.PHONY: bench-quick bench-control-plane bench-profile
 ENVOY ?= http
 # The proxy is built on its own so the runner's dependencies never change its feature set.
 BENCH_BUILD := cargo build --release -p trellis-proxy && cargo build --release -p trellis-operator \
@@ -163,6 +167,10 @@ bench-quick:
 bench-control-plane:
 	$(BENCH_BUILD)
 	$(TARGET_DIR)/release/trellis-bench --control-plane-only
+
+bench-profile:
+	$(BENCH_BUILD)
+	$(TARGET_DIR)/release/trellis-bench --profile-only
 
 # Fuzzing with cargo-fuzz (libFuzzer) on the nightly toolchain; cargo-fuzz is installed when
 # missing. Each target runs FUZZ_SECONDS from the seeds in fuzz/corpus/<target> (read only); the

@@ -2,7 +2,9 @@
 //! process, the leader of a private API server — see [`crate::apiserver`] for why not the shared
 //! cluster): config propagation to N simulated proxies over the real protocol, the operator's
 //! memory with 1,000 Services / 10,000 endpoints, and the CSR signing rate (TokenReview
-//! included). Also records whether a replica that is not the leader serves 15012.
+//! included). Also records whether a replica that is not the leader serves 15012, and profiles
+//! the operator with perf during a propagation round (`profile-operator.txt`): where its CPU per
+//! change goes (snapshot compile, JSON encoding, TLS, HTTP/2 framing, kube watch handling).
 //!
 //! Runs inside its own network namespace (`--inside-control-plane`), so the operator's fixed
 //! ports (15012, 15017, 8080) and the API server's cannot collide with anything on the host.
@@ -32,8 +34,9 @@ use trellis_proxy::identity::Identity;
 use crate::Plan;
 use crate::apiserver::ApiServer;
 use crate::cp_client::{ConfigStream, ControlPlane, Signed};
+use crate::perf::{self, Category, Recording};
 use crate::procs::{Proc, cpu_ticks, http_status, status_kib};
-use crate::report::{cp_markdown, merge_section};
+use crate::report::{cp_markdown, merge_section, operator_profile_markdown};
 use crate::tools;
 
 pub const SERVICES: usize = 1000;
@@ -53,6 +56,65 @@ const CHANGE_LIMIT: Duration = Duration::from_secs(60);
 const SYNC_LIMIT: Duration = Duration::from_secs(300);
 /// Concurrent connection set-ups while proxies join (a rollout, not a thundering herd).
 const JOIN_CONCURRENCY: usize = 64;
+/// Proxies of the profiled propagation round: the count the propagation target names (perf
+/// slows the operator little enough for it).
+pub const PROFILE_PROXIES: usize = 1000;
+
+/// The operator's code by what it does for a change; a frame's first matching category wins,
+/// a sample takes the category of its innermost matching frame.
+pub const OPERATOR_CATEGORIES: &[Category] = &[
+    Category {
+        name: "JSON encoding (serde_json::ser)",
+        patterns: &["serde_json::ser", "ser::Serialize", "encode_line"],
+    },
+    Category {
+        name: "per-stream config (stream_to: inbound policy, version, config copy)",
+        patterns: &[
+            "stream_to",
+            "config_stream",
+            "inbound_policy",
+            "for_workload",
+            "workload_version",
+            "with_traffic",
+            "for_namespace",
+            "traffic::versioned",
+        ],
+    },
+    Category {
+        name: "snapshot compile (publish_snapshots)",
+        patterns: &[
+            "trellis_operator::compile",
+            "publish_snapshots",
+            "TrafficIndex",
+            "PolicyIndex",
+        ],
+    },
+    Category {
+        name: "TLS (rustls, ring)",
+        patterns: &["rustls::", "tokio_rustls::", "ring::", "ring_core_"],
+    },
+    // Before HTTP/2: the API client's HTTP/1.1 frames are watch handling.
+    Category {
+        name: "kube watch handling (kube, k8s-openapi, discovery)",
+        patterns: &[
+            "kube_runtime::",
+            "kube_client::",
+            "kube::",
+            "k8s_openapi::",
+            "trellis_operator::discovery",
+            "hyper::proto::h1",
+            "hyper_util::client",
+        ],
+    },
+    Category {
+        name: "HTTP/2 framing (h2, hyper)",
+        patterns: &["h2::", "hyper::"],
+    },
+    Category {
+        name: "async runtime (tokio scheduler, channels, timers)",
+        patterns: &["tokio::runtime", "tokio::sync", "tokio::time"],
+    },
+];
 
 pub fn run(plan: Plan, target: &Path, out: &Path) -> Result<()> {
     rustls::crypto::ring::default_provider()
@@ -63,28 +125,54 @@ pub fn run(plan: Plan, target: &Path, out: &Path) -> Result<()> {
         .enable_all()
         .build()?;
     let facts = crate::machine_facts_control_plane(target);
-    let results = runtime.block_on(bench(target))?;
-    let results =
-        json!({"facts": facts, "plan": {"envoy_mode": plan.envoy_mode.name()}, "results": results});
+    let (results, profile) = runtime.block_on(bench(target, plan.profile_only))?;
     std::fs::create_dir_all(out)?;
+    if let Some(results) = results {
+        let results = json!({"facts": facts, "plan": {"envoy_mode": plan.envoy_mode.name()}, "results": results});
+        std::fs::write(
+            out.join("control-plane.json"),
+            serde_json::to_vec_pretty(&results)?,
+        )?;
+        merge_section(
+            &out.join("RESULTS.md"),
+            crate::report::CP_BEGIN,
+            crate::report::CP_END,
+            &cp_markdown(&results),
+        )?;
+        eprintln!(
+            "bench: wrote the control-plane results to {}",
+            out.display()
+        );
+    }
+    // After the measured results are written, so a failing profiler cannot lose them.
+    let profile = profile?;
+    let command = if plan.profile_only {
+        "make bench-profile"
+    } else {
+        "make bench"
+    };
     std::fs::write(
-        out.join("control-plane.json"),
-        serde_json::to_vec_pretty(&results)?,
+        out.join("profile-operator.txt"),
+        perf::text(
+            &format!(
+                "trellis-operator during config propagation to {PROFILE_PROXIES} proxies ({CHANGES} changes)"
+            ),
+            &profile["profile"],
+        ),
     )?;
     merge_section(
         &out.join("RESULTS.md"),
-        crate::report::CP_BEGIN,
-        crate::report::CP_END,
-        &cp_markdown(&results),
+        crate::report::OPERATOR_PROFILE_BEGIN,
+        crate::report::OPERATOR_PROFILE_END,
+        &operator_profile_markdown(command, &facts, &profile),
     )?;
-    eprintln!(
-        "bench: wrote the control-plane results to {}",
-        out.display()
-    );
+    eprintln!("bench: wrote the operator profile to {}", out.display());
     Ok(())
 }
 
-async fn bench(target: &Path) -> Result<Value> {
+/// The measurements (none with `profile_only`) and the operator's profile, which may have
+/// failed on its own.
+async fn bench(target: &Path, profile_only: bool) -> Result<(Option<Value>, Result<Value>)> {
     let work = target.join("bench/control-plane");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -150,7 +238,13 @@ async fn bench(target: &Path) -> Result<Value> {
     let token = token(&client).await?;
     let mut csr_runs = Vec::new();
     let mut identities = Vec::new();
-    for (clients, requests) in CSR_RUNS {
+    // A profile needs only the certificates (those of the largest run, as the measurement uses).
+    let csr_plan = if profile_only {
+        &CSR_RUNS[CSR_RUNS.len() - 1..]
+    } else {
+        &CSR_RUNS[..]
+    };
+    for &(clients, requests) in csr_plan {
         let (row, issued) = csr_run(&control_plane, &token, clients, requests, pid).await?;
         eprintln!("bench/cp: CSR signing with {clients} clients: {row}");
         csr_runs.push(row);
@@ -159,7 +253,8 @@ async fn bench(target: &Path) -> Result<Value> {
     let identities: Vec<Arc<Identity>> = identities.into_iter().map(Arc::new).collect();
 
     let mut propagation = Vec::new();
-    for (round, proxies) in PROXY_COUNTS.into_iter().enumerate() {
+    let measured = if profile_only { 0 } else { PROXY_COUNTS.len() };
+    for (round, proxies) in PROXY_COUNTS.into_iter().enumerate().take(measured) {
         let row = propagate(
             &control_plane,
             &slices,
@@ -167,15 +262,35 @@ async fn bench(target: &Path) -> Result<Value> {
             proxies,
             round * CHANGES,
             pid,
+            None,
         )
         .await?;
         eprintln!("bench/cp: propagation to {proxies} proxies: {row}");
         propagation.push(row);
     }
     let after = memory(pid)?;
+    eprintln!("bench/cp: perf profile of the operator, propagation to {PROFILE_PROXIES} proxies");
+    let data = work.join("perf-operator.data");
+    let profile = propagate(
+        &control_plane,
+        &slices,
+        &identities,
+        PROFILE_PROXIES,
+        PROXY_COUNTS.len() * CHANGES,
+        pid,
+        Some(&data),
+    )
+    .await
+    .and_then(|row| {
+        let samples = tokio::task::block_in_place(|| perf::samples(&data))?;
+        Ok(json!({"propagation": row, "profile": perf::summary(&samples, OPERATOR_CATEGORIES)}))
+    });
     drop(operator);
     drop(api);
-    Ok(json!({
+    if profile_only {
+        return Ok((None, profile));
+    }
+    let results = json!({
         "services": SERVICES,
         "endpoints": SERVICES * ENDPOINTS_PER_SERVICE,
         "objects_created_s": created_s,
@@ -186,7 +301,8 @@ async fn bench(target: &Path) -> Result<Value> {
         "operator_memory_end": after,
         "csr": csr_runs,
         "propagation": propagation,
-    }))
+    });
+    Ok((Some(results), profile))
 }
 
 /// Removes a directory when dropped (the tmpfs etcd data).
@@ -495,7 +611,8 @@ enum Event {
 
 /// Opens `proxies` config streams, waits until each has its first snapshot, then makes
 /// [`CHANGES`] changes one after the other (an endpoint added to one EndpointSlice) and
-/// measures, per proxy, the time from the API write to the snapshot containing it.
+/// measures, per proxy, the time from the API write to the snapshot containing it. With
+/// `profile`, the operator runs under `perf record` (written there) during the changes only.
 async fn propagate(
     cp: &ControlPlane,
     slices: &Api<DynamicObject>,
@@ -503,6 +620,7 @@ async fn propagate(
     proxies: usize,
     first_change: usize,
     operator: u32,
+    profile: Option<&Path>,
 ) -> Result<Value> {
     if identities.is_empty() {
         bail!("no workload certificates to connect with");
@@ -548,6 +666,9 @@ async fn propagate(
     }
     let sync_s = started.elapsed().as_secs_f64();
     let synced_memory = memory(operator)?;
+    let recording = profile
+        .map(|data| tokio::task::block_in_place(|| Recording::attach(operator, data)))
+        .transpose()?;
     let client_cpu_before = cpu_ticks(std::process::id())?;
     let cpu_before = cpu_ticks(operator)?;
 
@@ -590,6 +711,9 @@ async fn propagate(
     let ticks = crate::clock_ticks_per_second();
     let operator_cpu_s = (cpu_ticks(operator)? - cpu_before) as f64 / ticks;
     let client_cpu_s = (cpu_ticks(std::process::id())? - client_cpu_before) as f64 / ticks;
+    if let Some(recording) = recording {
+        tokio::task::block_in_place(|| recording.stop())?;
+    }
     let peak = memory(operator)?;
     drop(_abort);
     // Let the operator notice the closed streams before the next round.

@@ -9,22 +9,26 @@
 //! (`--inside-control-plane`). Guards kill every child and delete the namespaces on any exit
 //! path.
 //!
-//! Flags: `--quick` (< 3 min, no control plane, no profile), `--out DIR`, `--envoy l4|http`
+//! Flags: `--quick` (< 3 min, no control plane, no profiles), `--out DIR`, `--envoy l4|http`
 //! (Envoy's configuration: `tcp_proxy`, or the HTTP router on the HTTP ports),
-//! `--control-plane-only`.
+//! `--control-plane-only`, `--profile-only` (the profiles of [`profiles`] and the operator's,
+//! no measurement).
 
 mod apiserver;
+mod callgrind;
 mod certs;
 mod control_plane;
 mod cp_client;
 mod load;
+mod massif;
 mod netns;
+mod perf;
 mod procs;
+mod profiles;
 mod report;
 mod systems;
 mod tools;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,19 +38,22 @@ use serde_json::{Value, json};
 
 use certs::MeshCerts;
 use load::Test;
-use procs::{Proc, cpu_ticks, fact, http_status, output_within, status_kib};
+use procs::{Proc, cpu_ticks, fact, status_kib};
 use systems::{Bench, EnvoyMode, Setup};
 use tools::Tools;
 
 const INSIDE: &str = "--inside";
 const INSIDE_CONTROL_PLANE: &str = "--inside-control-plane";
 const CONTROL_PLANE_ONLY: &str = "--control-plane-only";
+const PROFILE_ONLY: &str = "--profile-only";
 const RATES: [u32; 3] = [500, 1000, 2000];
 
-/// How long and how often: `--quick` for a smoke run under three minutes.
+/// How long and how often: `--quick` for a smoke run under three minutes; `--profile-only`
+/// for the profiles without the measurements.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub quick: bool,
+    pub profile_only: bool,
     pub rounds: usize,
     pub secs: u64,
     pub envoy_mode: EnvoyMode,
@@ -74,6 +81,7 @@ fn main() -> Result<()> {
     };
     let plan = Plan {
         quick,
+        profile_only: args.iter().any(|a| a == PROFILE_ONLY),
         rounds: if quick { 1 } else { 3 },
         secs: if quick { 3 } else { 6 },
         envoy_mode,
@@ -150,6 +158,9 @@ fn inside(plan: Plan, target: &Path, out: &Path) -> Result<()> {
     let facts = machine_facts(&tools, plan);
     let _nginx = systems::nginx(&tools, &work)?;
     load::serve_bulk()?;
+    if plan.profile_only {
+        return profiles::run(&bench, out, &facts);
+    }
 
     let mut tests = vec![Test::Http1Max, Test::Http2Max, Test::TcpBulk];
     tests.extend(RATES.map(Test::Http1Rate));
@@ -176,23 +187,13 @@ fn inside(plan: Plan, target: &Path, out: &Path) -> Result<()> {
     }
     eprintln!("bench: proxy RSS with an empty vs a 10,000-service config");
     let config_rss = config_rss(&tools, &work)?;
-    let profile = if plan.quick {
-        None
-    } else {
-        eprintln!("bench: callgrind profile of trellis-proxy (one hop, HTTP/1.1)");
-        Some(profile(&tools, &work)?)
-    };
-    let facts = json!({"start": facts, "load_after": fact("cat", &["/proc/loadavg"])});
-    report::write(
-        out,
-        plan,
-        &facts,
-        &setups,
-        &samples,
-        &config_rss,
-        profile.as_deref(),
-    )?;
+    let run_facts = json!({"start": facts, "load_after": fact("cat", &["/proc/loadavg"])});
+    report::write(out, plan, &run_facts, &setups, &samples, &config_rss)?;
     eprintln!("bench: wrote {}", out.join("RESULTS.md").display());
+    // After the measured results are written, so a failing profiler cannot lose them.
+    if !plan.quick {
+        profiles::run(&bench, out, &machine_facts(&tools, plan))?;
+    }
     Ok(())
 }
 
@@ -253,34 +254,6 @@ fn config_rss(tools: &Tools, work: &Path) -> Result<Vec<Value>> {
     Ok(rows)
 }
 
-/// Where trellis-proxy spends its instructions under HTTP/1.1 load: a bounded oha run through
-/// one hop with the proxy under callgrind (`perf stat -e instructions` is not supported here).
-fn profile(tools: &Tools, work: &Path) -> Result<String> {
-    let dir = work.join("profile");
-    std::fs::create_dir_all(&dir)?;
-    // The proxy runs as uid 1337 and writes its profile here.
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
-    let file = dir.join("callgrind.out");
-    let out_arg = format!("--callgrind-out-file={}", file.display());
-    let mut proxy = systems::trellis_with_config(
-        tools,
-        work,
-        &work.join("trellis.json"),
-        &["valgrind", "--tool=callgrind", &out_arg],
-    )?;
-    let mut cmd = Command::new(&tools.oha);
-    cmd.args(["--no-tui", "-n", "2000", "-c", "8"]);
-    cmd.arg(format!("http://127.0.0.3:{}/", systems::HTTP1_PORT));
-    output_within(&mut cmd, Duration::from_secs(180), &dir.join("oha.out"))?;
-    http_status("POST", 15000, "/quitquitquit");
-    proxy.wait_exit(Duration::from_secs(60))?;
-    let annotated = Command::new("callgrind_annotate")
-        .arg(&file)
-        .output()
-        .context("callgrind_annotate")?;
-    Ok(String::from_utf8_lossy(&annotated.stdout).into_owned())
-}
-
 /// The machine facts of a control-plane run (which needs none of the load tools).
 pub fn machine_facts_control_plane(target: &Path) -> Value {
     let operator = target.join("release/trellis-operator");
@@ -309,7 +282,11 @@ fn machine_facts(tools: &Tools, plan: Plan) -> Value {
     let mem = fact("sh", &["-c", "grep MemTotal /proc/meminfo"]);
     json!({
         "date": fact("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-        "command": if plan.quick { "make bench-quick" } else { "make bench" },
+        "command": match (plan.quick, plan.profile_only) {
+            (true, _) => "make bench-quick",
+            (_, true) => "make bench-profile",
+            _ => "make bench",
+        },
         "envoy_mode": plan.envoy_mode.name(),
         "cpus": fact("nproc", &[]),
         "cpu_model": cpu,

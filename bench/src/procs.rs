@@ -50,6 +50,11 @@ impl Proc {
         Ok(())
     }
 
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// Waits for the process to exit by itself within `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + limit;

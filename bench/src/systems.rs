@@ -196,25 +196,47 @@ impl Setup {
         }
     }
 
-    /// Starts the setup's proxies and waits until they are ready.
-    pub fn start(&self, bench: &Bench) -> Result<Vec<Proc>> {
-        let roles: &[Role] = match self.hops() {
+    fn roles(&self) -> &'static [Role] {
+        match self.hops() {
             0 => &[],
             1 => &[OUTBOUND],
             _ => &[OUTBOUND, INBOUND],
-        };
-        roles
+        }
+    }
+
+    /// The proxies a request crosses, in order: (role name, admin port).
+    pub fn proxy_roles(&self) -> Vec<(&'static str, u16)> {
+        self.roles().iter().map(|r| (r.name, r.admin)).collect()
+    }
+
+    /// Starts the setup's proxies and waits until they are ready.
+    pub fn start(&self, bench: &Bench) -> Result<Vec<Proc>> {
+        self.start_wrapped(bench, &|_| Vec::new())
+    }
+
+    /// As [`Setup::start`], each trellis-proxy behind the wrapper (valgrind) that `wrapper`
+    /// gives for its role name; Envoy is never wrapped.
+    pub fn start_wrapped(
+        &self,
+        bench: &Bench,
+        wrapper: &dyn Fn(&str) -> Vec<String>,
+    ) -> Result<Vec<Proc>> {
+        self.roles()
             .iter()
             .map(|role| match self.system {
                 System::Direct => unreachable!("the direct path has no proxy"),
-                System::Trellis => trellis(
-                    bench.tools,
-                    bench.work,
-                    role,
-                    &bench.work.join("trellis.json"),
-                    Some(role.cert(bench.certs)),
-                    &[],
-                ),
+                System::Trellis => {
+                    let wrapper = wrapper(role.name);
+                    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+                    trellis(
+                        bench.tools,
+                        bench.work,
+                        role,
+                        &bench.work.join("trellis.json"),
+                        Some(role.cert(bench.certs)),
+                        &wrapper,
+                    )
+                }
                 System::Envoy => envoy(bench, role, self.route),
             })
             .collect()

@@ -9,8 +9,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::procs::run;
 
-/// nginx (the backend), h2load (HTTP/1.1 and HTTP/2 load), valgrind (the profile).
-const APT_PACKAGES: [&str; 3] = ["nginx-light", "nghttp2-client", "valgrind"];
+/// nginx (the backend), h2load (HTTP/1.1 and HTTP/2 load), valgrind (callgrind and massif
+/// profiles, vgdb, ms_print) and perf (the cpu-clock profiles).
+const APT_PACKAGES: [&str; 4] = ["nginx-light", "nghttp2-client", "valgrind", "linux-perf"];
 
 /// Where every binary the benchmark runs lives.
 #[derive(Debug, Clone)]

@@ -210,6 +210,11 @@ pub async fn serve<H, F>(
             debug!(%address, "no serving certificate yet; closing connection");
             continue;
         };
+        // Small request/response exchanges (a CSR answer, the TLS handshake's last flight) must
+        // not wait for Nagle behind the peer's delayed ACK: ~40 ms per certificate otherwise.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(%address, error = %e, "could not set TCP_NODELAY");
+        }
         let handler = handler.clone();
         let limits = limits.clone();
         tokio::spawn(async move {
