@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use trellis_api::SpiffeId;
-use trellis_api::config::{Endpoint, InboundPolicy, Protocol, ProxyConfig, Service, ServicePort};
+use trellis_api::config::{
+    Endpoint, InboundPolicy, Labels, Protocol, ProxyConfig, Service, ServicePort,
+};
 use trellis_api::mesh::MeshSpec;
 
 use crate::injector::TLS_MODE_LABEL;
@@ -185,8 +187,9 @@ fn compile_service(
                     .unwrap_or("default");
                 SpiffeId::new(&mesh.trust_domain, namespace, sa).to_string()
             });
-            let labels = pod
-                .and_then(|p| p.metadata.labels.clone())
+            let labels: Labels = pod
+                .and_then(|p| p.metadata.labels.as_ref())
+                .map(Into::into)
                 .unwrap_or_default();
             let plaintext = pod
                 .filter(|_| meshed)

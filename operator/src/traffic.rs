@@ -521,7 +521,7 @@ fn service_entry_host(
                             .as_deref()
                             .filter(|_| meshed)
                             .map(identity),
-                        labels: workload.labels.clone(),
+                        labels: (&workload.labels).into(),
                         plaintext_ports: BTreeSet::new(),
                     });
                 }
@@ -612,7 +612,12 @@ fn selected_pods(
                 identity: meshed.then(|| {
                     SpiffeId::new(inputs.trust_domain, namespace, service_account).to_string()
                 }),
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                labels: pod
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .map(Into::into)
+                    .unwrap_or_default(),
                 plaintext_ports: BTreeSet::new(),
             })
         })

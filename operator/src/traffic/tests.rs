@@ -957,7 +957,7 @@ fn service_entries_become_services() {
                 e.address.to_string(),
                 e.meshed,
                 e.identity.clone(),
-                e.labels.get("role").cloned(),
+                e.labels.get("role").map(str::to_owned),
             )
         })
         .collect();

@@ -3,7 +3,6 @@
 //! in-flight counts and the request's hash key are inputs, and the choice is returned as data
 //! (an index into the candidates) for the I/O layer to connect to.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use trellis_api::config::{Endpoint, Service};
@@ -34,11 +33,7 @@ pub fn candidates<'a>(
 
 /// Whether `endpoint` has the labels of the cluster's subset (every endpoint without a subset).
 pub fn in_subset(endpoint: &Endpoint, cluster: Option<&Cluster>) -> bool {
-    cluster.is_none_or(|c| has_labels(&endpoint.labels, &c.selector))
-}
-
-fn has_labels(labels: &BTreeMap<String, String>, selector: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    cluster.is_none_or(|c| endpoint.labels.contains_all(&c.selector))
 }
 
 /// The per-request inputs of a pick.
@@ -480,7 +475,7 @@ mod tests {
             // The request that carries the cookie back hashes to the key the first one used.
             let mut headers = http::HeaderMap::new();
             headers.insert(http::header::COOKIE, pair.parse().unwrap());
-            let labels = BTreeMap::new();
+            let labels = std::collections::BTreeMap::new();
             let request = RequestAttributes {
                 method: "GET",
                 path: "/",
@@ -508,7 +503,7 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("x-user", "alice".parse().unwrap());
         headers.insert(http::header::COOKIE, "a=1; session=s42".parse().unwrap());
-        let labels = BTreeMap::new();
+        let labels = std::collections::BTreeMap::new();
         let request = RequestAttributes {
             method: "GET",
             path: "/",

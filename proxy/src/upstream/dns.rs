@@ -165,7 +165,7 @@ fn endpoint(address: IpAddr, labels: &BTreeMap<String, String>) -> Endpoint {
         // An external name is never a Trellis sidecar: mesh mTLS does not apply.
         meshed: false,
         identity: None,
-        labels: labels.clone(),
+        labels: labels.into(),
         plaintext_ports: Default::default(),
     }
 }
@@ -321,7 +321,10 @@ mod tests {
         }
         // Endpoints carry their name's labels (subsets select on them) and are never meshed.
         let resolved = endpoints(&both, "https", 443, answer).unwrap();
-        assert_eq!(resolved[2].endpoint.labels["name"], "b.example.com");
+        assert_eq!(
+            resolved[2].endpoint.labels.get("name"),
+            Some("b.example.com")
+        );
         assert!(
             resolved
                 .iter()
