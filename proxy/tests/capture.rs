@@ -71,7 +71,6 @@ fn inside_netns() {
     let mut buf = [0u8; 4];
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"ping");
-    let metrics = proxy.scrape();
     let outbound = [
         "reporter=\"source\"",
         "destination_service=\"echo.demo.svc.cluster.local\"",
@@ -83,6 +82,26 @@ fn inside_netns() {
         "request_protocol=\"tcp\"",
         "response_flags=\"-\"",
     ];
+    // The relay counts a chunk once it is written and a connection as closed once its task
+    // ends, so the client may see the bytes or the close an instant before the counters move:
+    // wait (bounded) for the expected figures, then check each one.
+    let expected = [
+        ("istio_tcp_connections_opened_total", 2),
+        ("istio_tcp_connections_closed_total", 1),
+        ("istio_tcp_received_bytes_total", 9),
+        ("istio_tcp_sent_bytes_total", 13),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = proxy.scrape();
+        let settled = expected
+            .iter()
+            .all(|(name, value)| sample(&metrics, name, &outbound) == Some(*value));
+        if settled || std::time::Instant::now() >= deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(
         sample(&metrics, "istio_tcp_connections_opened_total", &outbound),
         Some(2),
