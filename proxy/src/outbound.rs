@@ -22,7 +22,6 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 use trellis_api::config::{Endpoint, ProxyConfig};
-use trellis_api::traffic::TlsMode;
 
 use crate::capture::{self, CaptureListener};
 use crate::destination::{self, Destination};
@@ -140,8 +139,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         .as_ref()
         .and_then(|t| t.cluster)
         .and_then(|c| c.tls.as_ref());
-    // The DestinationRule's `tls` replaces the mesh's mutual TLS unless it asks for it.
-    let mesh = if cluster_tls.is_none_or(|tls| tls.mode == TlsMode::IstioMutual) {
+    let mesh = if tls_origination::mesh_tls_allowed(cluster_tls) {
         mesh_peer(&state, &config, endpoint, upstream.port())
     } else {
         Ok(None)

@@ -51,6 +51,12 @@ pub enum OriginationError {
     Verifier(#[from] rustls::client::VerifierBuilderError),
 }
 
+/// Whether the mesh's mutual TLS may be used towards a cluster with these `tls` settings: a
+/// DestinationRule's `tls` replaces it unless it asks for it (`ISTIO_MUTUAL`).
+pub fn mesh_tls_allowed(tls: Option<&ClientTls>) -> bool {
+    tls.is_none_or(|tls| tls.mode == TlsMode::IstioMutual)
+}
+
 /// Whether the cluster's TLS settings make the proxy originate TLS.
 pub fn originates(tls: &ClientTls) -> bool {
     matches!(tls.mode, TlsMode::Simple | TlsMode::Mutual)
@@ -291,16 +297,22 @@ mod tests {
     }
 
     #[test]
-    fn only_simple_and_mutual_originate() {
+    fn only_simple_and_mutual_originate_and_only_istio_mutual_keeps_the_mesh_tls() {
+        // (mode, originates, mesh TLS allowed)
         let cases = [
-            (TlsMode::Disable, false),
-            (TlsMode::Simple, true),
-            (TlsMode::Mutual, true),
-            (TlsMode::IstioMutual, false),
+            (TlsMode::Disable, false, false),
+            (TlsMode::Simple, true, false),
+            (TlsMode::Mutual, true, false),
+            (TlsMode::IstioMutual, false, true),
         ];
-        for (mode, expected) in cases {
-            assert_eq!(originates(&tls(mode)), expected, "{mode:?}");
+        for (mode, originating, mesh) in cases {
+            assert_eq!(originates(&tls(mode)), originating, "{mode:?}");
+            assert_eq!(mesh_tls_allowed(Some(&tls(mode))), mesh, "{mode:?}");
         }
+        assert!(
+            mesh_tls_allowed(None),
+            "no DestinationRule tls: the mesh's own"
+        );
     }
 
     #[test]

@@ -31,7 +31,6 @@ use trellis_api::config::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConf
 use trellis_api::mesh::OutboundTrafficMode;
 use trellis_api::traffic::{
     ClientTls, Headers, HttpAction, HttpMatch, HttpRoute, LoadBalancer, Mirror, RetryPolicy,
-    TlsMode,
 };
 
 use super::body::{Counted, Observed, RouteTimeout};
@@ -214,7 +213,7 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
             target: route::default_target(&config, &found),
             original: Some(connection.dst),
         }),
-        Route::Service(found) => match plan_route(connection, &config, found, &req) {
+        Route::Service(found) => match plan_route(connection, &config, found, &req, &authority) {
             Ok(plan) => with_generated_cookie(Plan {
                 dialled: Some(connection.dst),
                 ..plan
@@ -296,15 +295,15 @@ fn plan_route<'a>(
     config: &'a ProxyConfig,
     found: Destination<'a>,
     req: &Request<Incoming>,
+    authority: &str,
 ) -> Result<Plan<'a>, Answer> {
     let state = &connection.state;
-    let authority = headers::authority(req).unwrap_or_default();
     let port = found.port.port;
     let request = RequestAttributes {
         method: req.method().as_str(),
         path: req.uri().path(),
         query: req.uri().query().unwrap_or(""),
-        authority: &authority,
+        authority,
         scheme: "http",
         headers: req.headers(),
         source_labels: &state.workload.labels,
@@ -1093,11 +1092,7 @@ fn upstream(
         .tls
         .filter(|tls| tls_origination::originates(tls))
         .cloned();
-    // The DestinationRule's `tls` replaces the mesh's mutual TLS unless it asks for it.
-    let mesh_allowed = chosen
-        .tls
-        .is_none_or(|tls| tls.mode == TlsMode::IstioMutual);
-    let mesh = if mesh_allowed {
+    let mesh = if tls_origination::mesh_tls_allowed(chosen.tls) {
         crate::outbound::mesh_peer(state, config, chosen.endpoint, addr.port())?
             .map(|(tls, peer)| (tls, peer.to_owned()))
     } else {
