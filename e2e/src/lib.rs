@@ -86,6 +86,24 @@ pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Merge-patches the `default` Mesh's `spec` with `spec` (a key set to null is removed).
+pub fn patch_mesh_spec(spec: &serde_json::Value) -> Result<()> {
+    let patch = serde_json::json!({ "spec": spec });
+    kubectl(
+        &[
+            "patch",
+            "mesh",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        None,
+    )?;
+    Ok(())
+}
+
 /// Applies YAML with `kubectl apply` (server-side validation included).
 pub fn apply(yaml: &str) -> Result<String> {
     kubectl(&["apply", "-f", "-"], Some(yaml))

@@ -26,8 +26,8 @@ struct InterceptionMode;
 
 impl InterceptionMode {
     fn cni(bin_dir: &Path, conf_dir: &Path) -> anyhow::Result<Self> {
-        patch_mesh(
-            serde_json::json!({"spec": {"interception": "cni", "cni": {"binDir": bin_dir, "confDir": conf_dir}}}),
+        patch_mesh_spec(
+            &serde_json::json!({"interception": "cni", "cni": {"binDir": bin_dir, "confDir": conf_dir}}),
         )?;
         Ok(Self)
     }
@@ -35,29 +35,14 @@ impl InterceptionMode {
 
 impl Drop for InterceptionMode {
     fn drop(&mut self) {
-        let reset = serde_json::json!({"spec": {"interception": "initContainer", "cni": {"excludeNamespaces": []}}});
-        let _ = patch_mesh(reset);
+        let reset =
+            serde_json::json!({"interception": "initContainer", "cni": {"excludeNamespaces": []}});
+        let _ = patch_mesh_spec(&reset);
     }
 }
 
-fn patch_mesh(patch: serde_json::Value) -> anyhow::Result<()> {
-    kubectl(
-        &[
-            "patch",
-            "mesh",
-            "default",
-            "--type",
-            "merge",
-            "-p",
-            &patch.to_string(),
-        ],
-        None,
-    )?;
-    Ok(())
-}
-
 fn set_excluded_namespaces(namespaces: &[&str]) -> anyhow::Result<()> {
-    patch_mesh(serde_json::json!({"spec": {"cni": {"excludeNamespaces": namespaces}}}))
+    patch_mesh_spec(&serde_json::json!({"cni": {"excludeNamespaces": namespaces}}))
 }
 
 /// Waits until our entry in the node's conflist satisfies `check`.

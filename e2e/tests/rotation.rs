@@ -57,20 +57,7 @@ impl Drop for MeshCertificates {
 }
 
 fn patch_certificates(settings: &Value) -> anyhow::Result<()> {
-    let patch = serde_json::json!({"spec": {"certificates": settings}});
-    kubectl(
-        &[
-            "patch",
-            "mesh",
-            "default",
-            "--type",
-            "merge",
-            "-p",
-            &patch.to_string(),
-        ],
-        None,
-    )?;
-    Ok(())
+    patch_mesh_spec(&serde_json::json!({ "certificates": settings }))
 }
 
 /// What a proxy's `/config_dump` says about its certificate and trust bundle.

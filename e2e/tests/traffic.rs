@@ -779,20 +779,7 @@ impl Drop for RegistryOnly {
 }
 
 fn set_outbound_traffic_policy(mode: &str) -> anyhow::Result<()> {
-    let patch = serde_json::json!({"spec": {"outboundTrafficPolicy": {"mode": mode}}});
-    kubectl(
-        &[
-            "patch",
-            "mesh",
-            "default",
-            "--type",
-            "merge",
-            "-p",
-            &patch.to_string(),
-        ],
-        None,
-    )?;
-    Ok(())
+    patch_mesh_spec(&serde_json::json!({"outboundTrafficPolicy": {"mode": mode}}))
 }
 
 /// `outboundTrafficPolicy: REGISTRY_ONLY` on the real cluster: a request for a host outside the
