@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
@@ -23,12 +23,25 @@ pub fn temp_path(name: &str) -> PathBuf {
     ))
 }
 
+/// A port nothing listens on and no other test of this binary was given. Counted up from a base
+/// below the kernel's ephemeral range (32768–60999 by default): a port from `bind(0)` lies in
+/// that range, where the tests' own client connections take their source ports, and one of
+/// them could take it before the proxy binds it. The base moves with the process id, so test
+/// binaries run one after the other do not reuse each other's ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = (std::process::id() % 100) * 100;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(offset < SPAN, "no free port left for this test binary");
+        let port = u16::try_from(FIRST + (base + offset) % SPAN).expect("below 32,000");
+        // Binding the wildcard address fails for a port in use on any local address.
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
