@@ -63,6 +63,11 @@ impl Default for Metrics {
             "Sidecar injection decisions",
             injections.clone(),
         );
+        registry.register(
+            "cni_repairs",
+            "Pods deleted by the CNI repair loop because they started without capture",
+            cni_repairs.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -118,5 +123,50 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric reaches `/metrics`. The destructuring names every field, so a metric added to
+    /// [`Metrics`] stops this test compiling until it records and checks a sample of it too.
+    #[test]
+    fn every_metric_is_exported() {
+        let metrics = Metrics::default();
+        let Metrics {
+            registry: _,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            certificates_signed,
+            injections,
+            cni_repairs,
+            ready: _,
+        } = &metrics;
+        let outcome = OutcomeLabels { outcome: "tested" };
+        reconciles.inc();
+        reconcile_errors
+            .get_or_create(&ErrorLabels { error: "tested" })
+            .inc();
+        reconcile_duration.observe(0.2);
+        certificates_signed.get_or_create(&outcome).inc();
+        injections.get_or_create(&outcome).inc();
+        cni_repairs.get_or_create(&outcome).inc();
+        let text = metrics.encode();
+        for sample in [
+            "trellis_operator_reconciles_total 1",
+            r#"trellis_operator_reconcile_errors_total{error="tested"} 1"#,
+            "trellis_operator_reconcile_duration_seconds_count 1",
+            r#"trellis_operator_certificates_total{outcome="tested"} 1"#,
+            r#"trellis_operator_injections_total{outcome="tested"} 1"#,
+            r#"trellis_operator_cni_repairs_total{outcome="tested"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|line| line == sample),
+                "{sample:?} missing from /metrics:\n{text}"
+            );
+        }
     }
 }
