@@ -1,24 +1,18 @@
-//! Trellis API: the `Mesh` custom resource, the Istio-compatible resources (`PeerAuthentication`,
-//! `AuthorizationPolicy`, `VirtualService`, `DestinationRule`, `ServiceEntry`),
-//! the compiled proxy configuration that the control plane streams to proxies, SPIFFE identities
-//! and the well-known ports, labels and annotations.
+//! Trellis API: the `Mesh` custom resource and the Istio-compatible resources
+//! (`PeerAuthentication`, `AuthorizationPolicy`, `VirtualService`, `DestinationRule`,
+//! `ServiceEntry`) with their schemas and the admission rules the webhook and `trellisctl validate`
+//! share.
 //!
-//! Plain data and validation only: no runtime, no Kubernetes client. Every other crate depends on
-//! this one, so the operator, the proxy and the CLI agree on names and wire formats.
+//! Plain data and validation only: no runtime and no Kubernetes client (the kube and k8s-openapi
+//! dependencies are for the CRD derive and the object metadata types). What a proxy reads — the
+//! compiled config, identities, well-known names — lives in the kube-free `trellis-config`.
 
-pub mod authz;
-pub mod config;
-pub mod identity;
 pub mod mesh;
 pub mod networking;
-pub mod protocol;
 pub mod schema;
 pub mod security;
-pub mod traffic;
 pub mod validate;
-pub mod wellknown;
 
-pub use identity::SpiffeId;
 pub use mesh::{Mesh, MeshSpec, MeshStatus};
 pub use security::{
     AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,

@@ -5,6 +5,7 @@
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use trellis_config::mesh::{MtlsMode, OutboundTrafficMode};
 
 /// A Go-style duration as Istio writes them (`500ms`, `30s`, `24h`, `1h30m`).
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
@@ -78,16 +79,6 @@ pub struct MtlsSettings {
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum MtlsMode {
-    /// Accept both mutual TLS and plaintext on every port (Istio's default).
-    #[default]
-    Permissive,
-    /// Refuse plaintext.
-    Strict,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Interception {
     #[default]
@@ -156,7 +147,7 @@ impl Default for ProxySettings {
 }
 
 fn default_image_registry() -> String {
-    crate::wellknown::DEFAULT_IMAGE_REGISTRY.to_owned()
+    trellis_config::wellknown::DEFAULT_IMAGE_REGISTRY.to_owned()
 }
 
 fn default_concurrency() -> u32 {
@@ -246,16 +237,6 @@ fn default_root_ttl() -> String {
 pub struct OutboundTrafficPolicy {
     #[serde(default)]
     pub mode: OutboundTrafficMode,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum OutboundTrafficMode {
-    /// Destinations outside the registry are passed through.
-    #[default]
-    AllowAny,
-    /// Destinations outside the registry are refused.
-    RegistryOnly,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -11,7 +11,7 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::PeerAuthenticationMode;
+use trellis_config::proxy::PeerAuthenticationMode;
 
 /// API group of Istio's security resources.
 pub const SECURITY_GROUP: &str = "security.istio.io";

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use trellis_api::SpiffeId;
+use trellis_config::SpiffeId;
 use trellis_operator::ca::{CaMaterial, CertificateAuthority};
 
 pub const TRUST_DOMAIN: &str = "cluster.local";

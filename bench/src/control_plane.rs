@@ -26,9 +26,9 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
-use trellis_api::SpiffeId;
-use trellis_api::protocol::ControlMessage;
-use trellis_api::wellknown::{CONTROL_PLANE_PORT, OPERATOR_NAMESPACE, TOKEN_AUDIENCE};
+use trellis_config::SpiffeId;
+use trellis_config::protocol::ControlMessage;
+use trellis_config::wellknown::{CONTROL_PLANE_PORT, OPERATOR_NAMESPACE, TOKEN_AUDIENCE};
 use trellis_proxy::identity::Identity;
 
 use crate::Plan;

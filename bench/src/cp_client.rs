@@ -1,4 +1,4 @@
-//! The control-plane protocol as a proxy speaks it (`trellis_api::protocol`), for simulated
+//! The control-plane protocol as a proxy speaks it (`trellis_config::protocol`), for simulated
 //! proxies: like trellis-proxy's `control_plane` module, one HTTP/2-over-TLS connection per
 //! certificate request and one per config stream (a proxy never shares a connection with
 //! another), the operator verified against the mesh root, the workload certificate presented
@@ -21,11 +21,11 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
-use trellis_api::SpiffeId;
-use trellis_api::protocol::{
+use trellis_config::SpiffeId;
+use trellis_config::protocol::{
     CertificateRequest, CertificateResponse, ErrorResponse, POD_NAME_HEADER, PROXY_VERSION_HEADER,
 };
-use trellis_api::wellknown::{CERTIFICATE_PATH, CONFIG_STREAM_PATH};
+use trellis_config::wellknown::{CERTIFICATE_PATH, CONFIG_STREAM_PATH};
 use trellis_proxy::identity::{self, Identity};
 
 /// The name the operator's serving certificate carries (the proxy's default).

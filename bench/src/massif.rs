@@ -161,7 +161,7 @@ mem_stacks_B=0
 heap_tree=peak
 n3: 1300 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.
  n1: 1000 0x71F127: alloc::collections::btree::map::BTreeMap<K,V,A>::insert (in /x/trellis-proxy)
-  n1: 1000 0x72DD8F: trellis_api::config::ProxyConfig::from_json (in /x/trellis-proxy)
+  n1: 1000 0x72DD8F: trellis_config::proxy::ProxyConfig::from_json (in /x/trellis-proxy)
    n0: 1000 0xA3BA14: main (in /x/trellis-proxy)
  n2: 200 0x73C476: alloc::raw_vec::RawVecInner<A>::finish_grow (in /x/trellis-proxy)
   n1: 150 0x73BD09: alloc::raw_vec::RawVec<T,A>::grow_one (in /x/trellis-proxy)
@@ -178,7 +178,7 @@ mem_stacks_B=0
 heap_tree=detailed
 n1: 1000 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.
  n1: 1000 0x71F127: alloc::collections::btree::map::BTreeMap<K,V,A>::insert (in /x/trellis-proxy)
-  n0: 1000 0x72DD8F: trellis_api::config::ProxyConfig::from_json (in /x/trellis-proxy)
+  n0: 1000 0x72DD8F: trellis_config::proxy::ProxyConfig::from_json (in /x/trellis-proxy)
 ";
 
     #[test]
@@ -191,7 +191,7 @@ n1: 1000 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.
             peak.stacks[0].0,
             vec![
                 "alloc::collections::btree::map::BTreeMap<K,V,A>::insert",
-                "trellis_api::config::ProxyConfig::from_json",
+                "trellis_config::proxy::ProxyConfig::from_json",
                 "main"
             ]
         );
@@ -205,7 +205,7 @@ n1: 1000 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.
             (
                 0,
                 "alloc::collections::btree::map::BTreeMap<K,V,A>::insert",
-                "trellis_api::config::ProxyConfig::from_json",
+                "trellis_config::proxy::ProxyConfig::from_json",
             ),
             (
                 1,
@@ -235,7 +235,7 @@ n1: 1000 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.
             rows[0],
             (
                 "alloc::collections::btree::map::BTreeMap<K,V,A>::insert".to_owned(),
-                "trellis_api::config::ProxyConfig::from_json".to_owned(),
+                "trellis_config::proxy::ProxyConfig::from_json".to_owned(),
                 1000,
                 1000
             )

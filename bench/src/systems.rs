@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use trellis_api::config::MESH_ALPN;
+use trellis_config::proxy::MESH_ALPN;
 
 use crate::certs::{CertFiles, MeshCerts};
 use crate::netns::PROXY_UID;
@@ -848,7 +848,7 @@ mod tests {
     fn trellis_meshes_only_the_mesh_route() {
         let config = trellis_config(&certs());
         let parsed =
-            trellis_api::config::ProxyConfig::from_json(config.to_string().as_bytes()).unwrap();
+            trellis_config::proxy::ProxyConfig::from_json(config.to_string().as_bytes()).unwrap();
         let meshed: Vec<(String, bool, Option<String>)> = parsed
             .services
             .iter()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use trellis_api::wellknown;
+use trellis_config::wellknown;
 
 mod validate;
 

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
-use trellis_api::wellknown::{ISTIO_INJECT_ANNOTATION, PROXY_GID, PROXY_UID};
+use trellis_config::wellknown::{ISTIO_INJECT_ANNOTATION, PROXY_GID, PROXY_UID};
 use trellis_init::{
     CaptureConfig, CidrSelection, ConfigError, PortSelection, parse_cidr_list, parse_port_list,
 };
 
-use trellis_api::wellknown::{
+use trellis_config::wellknown::{
     EXCLUDE_INBOUND_PORTS_ANNOTATION as EXCLUDE_INBOUND_PORTS,
     EXCLUDE_OUTBOUND_IP_RANGES_ANNOTATION as EXCLUDE_OUTBOUND_IP_RANGES,
     EXCLUDE_OUTBOUND_PORTS_ANNOTATION as EXCLUDE_OUTBOUND_PORTS,
@@ -17,7 +17,7 @@ use trellis_api::wellknown::{
     INCLUDE_OUTBOUND_IP_RANGES_ANNOTATION as INCLUDE_OUTBOUND_IP_RANGES,
     INCLUDE_OUTBOUND_PORTS_ANNOTATION as INCLUDE_OUTBOUND_PORTS,
 };
-pub use trellis_api::wellknown::{INIT_CONTAINER, STATUS_ANNOTATION};
+pub use trellis_config::wellknown::{INIT_CONTAINER, STATUS_ANNOTATION};
 
 /// What to do with a pod's network namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,7 +17,7 @@ const FALLBACK_VERSION: &str = "1.0.0";
 /// Namespaces never captured unless the config says otherwise: the cluster's own components and
 /// the mesh's control plane must come up even when the mesh cannot.
 pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 2] =
-    ["kube-system", trellis_api::wellknown::OPERATOR_NAMESPACE];
+    ["kube-system", trellis_config::wellknown::OPERATOR_NAMESPACE];
 
 /// The spec's well-known error codes, and this plugin's own (100 and up).
 pub mod code {

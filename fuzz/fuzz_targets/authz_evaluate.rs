@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use trellis_api::authz::InboundAuthorization;
+use trellis_config::authz::InboundAuthorization;
 use trellis_proxy::authz::{
     ConnectionAttributes, HttpAttributes, NO_ALLOW_MATCHED, Verdict, evaluate,
 };

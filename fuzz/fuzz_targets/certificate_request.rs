@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
 use libfuzzer_sys::fuzz_target;
-use trellis_api::SpiffeId;
+use trellis_config::SpiffeId;
 use trellis_operator::ca::{CaMaterial, CertificateAuthority};
 use trellis_operator::control_plane::{bearer_token, decode_certificate_request};
 

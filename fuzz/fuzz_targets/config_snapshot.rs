@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use trellis_api::config::ProxyConfig;
-use trellis_api::protocol::ControlMessage;
+use trellis_config::proxy::ProxyConfig;
+use trellis_config::protocol::ControlMessage;
 use trellis_proxy::control_plane::ndjson::LineSplitter;
 
 /// Small, so over-long lines are reached; the proxy's bound is 16 MiB.

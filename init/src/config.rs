@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use trellis_api::wellknown;
+use trellis_config::wellknown;
 
 /// Port Istio's Envoy serves its own Prometheus stats on. Trellis does not listen there, but Istio
 /// excludes it from inbound capture and scrape configs written for Istio may still target it, so

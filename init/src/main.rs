@@ -20,16 +20,16 @@ use trellis_init::{
 #[command(name = "trellis-init", version)]
 struct Args {
     /// Uid of the proxy; its own connections are never captured.
-    #[arg(short = 'u', long, env = "TRELLIS_PROXY_UID", default_value_t = trellis_api::wellknown::PROXY_UID)]
+    #[arg(short = 'u', long, env = "TRELLIS_PROXY_UID", default_value_t = trellis_config::wellknown::PROXY_UID)]
     proxy_uid: u32,
     /// Gid of the proxy; its own connections are never captured.
-    #[arg(short = 'g', long, env = "TRELLIS_PROXY_GID", default_value_t = trellis_api::wellknown::PROXY_GID)]
+    #[arg(short = 'g', long, env = "TRELLIS_PROXY_GID", default_value_t = trellis_config::wellknown::PROXY_GID)]
     proxy_gid: u32,
     /// Port of the proxy's inbound capture listener.
-    #[arg(short = 'z', long, env = "TRELLIS_INBOUND_CAPTURE_PORT", default_value_t = trellis_api::wellknown::INBOUND_CAPTURE_PORT)]
+    #[arg(short = 'z', long, env = "TRELLIS_INBOUND_CAPTURE_PORT", default_value_t = trellis_config::wellknown::INBOUND_CAPTURE_PORT)]
     inbound_capture_port: u16,
     /// Port of the proxy's outbound capture listener.
-    #[arg(short = 'p', long, env = "TRELLIS_OUTBOUND_CAPTURE_PORT", default_value_t = trellis_api::wellknown::OUTBOUND_CAPTURE_PORT)]
+    #[arg(short = 'p', long, env = "TRELLIS_OUTBOUND_CAPTURE_PORT", default_value_t = trellis_config::wellknown::OUTBOUND_CAPTURE_PORT)]
     outbound_capture_port: u16,
     /// Inbound ports to capture: `*` for all, a comma-separated list, or "" for none.
     #[arg(

@@ -39,7 +39,7 @@ use kube::{Client, Resource};
 use tokio::sync::watch;
 use tracing::warn;
 use trellis_api::AuthorizationPolicy;
-use trellis_api::authz::{
+use trellis_config::authz::{
     Action, Condition, InboundAuthorization, IpBlock, Operation, Policy, Rule, Source, StringMatch,
     Values,
 };
@@ -47,7 +47,7 @@ use trellis_api::security::{
     AuthorizationAction, AuthorizationCondition, AuthorizationOperation, AuthorizationRule,
     AuthorizationSource,
 };
-use trellis_api::wellknown::OPERATOR_NAME;
+use trellis_config::wellknown::OPERATOR_NAME;
 
 /// Event reason for everything a policy asks that Trellis cannot enforce as written.
 pub const UNSUPPORTED_REASON: &str = "Unsupported";

@@ -10,7 +10,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
-use trellis_api::SpiffeId;
+use trellis_config::SpiffeId;
 
 /// Keys of the CA Secret, in Istio's `cacerts` layout so a user-provided CA drops in unchanged.
 pub const CA_CERT_KEY: &str = "ca-cert.pem";

@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 use trellis_api::Mesh;
 use trellis_api::mesh::{Interception, MeshSpec};
-use trellis_api::wellknown::VALIDATION_CONTAINER;
+use trellis_config::wellknown::VALIDATION_CONTAINER;
 
 use crate::controller::{Context, MANAGER};
 use crate::error::{Error, Result};

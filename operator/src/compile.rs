@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use trellis_api::SpiffeId;
-use trellis_api::config::{
+use trellis_config::SpiffeId;
+use trellis_config::proxy::{
     Endpoint, InboundPolicy, Labels, Protocol, ProxyConfig, Service, ServicePort,
 };
 use trellis_api::mesh::MeshSpec;
@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn workload_snapshot_overlays_inbound_and_versions_both() {
-        use trellis_api::config::PeerAuthenticationMode;
+        use trellis_config::proxy::PeerAuthenticationMode;
         let mesh_wide = compile(
             &ClusterState::default(),
             &mesh(),

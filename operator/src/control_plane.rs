@@ -1,7 +1,7 @@
 //! The control-plane endpoint on 15012 (HTTP/2 over TLS), served by every replica:
 //! `POST /v1/certificate` signs a workload CSR after a TokenReview of the caller's projected
 //! ServiceAccount token, and `GET /v1/config` streams config snapshots to a proxy authenticated
-//! by its workload certificate. Wire format: `trellis_api::protocol`.
+//! by its workload certificate. Wire format: `trellis_config::protocol`.
 //!
 //! One compile per burst of changes serves every proxy: each stream overlays its own inbound
 //! policy (PeerAuthentication resolved for its pod, and the AuthorizationPolicies that apply to
@@ -22,16 +22,17 @@ use kube::{Api, Client};
 use tokio::sync::{Semaphore, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
-use trellis_api::authz::Action;
-use trellis_api::config::{InboundPolicy, PeerAuthenticationMode, ProxyConfig};
-use trellis_api::protocol::{
+use trellis_config::authz::Action;
+use trellis_config::proxy::{InboundPolicy, PeerAuthenticationMode, ProxyConfig};
+use trellis_config::protocol::{
     CertificateRequest, CertificateResponse, ControlMessage, MAX_REQUEST_BYTES, POD_NAME_HEADER,
     PROXY_VERSION_HEADER,
 };
-use trellis_api::wellknown::{
+use trellis_config::wellknown::{
     CERTIFICATE_PATH, CONFIG_STREAM_PATH, PROXY_CONTAINER, TOKEN_AUDIENCE,
 };
-use trellis_api::{AuthorizationPolicy, PeerAuthentication, SpiffeId};
+use trellis_api::{AuthorizationPolicy, PeerAuthentication};
+use trellis_config::SpiffeId;
 
 use crate::authorization;
 use crate::compile::{compile, for_workload, workload_version};

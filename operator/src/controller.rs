@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use trellis_api::Mesh;
 use trellis_api::mesh::{MeshCondition, MeshSpec, MeshStatus, parse_duration};
-use trellis_api::wellknown::{
+use trellis_config::wellknown::{
     INJECT_LABEL, ISTIO_INJECTION_LABEL, MESH_NAME, OPERATOR_NAME, ROOT_CERT_CONFIGMAP,
 };
 

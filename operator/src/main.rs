@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube::Client;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
-use trellis_api::wellknown::{CONTROL_PLANE_PORT, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT};
+use trellis_config::wellknown::{CONTROL_PLANE_PORT, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT};
 
 use trellis_operator::controller::{Context, MeshStateRx};
 use trellis_operator::metrics::Metrics;

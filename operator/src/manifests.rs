@@ -23,7 +23,7 @@ use trellis_api::networking::{
     self, DestinationRule, NETWORKING_GROUP, ServiceEntry, VirtualService,
 };
 use trellis_api::security::{self, SECURITY_EXTRA_VERSIONS, SECURITY_GROUP};
-use trellis_api::wellknown::{
+use trellis_config::wellknown::{
     CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT,
 };
 use trellis_api::{AuthorizationPolicy, Mesh, PeerAuthentication};

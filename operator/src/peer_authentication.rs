@@ -19,8 +19,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use trellis_api::PeerAuthentication;
-use trellis_api::config::{InboundPolicy, PeerAuthenticationMode};
-use trellis_api::wellknown::PROXY_CONTAINER;
+use trellis_config::proxy::{InboundPolicy, PeerAuthenticationMode};
+use trellis_config::wellknown::PROXY_CONTAINER;
 
 /// The workload a proxy serves, as far as PeerAuthentication is concerned.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -209,7 +209,7 @@ impl PolicyIndex {
 mod tests {
     use super::*;
     use serde_json::json;
-    use trellis_api::config::PeerAuthenticationMode::{Disable, Permissive, Strict};
+    use trellis_config::proxy::PeerAuthenticationMode::{Disable, Permissive, Strict};
 
     const ROOT: &str = "trellis-system";
 

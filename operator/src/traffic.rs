@@ -37,8 +37,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use tracing::warn;
-use trellis_api::SpiffeId;
-use trellis_api::config::{Endpoint, Protocol, ProxyConfig, Service, ServicePort};
+use trellis_config::SpiffeId;
+use trellis_config::proxy::{Endpoint, Protocol, ProxyConfig, Service, ServicePort};
 use trellis_api::networking::destination_rule::{
     ClientTlsSettings, ConnectionPoolSettings, LoadBalancerSettings, OutlierDetection as DrOutlier,
     SimpleLb, TlsMode as DrTlsMode, TrafficPolicy,
@@ -51,7 +51,7 @@ use trellis_api::networking::{
     DestinationRule, Percent as IstioPercent, ServiceEntry, StringMatch as IstioMatch,
     VirtualService,
 };
-use trellis_api::traffic::{
+use trellis_config::traffic::{
     AbortStatus, ClientTls, Cluster, ConnectionPool, ConsistentHash, CorsPolicy, DirectBody,
     DirectResponse, DnsEndpoint, ExternalService, Fault, FaultAbort, FaultDelay, HashKey,
     HeaderEdits, Headers, HttpAction, HttpMatch, HttpRoute, L4Match, LoadBalancer, Location,

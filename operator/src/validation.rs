@@ -28,7 +28,7 @@ use trellis_api::Mesh;
 use trellis_api::networking::{DestinationRule, EXTRA_VERSIONS, NETWORKING_GROUP, STORED_VERSION};
 use trellis_api::security::{SECURITY_EXTRA_VERSIONS, SECURITY_GROUP};
 use trellis_api::validate::{Kind, validate_object};
-use trellis_api::wellknown::OPERATOR_NAME;
+use trellis_config::wellknown::OPERATOR_NAME;
 
 use crate::controller::{Context, MeshState};
 use crate::error::{Error, Result};

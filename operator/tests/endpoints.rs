@@ -22,8 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsConnector;
 use trellis_api::MeshSpec;
-use trellis_api::protocol::MAX_REQUEST_BYTES;
-use trellis_api::wellknown::{CERTIFICATE_PATH, CONFIG_STREAM_PATH};
+use trellis_config::protocol::MAX_REQUEST_BYTES;
+use trellis_config::wellknown::{CERTIFICATE_PATH, CONFIG_STREAM_PATH};
 use trellis_operator::ca::{CaMaterial, CertificateAuthority};
 use trellis_operator::control_plane::{self, ControlPlane};
 use trellis_operator::controller::MeshState;
@@ -744,7 +744,7 @@ async fn unknown_paths_are_404_wrong_methods_405_and_bad_bodies_400() {
             let allowed = response.headers().get(http::header::ALLOW);
             assert_eq!(allowed.map(|v| v.to_str().unwrap()), allow, "{what}");
             // Every refusal carries the JSON error shape proxies decode.
-            let error: trellis_api::protocol::ErrorResponse =
+            let error: trellis_config::protocol::ErrorResponse =
                 serde_json::from_slice(response.body()).unwrap();
             assert!(!error.error.is_empty(), "{what}");
         }

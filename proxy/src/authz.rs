@@ -34,8 +34,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
 use tracing::info;
-use trellis_api::SpiffeId;
-use trellis_api::authz::{
+use trellis_config::SpiffeId;
+use trellis_config::authz::{
     Action, Condition, InboundAuthorization, IpBlock, Operation, Policy, Rule, Source, StringMatch,
     Values,
 };

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use trellis_api::wellknown;
+use trellis_config::wellknown;
 
 #[derive(Parser, Debug)]
 #[command(name = "trellis-proxy", version, about = "Trellis data plane proxy")]

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use trellis_api::config::ProxyConfig;
+use trellis_config::proxy::ProxyConfig;
 
 pub fn load(path: &Path) -> anyhow::Result<ProxyConfig> {
     let bytes = std::fs::read(path)

@@ -6,8 +6,8 @@
 
 use std::net::SocketAddr;
 
-use trellis_api::config::{Endpoint, ProxyConfig, Service, ServicePort};
-use trellis_api::mesh::OutboundTrafficMode;
+use trellis_config::proxy::{Endpoint, ProxyConfig, Service, ServicePort};
+use trellis_config::mesh::OutboundTrafficMode;
 
 /// A destination address matched against the config.
 #[derive(Debug, Clone, Copy)]

@@ -12,8 +12,8 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
-use trellis_api::SpiffeId;
-use trellis_api::protocol::CertificateResponse;
+use trellis_config::SpiffeId;
+use trellis_config::protocol::CertificateResponse;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
-use trellis_api::SpiffeId;
-use trellis_api::config::{MESH_H2_ALPN, PeerAuthenticationMode, Protocol, ProxyConfig};
+use trellis_config::SpiffeId;
+use trellis_config::proxy::{MESH_H2_ALPN, PeerAuthenticationMode, Protocol, ProxyConfig};
 
 use crate::authz;
 use crate::capture::{self, CaptureListener};

@@ -27,8 +27,8 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use trellis_api::SpiffeId;
-use trellis_api::config::{MESH_ALPN, MESH_H2_ALPN, ProxyConfig};
+use trellis_config::SpiffeId;
+use trellis_config::proxy::{MESH_ALPN, MESH_H2_ALPN, ProxyConfig};
 
 use crate::identity::{self, Identity};
 

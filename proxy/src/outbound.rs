@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
-use trellis_api::config::{Endpoint, ProxyConfig};
+use trellis_config::proxy::{Endpoint, ProxyConfig};
 
 use crate::capture::{self, CaptureListener};
 use crate::destination::{self, Destination};

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use http::HeaderMap;
-use trellis_api::config::{ProxyConfig, Service, ServicePort};
-use trellis_api::traffic::{
+use trellis_config::proxy::{ProxyConfig, Service, ServicePort};
+use trellis_config::traffic::{
     AbortStatus, Cluster, Fault, HttpMatch, HttpRoute, L4Match, Mirror, Redirect, RedirectPort,
     Rewrite, RouteTable, StringMatch, TcpRoute, TlsRoute, WeightedDestination,
 };

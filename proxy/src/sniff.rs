@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use trellis_api::config::{MESH_ALPN, MESH_H2_ALPN};
+use trellis_config::proxy::{MESH_ALPN, MESH_H2_ALPN};
 
 /// How long the first byte may take. Our outbound side sends its ClientHello in the same flight
 /// as the TCP handshake's last ACK, so this only bounds a lost-segment retransmit (Linux's

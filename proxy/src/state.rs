@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
-use trellis_api::SpiffeId;
-use trellis_api::config::ProxyConfig;
+use trellis_config::SpiffeId;
+use trellis_config::proxy::ProxyConfig;
 
 use crate::cli::SidecarArgs;
 use crate::drain::Drain;

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::warn;
-use trellis_api::traffic::{ClientTls, TlsMode};
+use trellis_config::traffic::{ClientTls, TlsMode};
 
 /// Why TLS origination to a cluster cannot be set up.
 #[derive(Debug, thiserror::Error)]

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
-use trellis_api::config::{Endpoint, ProxyConfig, Service};
-use trellis_api::traffic::{Cluster, LoadBalancer, OutlierDetection, Resolution};
+use trellis_config::proxy::{Endpoint, ProxyConfig, Service};
+use trellis_config::traffic::{Cluster, LoadBalancer, OutlierDetection, Resolution};
 
 use crate::l7::pool::{ConnectionGuard, Limits, Pool};
 pub use crate::l7::pool::{Limit, Overflow};
@@ -34,7 +34,7 @@ use crate::route::retry::Outcome;
 mod dns;
 
 /// The load balancer of a service without a DestinationRule: round robin, as the proxy balanced
-/// before traffic management (see `trellis_api::traffic`).
+/// before traffic management (see `trellis_config::traffic`).
 const DEFAULT_LB: LoadBalancer = LoadBalancer::RoundRobin;
 
 /// Which cluster: the service's FQDN, the subset (empty for the whole service) and the service

@@ -27,7 +27,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::mpsc;
-use trellis_api::protocol::{CertificateRequest, CertificateResponse};
+use trellis_config::protocol::{CertificateRequest, CertificateResponse};
 use x509_parser::extensions::GeneralName;
 
 use support::{Ports, Proxy, http, temp_path};

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http::header;
 use http_body_util::{BodyExt, Full, Limited};
 use tracing::{info, warn};
-use trellis_api::protocol::{CertificateRequest, CertificateResponse};
-use trellis_api::wellknown::CERTIFICATE_PATH;
+use trellis_config::protocol::{CertificateRequest, CertificateResponse};
+use trellis_config::wellknown::CERTIFICATE_PATH;
 
 use super::backoff::Backoff;
 use super::{ControlPlane, MAX_ANSWER_BYTES, error_from};

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::watch;
 use tracing::{info, warn};
-use trellis_api::protocol::{ControlMessage, POD_NAME_HEADER, PROXY_VERSION_HEADER};
-use trellis_api::wellknown::CONFIG_STREAM_PATH;
+use trellis_config::protocol::{ControlMessage, POD_NAME_HEADER, PROXY_VERSION_HEADER};
+use trellis_config::wellknown::CONFIG_STREAM_PATH;
 
 use super::backoff::Backoff;
 use super::ndjson::LineSplitter;

@@ -1,4 +1,4 @@
-//! The client side of the control-plane protocol (`trellis_api::protocol`): HTTP/2 over TLS to
+//! The client side of the control-plane protocol (`trellis_config::protocol`): HTTP/2 over TLS to
 //! the operator, for the workload certificate and the config stream.
 
 mod backoff;
@@ -19,8 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use trellis_api::protocol::ErrorResponse;
-use trellis_api::wellknown::CONTROL_PLANE_PORT;
+use trellis_config::protocol::ErrorResponse;
+use trellis_config::wellknown::CONTROL_PLANE_PORT;
 
 use crate::cli::SidecarArgs;
 use crate::identity::{self, Identity};

@@ -22,7 +22,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tracing::info;
-use trellis_api::config::Protocol;
+use trellis_config::proxy::Protocol;
 
 use super::body::{Counted, Observed};
 use super::headers::{self, X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION};

@@ -3,7 +3,7 @@
 //!
 //! - [`outbound`]: serves the application's connection (HTTP/1.1 or h2c, auto-detected) and
 //!   sends each request, on its own, to an endpoint chosen per request: over a pooled mutual TLS
-//!   connection speaking HTTP/2 ([`trellis_api::config::MESH_H2_ALPN`]) to a meshed endpoint,
+//!   connection speaking HTTP/2 ([`trellis_config::proxy::MESH_H2_ALPN`]) to a meshed endpoint,
 //!   plaintext HTTP/1.1 keep-alive or h2c otherwise.
 //! - [`inbound`]: serves HTTP after the PeerAuthentication decision and TLS termination, sets the
 //!   identity headers from the verified peer and forwards each request to the application from
@@ -37,7 +37,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tracing::debug;
-use trellis_api::config::Protocol;
+use trellis_config::proxy::Protocol;
 
 use crate::state::ProxyState;
 

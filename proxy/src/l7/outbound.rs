@@ -27,9 +27,9 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
-use trellis_api::config::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConfig};
-use trellis_api::mesh::OutboundTrafficMode;
-use trellis_api::traffic::{
+use trellis_config::proxy::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConfig};
+use trellis_config::mesh::OutboundTrafficMode;
+use trellis_config::traffic::{
     ClientTls, Headers, HttpAction, HttpMatch, HttpRoute, LoadBalancer, Mirror, RetryPolicy,
 };
 

@@ -15,7 +15,7 @@ use http::header::{
 };
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use trellis_api::traffic::{AbortStatus, CorsPolicy, DirectBody, DirectResponse, HeaderEdits};
+use trellis_config::traffic::{AbortStatus, CorsPolicy, DirectBody, DirectResponse, HeaderEdits};
 
 use super::Body;
 use super::headers::X_TRELLIS_REASON;
@@ -288,7 +288,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use trellis_api::traffic::{Pattern, StringMatch};
+    use trellis_config::traffic::{Pattern, StringMatch};
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -38,7 +38,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tracing::debug;
-use trellis_api::traffic::ConnectionPool;
+use trellis_config::traffic::ConnectionPool;
 
 use super::Body;
 

@@ -5,8 +5,8 @@
 
 use std::net::IpAddr;
 
-use trellis_api::config::{Endpoint, Service};
-use trellis_api::traffic::{Cluster, HashKey, LoadBalancer};
+use trellis_config::proxy::{Endpoint, Service};
+use trellis_config::traffic::{Cluster, HashKey, LoadBalancer};
 
 use super::RequestAttributes;
 
@@ -255,7 +255,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     use serde_json::json;
-    use trellis_api::traffic::ConsistentHash;
+    use trellis_config::traffic::ConsistentHash;
 
     fn service(endpoints: serde_json::Value) -> Service {
         serde_json::from_value(json!({

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use trellis_api::traffic::OutlierDetection;
+use trellis_config::traffic::OutlierDetection;
 
 use super::retry::Outcome;
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use trellis_api::traffic::{RetryCondition, RetryPolicy};
+use trellis_config::traffic::{RetryCondition, RetryPolicy};
 
 /// Envoy's default `base_interval`.
 pub const BASE_INTERVAL: Duration = Duration::from_millis(25);
@@ -126,7 +126,7 @@ pub fn backoff_ceiling(retry: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_api::traffic::RetryOn;
+    use trellis_config::traffic::RetryOn;
 
     fn policy(attempts: u32, retry_on: &str) -> RetryPolicy {
         RetryPolicy {

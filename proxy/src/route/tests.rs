@@ -2,8 +2,8 @@ use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::json;
-use trellis_api::config::ProxyConfig;
-use trellis_api::traffic::{AbortStatus, HttpAction};
+use trellis_config::proxy::ProxyConfig;
+use trellis_config::traffic::{AbortStatus, HttpAction};
 
 use super::*;
 use crate::destination::lookup;
@@ -684,7 +684,7 @@ fn rewrites_redirects_faults_mirrors_and_cors() {
         .collect();
     assert_eq!(chosen, ["b"]);
 
-    let cors: trellis_api::traffic::CorsPolicy = serde_json::from_value(json!({
+    let cors: trellis_config::traffic::CorsPolicy = serde_json::from_value(json!({
         "allowOrigins": [{"exact": "https://a.example"}, {"regex": "https://.*\\.b\\.example"}]
     }))
     .unwrap();

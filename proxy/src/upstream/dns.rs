@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
-use trellis_api::config::{Endpoint, ProxyConfig};
-use trellis_api::traffic::{ExternalService, Resolution};
+use trellis_config::proxy::{Endpoint, ProxyConfig};
+use trellis_config::traffic::{ExternalService, Resolution};
 
 /// How often an answered name is looked up again. The system resolver (`getaddrinfo`, behind
 /// tokio's `lookup_host`) does not report record TTLs, so the period is fixed: often enough to
@@ -239,7 +239,7 @@ async fn lookup(name: &str) -> std::io::Result<Vec<IpAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_api::traffic::{DnsEndpoint, Location};
+    use trellis_config::traffic::{DnsEndpoint, Location};
 
     fn service(endpoints: &[(&str, &[(&str, u16)])]) -> ExternalService {
         ExternalService {

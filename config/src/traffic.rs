@@ -9,7 +9,7 @@
 //! the service, round robin, as before traffic management existed).
 //!
 //! Regular expressions are kept as source text ([`Pattern`]) and compiled once, by
-//! [`TrafficConfig::validate`], which [`ProxyConfig::validate`](crate::config::ProxyConfig) calls:
+//! [`TrafficConfig::validate`], which [`ProxyConfig::validate`](crate::proxy::ProxyConfig) calls:
 //! a snapshot with one bad regex is rejected whole, and a validated one matches without
 //! recompiling.
 
@@ -1205,7 +1205,7 @@ mod tests {
                 {"matches": [{"uri": {"regex": "/(x"}}], "action": {"route": [{"host": "a", "weight": 1}]}}
             ]}
         ]}});
-        let error = crate::config::ProxyConfig::from_json(snapshot.to_string().as_bytes())
+        let error = crate::proxy::ProxyConfig::from_json(snapshot.to_string().as_bytes())
             .unwrap_err()
             .to_string();
         assert!(

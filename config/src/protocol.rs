@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ProxyConfig;
+use crate::proxy::ProxyConfig;
 
 pub const POD_NAME_HEADER: &str = "x-trellis-pod-name";
 pub const PROXY_VERSION_HEADER: &str = "x-trellis-proxy-version";
@@ -93,7 +93,7 @@ mod tests {
         config
             .inbound
             .port_mtls
-            .insert(8080, crate::config::PeerAuthenticationMode::Disable);
+            .insert(8080, crate::proxy::PeerAuthenticationMode::Disable);
         let line =
             serde_json::to_string(&ControlMessage::Config(Box::new(config.clone()))).unwrap();
         let decoded: ControlMessage = serde_json::from_str(&line).unwrap();

@@ -1,0 +1,19 @@
+//! Trellis config model: everything a proxy needs to know and nothing about Kubernetes. The
+//! compiled proxy configuration the control plane streams ([`proxy`], with its [`traffic`] and
+//! [`authz`] parts), the control-plane wire format ([`protocol`]), SPIFFE identities
+//! ([`identity`]), the mesh-wide modes a config carries ([`mesh`]) and the well-known ports,
+//! labels and names ([`wellknown`]).
+//!
+//! Plain data and its validation only: no runtime and no Kubernetes client, so the proxy, the
+//! init container and the CNI plugin link no Kubernetes types through it. The CRDs live in
+//! `trellis-api`, which depends on this crate.
+
+pub mod authz;
+pub mod identity;
+pub mod mesh;
+pub mod protocol;
+pub mod proxy;
+pub mod traffic;
+pub mod wellknown;
+
+pub use identity::SpiffeId;
