@@ -6,8 +6,8 @@
 
 use std::net::SocketAddr;
 
-use trellis_config::proxy::{Endpoint, ProxyConfig, Service, ServicePort};
 use trellis_config::mesh::OutboundTrafficMode;
+use trellis_config::proxy::{Endpoint, ProxyConfig, Service, ServicePort};
 
 /// A destination address matched against the config.
 #[derive(Debug, Clone, Copy)]

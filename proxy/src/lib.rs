@@ -6,7 +6,12 @@
 //! (key, CSR, certificate rotation against the control plane's CA); the config stream from the
 //! control plane (or a static `--config` file); Istio-compatible Prometheus telemetry; the
 //! readiness and admin endpoints; and graceful drain. It does not own the capture rules
-//! (`trellis-init` / `trellis-cni`) nor the config model and wire format (`trellis-api`).
+//! (`trellis-init` / `trellis-cni`) nor the config model and wire format (`trellis-config`).
+//!
+//! Modules follow the request's path: [`inbound`] and [`outbound`] (each listener with its TCP
+//! and [`inbound::http`] / [`outbound::http`] paths), [`http`] (what both HTTP paths share),
+//! [`route`] (the pure routing decisions), [`upstream`] (cluster runtime state: endpoint choice,
+//! outlier ejection, DNS) and [`tls`] (mesh mutual TLS, TLS origination).
 
 pub mod admin;
 pub mod app_probe;
@@ -18,13 +23,12 @@ pub mod control_plane;
 pub mod destination;
 pub mod drain;
 pub mod forward;
+pub mod http;
 pub mod http_server;
 pub mod identity;
 pub mod inbound;
-pub mod l7;
 pub mod logging;
 pub mod metrics;
-pub mod mtls;
 pub mod orig_dst;
 pub mod outbound;
 pub mod path;
@@ -33,6 +37,6 @@ pub mod route;
 pub mod sidecar;
 pub mod sniff;
 pub mod state;
-pub mod tls_origination;
+pub mod tls;
 pub mod upstream;
 pub mod wait_ready;

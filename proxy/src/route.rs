@@ -3,8 +3,8 @@
 //! route applies and what it does (weighted destination, redirect, direct response, rewrites,
 //! faults, mirrors). Endpoint choice per cluster ([`balance`]), retry decisions and backoff
 //! ([`retry`]) and outlier ejection ([`outlier`]) live in submodules. No I/O here: random draws,
-//! in-flight counts and the clock are arguments, so every decision is testable; the HTTP layer in
-//! `l7/` does the I/O.
+//! in-flight counts and the clock are arguments, so every decision is testable; the HTTP path in
+//! `outbound/http.rs` does the I/O.
 
 pub mod balance;
 pub mod outlier;

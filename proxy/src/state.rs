@@ -11,11 +11,11 @@ use trellis_config::proxy::ProxyConfig;
 
 use crate::cli::SidecarArgs;
 use crate::drain::Drain;
+use crate::http::pool::Pool;
 use crate::identity::Identity;
-use crate::l7::pool::Pool;
 use crate::logging::LogControl;
 use crate::metrics::{Metrics, TcpLabels, values};
-use crate::mtls::MeshTlsCache;
+use crate::tls::mtls::MeshTlsCache;
 use crate::upstream::Upstreams;
 
 /// The pod this proxy runs beside, as told by the injector through the environment.

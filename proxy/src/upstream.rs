@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 use trellis_config::proxy::{Endpoint, ProxyConfig, Service};
 use trellis_config::traffic::{Cluster, LoadBalancer, OutlierDetection, Resolution};
 
-use crate::l7::pool::{ConnectionGuard, Limits, Pool};
-pub use crate::l7::pool::{Limit, Overflow};
+use crate::http::pool::{ConnectionGuard, Limits, Pool};
+pub use crate::http::pool::{Limit, Overflow};
 use crate::metrics::UpstreamMetrics;
 use crate::route::Target;
 use crate::route::balance::{self, Balancer, Pick, PickInput};

@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::telemetry::{GRPC_STATUS, Record};
-use super::{Body, BoxError};
+use super::{GRPC_STATUS, Record};
+use crate::http::{Body, BoxError};
 use crate::metrics::flags;
 
 /// Counts the data bytes of `B` into a shared counter as they pass.

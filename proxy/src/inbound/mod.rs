@@ -8,8 +8,10 @@
 //!
 //! What the (decrypted) stream then carries decides who serves it: HTTP (the mesh HTTP/2 ALPN,
 //! a port a local service declares `http`/`http2`/`grpc`, or, with no declaration, HTTP first
-//! bytes) goes to [`crate::l7::inbound`]; everything else is forwarded to the application
+//! bytes) goes to [`crate::inbound::http`]; everything else is forwarded to the application
 //! untouched.
+
+pub mod http;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -24,11 +26,11 @@ use crate::authz;
 use crate::capture::{self, CaptureListener};
 use crate::destination;
 use crate::forward;
-use crate::l7::{self, rewind::Rewind};
+use crate::http::rewind::Rewind;
 use crate::metrics::{TcpLabels, flags, values};
-use crate::mtls;
 use crate::sniff::{self, Detected};
 use crate::state::ProxyState;
+use crate::tls::mtls;
 
 /// Source address of forwarded inbound connections, as in Istio's inbound passthrough.
 pub const INBOUND_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
@@ -99,7 +101,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         Action::Forward => {
             let declared = declared_protocol(&config, dst);
             if plaintext_is_http(declared, detected, &stream).await {
-                let http = l7::inbound::Connection {
+                let http = http::Connection {
                     state: state.clone(),
                     peer,
                     dst,
@@ -132,7 +134,7 @@ async fn plaintext_is_http(
     stream: &TcpStream,
 ) -> bool {
     if let Some(protocol) = declared {
-        return l7::is_http(protocol);
+        return crate::http::is_http(protocol);
     }
     if detected == Some(Detected::Silent) {
         return false;
@@ -195,7 +197,7 @@ async fn terminate(
     // Bytes read to sniff an undeclared port are replayed in front of the stream.
     let (http, prefix) = match declared {
         _ if mesh_http => (true, Vec::new()),
-        Some(protocol) => (l7::is_http(protocol), Vec::new()),
+        Some(protocol) => (crate::http::is_http(protocol), Vec::new()),
         None => match sniff::read_protocol(&mut stream).await {
             Ok((sniffed, prefix)) => (sniffed.is_http(), prefix),
             Err(e) => {
@@ -206,7 +208,7 @@ async fn terminate(
     };
     let stream = Rewind::new(prefix, stream);
     if http {
-        let http = l7::inbound::Connection {
+        let http = http::Connection {
             state: state.clone(),
             peer,
             dst,

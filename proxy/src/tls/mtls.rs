@@ -1,5 +1,5 @@
 //! Mutual TLS between sidecars: TLS 1.3 only, ALPN [`MESH_ALPN`] (opaque TCP) or
-//! [`MESH_H2_ALPN`] (HTTP/2, see `crate::l7`), the workload certificate on
+//! [`MESH_H2_ALPN`] (HTTP/2, see `crate::http`), the workload certificate on
 //! both sides. A server is verified against the trust bundle and must present the SPIFFE ID the
 //! config names for the endpoint (never a DNS name); a client is verified against the trust
 //! bundle and must carry a SPIFFE ID in our own trust domain, which becomes the connection's

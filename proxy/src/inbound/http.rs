@@ -24,14 +24,16 @@ use hyper::service::service_fn;
 use tracing::info;
 use trellis_config::proxy::Protocol;
 
-use super::body::{Counted, Observed};
-use super::headers::{self, X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION};
-use super::pool::{self, BoxedIo, Io, Key, SendError, Wire};
-use super::reply::Reason;
-use super::telemetry::Record;
-use super::upgrade;
+use super::INBOUND_SOURCE;
 use crate::authz::{self, ConnectionAttributes, HttpAttributes, Verdict};
-use crate::inbound::INBOUND_SOURCE;
+use crate::http::headers::{
+    self, X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION,
+};
+use crate::http::pool::{self, BoxedIo, Io, Key, SendError, Wire};
+use crate::http::reply::Reason;
+use crate::http::telemetry::Record;
+use crate::http::telemetry::body::{Counted, Observed};
+use crate::http::upgrade;
 use crate::metrics::TcpLabels;
 use crate::state::ProxyState;
 use crate::{forward, path};
@@ -64,7 +66,7 @@ impl Connection {
             let connection = connection.clone();
             async move { Ok::<_, Infallible>(connection.proxy(req).await) }
         });
-        super::serve_connection(&state, io, service, "inbound").await;
+        crate::http::serve_connection(&state, io, service, "inbound").await;
     }
 
     async fn proxy(&self, mut req: Request<Incoming>) -> Response<Observed> {

@@ -8,9 +8,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::body::Observed;
 use super::headers;
 use super::telemetry::Record;
+use super::telemetry::body::Observed;
 
 /// Passes the upstream's answer to an upgrade request back: a `101` with its upgrade headers,
 /// the two connections spliced once both sides have switched; anything else as a response.

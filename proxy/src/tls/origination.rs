@@ -1,7 +1,7 @@
 //! TLS origination towards a cluster's endpoints for DestinationRule `trafficPolicy.tls` modes
 //! `SIMPLE` and `MUTUAL` (Istio's egress TLS origination: the application sends plain HTTP, the
 //! proxy speaks TLS to the server). `DISABLE` is plain TCP and `ISTIO_MUTUAL` the mesh's own
-//! mutual TLS (`crate::mtls`), neither handled here.
+//! mutual TLS (`crate::tls::mtls`), neither handled here.
 //!
 //! The server is verified against `caCertificates` only: the proxy image is the bare binary and
 //! carries no system root store, so a `SIMPLE`/`MUTUAL` cluster without `caCertificates` (and

@@ -1,25 +1,21 @@
-//! The HTTP (L7) data plane: what happens to a connection once it is known to carry HTTP
-//! (declared by its service port, or sniffed).
+//! The HTTP (L7) pieces that inbound and outbound share once a connection is known to carry HTTP
+//! (declared by its service port, or sniffed). The request paths themselves live with their
+//! listeners: [`crate::outbound::http`] (the application's requests, sent per request to an
+//! endpoint chosen per request, over pooled mutual TLS speaking HTTP/2
+//! ([`trellis_config::proxy::MESH_H2_ALPN`]) to a meshed endpoint, plaintext HTTP/1.1 keep-alive
+//! or h2c otherwise) and [`crate::inbound::http`] (requests after the PeerAuthentication decision
+//! and TLS termination, authorized and forwarded to the application over a pooled connection).
 //!
-//! - [`outbound`]: serves the application's connection (HTTP/1.1 or h2c, auto-detected) and
-//!   sends each request, on its own, to an endpoint chosen per request: over a pooled mutual TLS
-//!   connection speaking HTTP/2 ([`trellis_config::proxy::MESH_H2_ALPN`]) to a meshed endpoint,
-//!   plaintext HTTP/1.1 keep-alive or h2c otherwise.
-//! - [`inbound`]: serves HTTP after the PeerAuthentication decision and TLS termination, sets the
-//!   identity headers from the verified peer and forwards each request to the application from
-//!   `127.0.0.6` over a pooled connection.
 //! - [`pool`]: the upstream connections, one HTTP/2 connection or a set of idle HTTP/1.1 ones
 //!   per endpoint.
 //! - [`reply`]: the responses the proxy generates itself, each with a machine-readable reason.
-//! - [`telemetry`]: Istio request metrics and the JSON access log, one record per request.
+//! - [`telemetry`]: Istio request metrics and the JSON access log, one record per request, and
+//!   the body wrappers that finish the record when the response body ends.
 //! - [`policy`]: a VirtualService route's header edits, CORS, fault/redirect/direct responses
 //!   and retry outcomes, as pure functions; [`replay`]: request bodies retries can send again.
-//! - [`headers`], [`body`], [`rewind`], [`upgrade`]: the pieces the above share.
+//! - [`headers`], [`rewind`], [`upgrade`]: the pieces the above share.
 
-pub mod body;
 pub mod headers;
-pub mod inbound;
-pub mod outbound;
 pub mod policy;
 pub mod pool;
 pub mod replay;
@@ -60,8 +56,11 @@ pub fn is_http(protocol: Protocol) -> bool {
 pub async fn serve_connection<I, S>(state: &ProxyState, io: I, service: S, direction: &str)
 where
     I: pool::Io,
-    S: Service<Request<Incoming>, Response = Response<body::Observed>, Error = Infallible>
-        + Send
+    S: Service<
+            Request<Incoming>,
+            Response = Response<telemetry::body::Observed>,
+            Error = Infallible,
+        > + Send
         + 'static,
     S::Future: Send + 'static,
 {

@@ -1,7 +1,7 @@
 //! The HTTP pieces of a VirtualService route that shape requests and responses, as pure
 //! functions over headers: header edits, CORS, the responses the proxy makes for a fault abort, a
 //! redirect, a direct response or a CORS preflight, a mirror's authority, how a try ended (for
-//! retries) and response-flag lists (`DI,FI`). [`super::outbound`] does the I/O around them.
+//! retries) and response-flag lists (`DI,FI`). [`crate::outbound::http`] does the I/O around them.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, PoisonError};

@@ -27,27 +27,27 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
-use trellis_config::proxy::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConfig};
 use trellis_config::mesh::OutboundTrafficMode;
+use trellis_config::proxy::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConfig};
 use trellis_config::traffic::{
     ClientTls, Headers, HttpAction, HttpMatch, HttpRoute, LoadBalancer, Mirror, RetryPolicy,
 };
 
-use super::body::{Counted, Observed, RouteTimeout};
-use super::headers::{self, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION, X_TRELLIS_REASON};
-use super::pool::{self, BoxedIo, Key, Pool, SendError, Wire};
-use super::replay::ReplayBody;
-use super::reply::Reason;
-use super::telemetry::Record;
-use super::{Body, BoxError, policy, upgrade};
 use crate::destination::{self, Destination};
 use crate::forward;
+use crate::http::headers::{self, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION, X_TRELLIS_REASON};
+use crate::http::pool::{self, BoxedIo, Key, Pool, SendError, Wire};
+use crate::http::replay::ReplayBody;
+use crate::http::reply::Reason;
+use crate::http::telemetry::Record;
+use crate::http::telemetry::body::{Counted, Observed, RouteTimeout};
+use crate::http::{Body, BoxError, policy, upgrade};
 use crate::metrics::{flags, values};
-use crate::mtls::{self, MeshTls};
 use crate::route::retry::{self, Outcome, RetryDecision, Stop};
 use crate::route::{self, HttpDecision, RequestAttributes, Target, balance};
 use crate::state::ProxyState;
-use crate::tls_origination;
+use crate::tls::mtls::{self, MeshTls};
+use crate::tls::origination;
 use crate::upstream::{PickError, Picked, RequestGuard};
 
 /// One application connection to `dst`.
@@ -68,7 +68,7 @@ pub async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, 
         let connection = connection.clone();
         async move { Ok::<_, Infallible>(proxy(&connection, req).await) }
     });
-    super::serve_connection(&state, stream, service, "outbound").await;
+    crate::http::serve_connection(&state, stream, service, "outbound").await;
 }
 
 /// Where a request goes before routing.
@@ -171,7 +171,7 @@ impl Upstream {
             Wire::Http1 => b"http/1.1",
         };
         let stream =
-            tls_origination::originate(tls, &self.hostname, Some(alpn), tcp, self.connect_timeout)
+            origination::originate(tls, &self.hostname, Some(alpn), tcp, self.connect_timeout)
                 .await?;
         Ok(Box::new(stream))
     }
@@ -198,7 +198,7 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
         Route::Service(found) => Some(found),
         Route::Passthrough(_) | Route::OutsideRegistry => None,
     };
-    let labels = crate::outbound::labels(state, found.as_ref());
+    let labels = super::labels(state, found.as_ref());
     let mut record = Record::start(state.clone(), labels, &req, connection.peer);
     record.request_id = headers::ensure_request_id(req.headers_mut());
     let plan = match route {
@@ -1090,10 +1090,10 @@ fn upstream(
     let declared = service.map(|(_, protocol)| protocol);
     let origination = chosen
         .tls
-        .filter(|tls| tls_origination::originates(tls))
+        .filter(|tls| origination::originates(tls))
         .cloned();
-    let mesh = if tls_origination::mesh_tls_allowed(chosen.tls) {
-        crate::outbound::mesh_peer(state, config, chosen.endpoint, addr.port())?
+    let mesh = if origination::mesh_tls_allowed(chosen.tls) {
+        super::mesh_peer(state, config, chosen.endpoint, addr.port())?
             .map(|(tls, peer)| (tls, peer.to_owned()))
     } else {
         None

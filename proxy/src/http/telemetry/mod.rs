@@ -2,6 +2,8 @@
 //! request metrics with the standard labels, and one JSON access-log line on stdout (switched
 //! by `--access-log`). The record is emitted when it drops, whichever way the request ended.
 
+pub mod body;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,11 +16,11 @@ use serde_json::json;
 use tracing::warn;
 
 use super::Body;
-use super::body::Observed;
 use super::pool::SendError;
 use super::reply::Reason;
 use crate::metrics::{RequestLabels, RequestSample, TcpLabels, values};
 use crate::state::ProxyState;
+use body::Observed;
 
 pub const GRPC_STATUS: &str = "grpc-status";
 

@@ -12,7 +12,7 @@
 //! proxy originates instead of the mesh's mutual TLS.
 //!
 //! HTTP connections (the service port declares `http`, `http2` or `grpc`; or, with no declared
-//! protocol, the first bytes are HTTP) are handed to [`crate::l7::outbound`], which chooses the
+//! protocol, the first bytes are HTTP) are handed to [`crate::outbound::http`], which chooses the
 //! endpoint per request instead; everything else is relayed as opaque TCP here.
 
 use std::io;
@@ -26,13 +26,15 @@ use trellis_config::proxy::{Endpoint, ProxyConfig};
 use crate::capture::{self, CaptureListener};
 use crate::destination::{self, Destination};
 use crate::metrics::{TcpLabels, flags, values};
-use crate::mtls::{self, MeshTls};
 use crate::route::{ConnectionAttributes, Target};
 use crate::sniff::{self, Sniffed};
 use crate::state::ProxyState;
+use crate::tls::mtls::{self, MeshTls};
+use crate::tls::origination;
 use crate::upstream::{PickError, Picked};
-use crate::{forward, l7, route, tls_origination};
+use crate::{forward, route};
 
+pub mod http;
 mod sni;
 
 pub struct Outbound(CaptureListener);
@@ -67,13 +69,13 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         })),
     };
     let http = match (&found, sniffed) {
-        (Some(found), _) => l7::is_http(found.port.protocol),
+        (Some(found), _) => crate::http::is_http(found.port.protocol),
         (None, sniffed) => sniffed.is_some_and(Sniffed::is_http),
     };
     // HTTP finds its service per request (by the authority when the address names none) and
     // answers a host outside the registry itself (`REGISTRY_ONLY`: 502).
     if http {
-        l7::outbound::serve(state, stream, peer, dst).await;
+        http::serve(state, stream, peer, dst).await;
         return;
     }
     if sniffed == Some(Sniffed::Tls) {
@@ -139,7 +141,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         .as_ref()
         .and_then(|t| t.cluster)
         .and_then(|c| c.tls.as_ref());
-    let mesh = if tls_origination::mesh_tls_allowed(cluster_tls) {
+    let mesh = if origination::mesh_tls_allowed(cluster_tls) {
         mesh_peer(&state, &config, endpoint, upstream.port())
     } else {
         Ok(None)
@@ -162,11 +164,11 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
     };
     let Some((tls, peer_id)) = mesh else {
         labels.connection_security_policy = values::plaintext();
-        match cluster_tls.filter(|tls| tls_origination::originates(tls)) {
+        match cluster_tls.filter(|tls| origination::originates(tls)) {
             // DestinationRule `tls.mode` SIMPLE/MUTUAL: the application's bytes go inside TLS
             // the proxy originates (egress TLS origination for a TCP port).
             Some(origination) => {
-                match tls_origination::originate(origination, hostname, None, tcp, connect_timeout)
+                match origination::originate(origination, hostname, None, tcp, connect_timeout)
                     .await
                 {
                     Ok(tls_stream) => {
