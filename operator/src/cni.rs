@@ -1,26 +1,25 @@
-//! CNI interception: while `Mesh.spec.interception` is `cni`, a DaemonSet runs
-//! `trellis-cni install` on every node (it copies the plugin, chains it into the node's primary
-//! conflist and keeps it there); switching back to `initContainer` deletes the DaemonSet, and
-//! each installer removes the plugin again as it stops. The repair loop deletes pods that
-//! started before the plugin was in place, so their controller recreates them with capture.
+//! CNI interception: while `Mesh.spec.interception` is `cni`, the Mesh controller applies the
+//! installer DaemonSet built here ([`daemonset`]), which runs `trellis-cni install` on every node
+//! (it copies the plugin, chains it into the node's primary conflist and keeps it there);
+//! switching back to `initContainer` deletes the DaemonSet, and each installer removes the plugin
+//! again as it stops. The repair loop deletes pods that started before the plugin was in place,
+//! so their controller recreates them with capture.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::DeleteParams;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, warn};
-use trellis_api::Mesh;
-use trellis_api::mesh::{Interception, MeshSpec};
+use tracing::warn;
+use trellis_api::mesh::MeshSpec;
 use trellis_config::wellknown::VALIDATION_CONTAINER;
 
-use crate::controller::{Context, MANAGER};
-use crate::error::{Error, Result};
+use crate::context::Context;
 use crate::injector::PROXY_VERSION_LABEL;
 use crate::metrics::OutcomeLabels;
 
@@ -28,8 +27,8 @@ pub const DAEMONSET: &str = "trellis-cni";
 /// ServiceAccount of the installer (in the install manifest): it may only read pods.
 pub const SERVICE_ACCOUNT: &str = "trellis-cni";
 
-/// The installer DaemonSet for this Mesh.
-pub fn daemonset(mesh: &MeshSpec, namespace: &str) -> serde_json::Value {
+/// The installer DaemonSet for this Mesh, owned by it.
+pub fn daemonset(mesh: &MeshSpec, namespace: &str, owner: &OwnerReference) -> serde_json::Value {
     let excluded: Vec<&str> = ["kube-system", namespace]
         .into_iter()
         .chain(mesh.cni.exclude_namespaces.iter().map(String::as_str))
@@ -39,7 +38,12 @@ pub fn daemonset(mesh: &MeshSpec, namespace: &str) -> serde_json::Value {
     json!({
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
-        "metadata": {"name": DAEMONSET, "namespace": namespace, "labels": labels},
+        "metadata": {
+            "name": DAEMONSET,
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": [owner],
+        },
         "spec": {
             "selector": {"matchLabels": labels},
             "template": {
@@ -76,31 +80,6 @@ pub fn daemonset(mesh: &MeshSpec, namespace: &str) -> serde_json::Value {
             },
         },
     })
-}
-
-/// Applies or removes the installer DaemonSet to match the Mesh.
-pub async fn reconcile(ctx: &Context, mesh: &Mesh) -> Result<()> {
-    let daemonsets = Api::<DaemonSet>::namespaced(ctx.client.clone(), &ctx.namespace);
-    if mesh.spec.interception == Interception::Cni {
-        let owner = mesh
-            .controller_owner_ref(&())
-            .ok_or(Error::MissingObjectKey("Mesh"))?;
-        let mut object = daemonset(&mesh.spec, &ctx.namespace);
-        object["metadata"]["ownerReferences"] = json!([owner]);
-        daemonsets
-            .patch(
-                DAEMONSET,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&object),
-            )
-            .await?;
-    } else if daemonsets.get_opt(DAEMONSET).await?.is_some() {
-        info!("interception is no longer cni: removing the CNI installer");
-        daemonsets
-            .delete(DAEMONSET, &DeleteParams::default())
-            .await?;
-    }
-    Ok(())
 }
 
 /// Whether the pod's capture check failed: its validation container exited non-zero (now or
@@ -172,6 +151,8 @@ pub async fn repair_loop(ctx: Arc<Context>) {
 
 #[cfg(test)]
 mod tests {
+    use trellis_api::mesh::Interception;
+
     use super::*;
 
     fn pod(init_statuses: serde_json::Value) -> Pod {
@@ -202,7 +183,13 @@ mod tests {
         )
         .unwrap();
         mesh.interception = Interception::Cni;
-        let ds = daemonset(&mesh, "trellis-system");
+        let owner = OwnerReference {
+            kind: "Mesh".to_owned(),
+            name: "default".to_owned(),
+            ..OwnerReference::default()
+        };
+        let ds = daemonset(&mesh, "trellis-system", &owner);
+        assert_eq!(ds["metadata"]["ownerReferences"][0]["kind"], "Mesh");
         let pod = &ds["spec"]["template"]["spec"];
         assert_eq!(pod["containers"][0]["image"], "trellis.local/cni:2.0");
         assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/b");

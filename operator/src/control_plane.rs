@@ -22,21 +22,21 @@ use kube::{Api, Client};
 use tokio::sync::{Semaphore, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
+use trellis_api::{AuthorizationPolicy, PeerAuthentication};
+use trellis_config::SpiffeId;
 use trellis_config::authz::Action;
-use trellis_config::proxy::{InboundPolicy, PeerAuthenticationMode, ProxyConfig};
 use trellis_config::protocol::{
     CertificateRequest, CertificateResponse, ControlMessage, MAX_REQUEST_BYTES, POD_NAME_HEADER,
     PROXY_VERSION_HEADER,
 };
+use trellis_config::proxy::{InboundPolicy, PeerAuthenticationMode, ProxyConfig};
 use trellis_config::wellknown::{
     CERTIFICATE_PATH, CONFIG_STREAM_PATH, PROXY_CONTAINER, TOKEN_AUDIENCE,
 };
-use trellis_api::{AuthorizationPolicy, PeerAuthentication};
-use trellis_config::SpiffeId;
 
 use crate::authorization;
 use crate::compile::{compile, for_workload, workload_version};
-use crate::controller::MeshStateRx;
+use crate::context::MeshStateRx;
 use crate::discovery::Discovery;
 use crate::https::{self, Body, Peer};
 use crate::metrics::{Metrics, OutcomeLabels};

@@ -1,6 +1,7 @@
 //! The `Mesh` reconcile loop, in the shape of kube-rs's controller-rs: a [`Context`], one error
-//! type with a metric label, an `error_policy` that requeues, server-side apply for everything
-//! the operator owns, `ownerReferences` to the Mesh for its children, and events on the Mesh.
+//! type with a metric label, an `error_policy` that requeues, server-side apply ([`apply`]) of
+//! everything the operator owns (the objects built by [`injector`], [`validation`] and [`cni`]),
+//! `ownerReferences` to the Mesh for its children, and events on the Mesh.
 //!
 //! Only the Mesh named `default` is active; any other Mesh is reported as inactive in its status
 //! and left alone, so a second Mesh can never half-apply over the first.
@@ -10,91 +11,31 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::ClusterResourceScope;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Event as CoreEvent, EventSource, Namespace, Pod, Secret,
 };
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, ListParams, Patch, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tokio::sync::watch;
 use tracing::{info, warn};
 use trellis_api::Mesh;
-use trellis_api::mesh::{MeshCondition, MeshSpec, MeshStatus, parse_duration};
-use trellis_config::wellknown::{
-    INJECT_LABEL, ISTIO_INJECTION_LABEL, MESH_NAME, OPERATOR_NAME, ROOT_CERT_CONFIGMAP,
-};
+use trellis_api::mesh::{Interception, MeshCondition, MeshSpec, MeshStatus, parse_duration};
+use trellis_config::wellknown::{MESH_NAME, OPERATOR_NAME, ROOT_CERT_CONFIGMAP};
 
 use crate::ca::{CaMaterial, CertificateAuthority};
+use crate::context::{Context, MeshState};
 use crate::error::{Error, Result};
-use crate::injector;
-use crate::metrics::Metrics;
-use crate::proxies::ConnectedProxies;
-use crate::rotation::{self, ProxyCertificates, Rotation};
+use crate::rotation::{self, Rotation};
+use crate::{apply, cni, injector, validation};
 
-/// Field manager name for server-side apply.
-pub const MANAGER: &str = "trellis-operator";
 /// Secret holding the CA the operator generated.
 pub const CA_SECRET: &str = "trellis-ca";
-
-/// What the active Mesh resolves to; read by the CA endpoint, injector and discovery.
-#[derive(Debug)]
-pub struct MeshState {
-    pub spec: MeshSpec,
-    pub ca: CertificateAuthority,
-    pub workload_ttl: Duration,
-    /// The root rotation the CA is in (or last completed); `None` for a user CA.
-    pub root_rotation: Option<Rotation>,
-}
-
-pub type MeshStateRx = watch::Receiver<Option<Arc<MeshState>>>;
-
-/// Shared inputs of the reconcile loop.
-pub struct Context {
-    pub client: Client,
-    pub namespace: String,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
-    pub mesh_state: watch::Sender<Option<Arc<MeshState>>>,
-    pub proxies: Arc<ConnectedProxies>,
-    /// Certificates presented on this replica's config streams: root rotation's progress.
-    pub proxy_certificates: Arc<ProxyCertificates>,
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        namespace: String,
-        pod_name: String,
-        metrics: Arc<Metrics>,
-        proxies: Arc<ConnectedProxies>,
-    ) -> (Arc<Self>, MeshStateRx) {
-        let (mesh_state, rx) = watch::channel(None);
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: OPERATOR_NAME.to_owned(),
-                instance: Some(pod_name),
-            },
-        );
-        let context = Self {
-            client,
-            namespace,
-            recorder,
-            metrics,
-            mesh_state,
-            proxies,
-            proxy_certificates: Arc::default(),
-        };
-        (Arc::new(context), rx)
-    }
-}
 
 /// Runs the Mesh controller until the process stops. Fails at once when the Mesh CRD is
 /// missing: nothing can work without it, so say so plainly instead of retrying silently.
@@ -206,10 +147,26 @@ async fn reconcile_active(mesh: &Mesh, ctx: &Context) -> Result<bool> {
         workload_ttl,
         root_rotation,
     });
-    ensure_root_cert_configmaps(ctx, mesh, &state).await?;
-    injector::apply_webhook_configuration(ctx, mesh, &state).await?;
-    crate::validation::apply_webhook_configuration(ctx, mesh, &state).await?;
-    crate::cni::reconcile(ctx, mesh).await?;
+    let owner = mesh
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("Mesh"))?;
+    ensure_root_cert_configmaps(ctx, &owner, &state).await?;
+    let ca_bundle = state.ca.trust_bundle().concat();
+    let injector_webhooks = injector::webhook_configuration(&ctx.namespace, &ca_bundle, &owner);
+    apply::cluster_scoped(
+        &ctx.client,
+        injector::WEBHOOK_CONFIGURATION,
+        &injector_webhooks,
+    )
+    .await?;
+    let validation_webhook = validation::webhook_configuration(&ctx.namespace, &ca_bundle, &owner);
+    apply::cluster_scoped(
+        &ctx.client,
+        validation::WEBHOOK_CONFIGURATION,
+        &validation_webhook,
+    )
+    .await?;
+    ensure_cni_installer(ctx, mesh, &owner).await?;
     publish_state(ctx, state);
     Ok(rotating)
 }
@@ -225,30 +182,6 @@ fn publish_state(ctx: &Context, state: Arc<MeshState>) {
         info!(version = %state.spec.version, "mesh state updated");
         ctx.mesh_state.send_replace(Some(state));
     }
-}
-
-/// Server-side applies a cluster-scoped object the operator owns (the admission webhook
-/// configurations) under our field manager, taking over fields another manager set.
-pub async fn apply_cluster_scoped<K>(ctx: &Context, name: &str, object: &K) -> Result<()>
-where
-    K: Resource<DynamicType = (), Scope = ClusterResourceScope>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + std::fmt::Debug,
-{
-    let mut value = serde_json::to_value(object)?;
-    // Apply needs both in the body; typed objects serialize without them.
-    value["apiVersion"] = K::api_version(&()).into();
-    value["kind"] = K::kind(&()).into();
-    Api::<K>::all(ctx.client.clone())
-        .patch(
-            name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&value),
-        )
-        .await?;
-    Ok(())
 }
 
 /// How often a replica that is not the leader reads the Mesh and the CA Secret.
@@ -445,25 +378,18 @@ fn material_from_secret(secret: &Secret) -> Result<CaMaterial> {
     Ok(CaMaterial::from_secret_data(get)?)
 }
 
-/// Namespaces whose pods get sidecars: ours or Istio's label.
-pub fn injection_enabled(labels: &std::collections::BTreeMap<String, String>) -> bool {
-    labels.get(INJECT_LABEL).map(String::as_str) == Some("enabled")
-        || labels.get(ISTIO_INJECTION_LABEL).map(String::as_str) == Some("enabled")
-}
-
-async fn ensure_root_cert_configmaps(ctx: &Context, mesh: &Mesh, state: &MeshState) -> Result<()> {
+async fn ensure_root_cert_configmaps(
+    ctx: &Context,
+    owner: &OwnerReference,
+    state: &MeshState,
+) -> Result<()> {
     let namespaces = Api::<Namespace>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await?;
-    let owner = mesh
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingObjectKey("Mesh"))?;
     // A namespace being deleted refuses new objects; it needs no trust bundle any more.
-    for ns in namespaces
-        .items
-        .iter()
-        .filter(|ns| injection_enabled(ns.labels()) && ns.metadata.deletion_timestamp.is_none())
-    {
+    for ns in namespaces.items.iter().filter(|ns| {
+        injector::injection_enabled(ns.labels()) && ns.metadata.deletion_timestamp.is_none()
+    }) {
         let ns_name = ns.name_any();
         let configmap = json!({
             "apiVersion": "v1",
@@ -479,7 +405,7 @@ async fn ensure_root_cert_configmaps(ctx: &Context, mesh: &Mesh, state: &MeshSta
         let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns_name)
             .patch(
                 ROOT_CERT_CONFIGMAP,
-                &PatchParams::apply(MANAGER).force(),
+                &apply::params(),
                 &Patch::Apply(&configmap),
             )
             .await;
@@ -494,6 +420,24 @@ async fn ensure_root_cert_configmaps(ctx: &Context, mesh: &Mesh, state: &MeshSta
             }
             Err(e) => return Err(e.into()),
         }
+    }
+    Ok(())
+}
+
+/// Applies the CNI installer DaemonSet while the Mesh asks for CNI interception, and deletes
+/// it once it no longer does.
+async fn ensure_cni_installer(ctx: &Context, mesh: &Mesh, owner: &OwnerReference) -> Result<()> {
+    let daemonsets = Api::<DaemonSet>::namespaced(ctx.client.clone(), &ctx.namespace);
+    if mesh.spec.interception == Interception::Cni {
+        let object = cni::daemonset(&mesh.spec, &ctx.namespace, owner);
+        daemonsets
+            .patch(cni::DAEMONSET, &apply::params(), &Patch::Apply(&object))
+            .await?;
+    } else if daemonsets.get_opt(cni::DAEMONSET).await?.is_some() {
+        info!("interception is no longer cni: removing the CNI installer");
+        daemonsets
+            .delete(cni::DAEMONSET, &DeleteParams::default())
+            .await?;
     }
     Ok(())
 }
@@ -574,11 +518,7 @@ async fn publish_status(
         "status": status,
     });
     Api::<Mesh>::all(ctx.client.clone())
-        .patch_status(
-            &mesh.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
+        .patch_status(&mesh.name_any(), &apply::params(), &Patch::Apply(&patch))
         .await?;
     Ok(())
 }

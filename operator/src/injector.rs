@@ -1,7 +1,7 @@
 //! The sidecar injector: a mutating admission webhook for Pods. The pure part, [`inject`], turns
 //! a Pod and the active Mesh into the injected Pod; the webhook answers with the JSON patch
-//! between the two. The MutatingWebhookConfiguration (its caBundle is the mesh root) is applied
-//! by the Mesh controller.
+//! between the two. [`webhook_configuration`] builds the MutatingWebhookConfiguration (its
+//! caBundle is the mesh root) that the Mesh controller applies.
 
 use std::collections::BTreeMap;
 
@@ -15,10 +15,10 @@ use k8s_openapi::api::core::v1::{
     HTTPGetAction, Lifecycle, LifecycleHandler, Pod, Probe, ProjectedVolumeSource, SecurityContext,
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, OwnerReference,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
-use trellis_api::Mesh;
 use trellis_api::mesh::{Interception, MeshSpec};
 use trellis_config::wellknown::{
     CONTROL_PLANE_PORT, EXCLUDE_INBOUND_PORTS_ANNOTATION, EXCLUDE_OUTBOUND_IP_RANGES_ANNOTATION,
@@ -29,9 +29,7 @@ use trellis_config::wellknown::{
     TOKEN_AUDIENCE, VALIDATION_CONTAINER,
 };
 
-use crate::controller::{Context, MeshState};
 use crate::env::{field_env, restricted_security_context};
-use crate::error::{Error, Result};
 
 pub const WEBHOOK_CONFIGURATION: &str = "trellis-sidecar-injector";
 pub const INJECT_PATH: &str = "/inject";
@@ -115,11 +113,17 @@ pub fn decide(
         Some("true") => return Decision::Inject,
         _ => {}
     }
-    if crate::controller::injection_enabled(namespace_labels) {
+    if injection_enabled(namespace_labels) {
         Decision::Inject
     } else {
         Decision::Skip("namespace not labelled for injection")
     }
+}
+
+/// Namespaces whose pods get sidecars: ours or Istio's label.
+pub fn injection_enabled(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(INJECT_LABEL).map(String::as_str) == Some("enabled")
+        || labels.get(ISTIO_INJECTION_LABEL).map(String::as_str) == Some("enabled")
 }
 
 fn lookup<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
@@ -471,23 +475,21 @@ pub fn inject(pod: &Pod, params: &InjectionParams) -> Pod {
     injected
 }
 
-/// Applies the webhook configuration that sends Pod creations in labelled namespaces to us.
-pub async fn apply_webhook_configuration(
-    ctx: &Context,
-    mesh: &Mesh,
-    state: &MeshState,
-) -> Result<()> {
-    let owner = mesh
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingObjectKey("Mesh"))?;
+/// The webhook configuration that sends Pod creations in labelled namespaces to [`INJECT_PATH`]
+/// of the operator's Service in `operator_namespace`.
+pub fn webhook_configuration(
+    operator_namespace: &str,
+    ca_bundle: &str,
+    owner: &OwnerReference,
+) -> MutatingWebhookConfiguration {
     let webhook = |name: &str, label: &str| MutatingWebhook {
         name: name.to_owned(),
         admission_review_versions: vec!["v1".to_owned(), "v1beta1".to_owned()],
         client_config: WebhookClientConfig {
-            ca_bundle: Some(ByteString(state.ca.trust_bundle().concat().into_bytes())),
+            ca_bundle: Some(ByteString(ca_bundle.as_bytes().to_vec())),
             service: Some(ServiceReference {
                 name: OPERATOR_NAME.to_owned(),
-                namespace: ctx.namespace.clone(),
+                namespace: operator_namespace.to_owned(),
                 path: Some(INJECT_PATH.to_owned()),
                 port: Some(443),
             }),
@@ -516,10 +518,10 @@ pub async fn apply_webhook_configuration(
         timeout_seconds: Some(10),
         ..MutatingWebhook::default()
     };
-    let configuration = MutatingWebhookConfiguration {
+    MutatingWebhookConfiguration {
         metadata: kube::api::ObjectMeta {
             name: Some(WEBHOOK_CONFIGURATION.to_owned()),
-            owner_references: Some(vec![owner]),
+            owner_references: Some(vec![owner.clone()]),
             ..Default::default()
         },
         webhooks: Some(vec![
@@ -529,8 +531,7 @@ pub async fn apply_webhook_configuration(
                 ISTIO_INJECTION_LABEL,
             ),
         ]),
-    };
-    crate::controller::apply_cluster_scoped(ctx, WEBHOOK_CONFIGURATION, &configuration).await
+    }
 }
 
 #[cfg(test)]

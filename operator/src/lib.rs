@@ -3,10 +3,12 @@
 //! config discovery stream on 15012, the sidecar injector and the validation of Istio's traffic
 //! resources on 15017, and prints the install manifest generated from its own types.
 
+pub mod apply;
 pub mod authorization;
 pub mod ca;
 pub mod cni;
 pub mod compile;
+pub mod context;
 pub mod control_plane;
 pub mod controller;
 pub mod discovery;

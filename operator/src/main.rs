@@ -15,9 +15,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube::Client;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
-use trellis_config::wellknown::{CONTROL_PLANE_PORT, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT};
+use trellis_config::wellknown::{
+    CONTROL_PLANE_PORT, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT,
+};
 
-use trellis_operator::controller::{Context, MeshStateRx};
+use trellis_operator::context::{Context, MeshStateRx};
 use trellis_operator::metrics::Metrics;
 use trellis_operator::rate_limit::RateLimiter;
 use trellis_operator::{

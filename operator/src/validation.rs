@@ -2,7 +2,7 @@
 //! `DestinationRule`, `ServiceEntry`) and security policies (`PeerAuthentication`,
 //! `AuthorizationPolicy`) on 15017 (`POST /validate/networking`, the path kept from when only
 //! the traffic kinds were validated), and the `ValidatingWebhookConfiguration` that sends their
-//! creations and updates to it.
+//! creations and updates to it (built here, applied by the Mesh controller).
 //!
 //! This module only adapts: it decodes the AdmissionReview (garbage is a 400, a body over the
 //! bound a 413), reads the namespace's DestinationRules for a VirtualService's subset check, and
@@ -22,16 +22,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ListParams;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 use kube::core::{ApiResource, DynamicObject};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client};
 use tracing::{debug, info, warn};
-use trellis_api::Mesh;
 use trellis_api::networking::{DestinationRule, EXTRA_VERSIONS, NETWORKING_GROUP, STORED_VERSION};
 use trellis_api::security::{SECURITY_EXTRA_VERSIONS, SECURITY_GROUP};
 use trellis_api::validate::{Kind, validate_object};
 use trellis_config::wellknown::OPERATOR_NAME;
 
-use crate::controller::{Context, MeshState};
-use crate::error::{Error, Result};
 use crate::https::{self, Body, Peer};
 use crate::webhook::admission_request;
 
@@ -151,7 +148,7 @@ pub fn review(
 pub fn webhook_configuration(
     operator_namespace: &str,
     ca_bundle: &str,
-    owner: OwnerReference,
+    owner: &OwnerReference,
 ) -> ValidatingWebhookConfiguration {
     let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     let versions = |extra: &[&str]| -> Vec<String> {
@@ -170,7 +167,7 @@ pub fn webhook_configuration(
     ValidatingWebhookConfiguration {
         metadata: kube::api::ObjectMeta {
             name: Some(WEBHOOK_CONFIGURATION.to_owned()),
-            owner_references: Some(vec![owner]),
+            owner_references: Some(vec![owner.clone()]),
             labels: Some([("app.kubernetes.io/part-of".to_owned(), "trellis".to_owned())].into()),
             ..Default::default()
         },
@@ -200,21 +197,6 @@ pub fn webhook_configuration(
             ..ValidatingWebhook::default()
         }]),
     }
-}
-
-/// Applies [`webhook_configuration`] with the mesh root as its CA bundle (server-side apply,
-/// owned by the Mesh).
-pub async fn apply_webhook_configuration(
-    ctx: &Context,
-    mesh: &Mesh,
-    state: &MeshState,
-) -> Result<()> {
-    let owner = mesh
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingObjectKey("Mesh"))?;
-    let configuration =
-        webhook_configuration(&ctx.namespace, &state.ca.trust_bundle().concat(), owner);
-    crate::controller::apply_cluster_scoped(ctx, WEBHOOK_CONFIGURATION, &configuration).await
 }
 
 #[cfg(test)]
@@ -411,7 +393,7 @@ mod tests {
             ..OwnerReference::default()
         };
         let value =
-            serde_json::to_value(webhook_configuration("trellis-system", "PEM", owner)).unwrap();
+            serde_json::to_value(webhook_configuration("trellis-system", "PEM", &owner)).unwrap();
         assert_eq!(value["metadata"]["name"], WEBHOOK_CONFIGURATION);
         assert_eq!(value["metadata"]["ownerReferences"][0]["kind"], "Mesh");
         let webhook = &value["webhooks"][0];

@@ -12,7 +12,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::controller::MeshStateRx;
+use crate::context::MeshStateRx;
 use crate::https::{self, Body, Peer};
 use crate::injector::{self, Decision, INJECT_PATH, InjectionParams};
 use crate::metrics::{Metrics, OutcomeLabels};
