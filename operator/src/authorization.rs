@@ -39,13 +39,13 @@ use kube::{Client, Resource};
 use tokio::sync::watch;
 use tracing::warn;
 use trellis_api::AuthorizationPolicy;
-use trellis_config::authz::{
-    Action, Condition, InboundAuthorization, IpBlock, Operation, Policy, Rule, Source, StringMatch,
-    Values,
-};
 use trellis_api::security::{
     AuthorizationAction, AuthorizationCondition, AuthorizationOperation, AuthorizationRule,
     AuthorizationSource,
+};
+use trellis_config::authz::{
+    Action, Condition, InboundAuthorization, IpBlock, Operation, Policy, Rule, Source, StringMatch,
+    Values,
 };
 use trellis_config::wellknown::OPERATOR_NAME;
 

@@ -8,11 +8,11 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use trellis_api::mesh::MeshSpec;
 use trellis_config::SpiffeId;
 use trellis_config::proxy::{
     Endpoint, InboundPolicy, Labels, Protocol, ProxyConfig, Service, ServicePort,
 };
-use trellis_api::mesh::MeshSpec;
 
 use crate::injector::TLS_MODE_LABEL;
 

@@ -23,10 +23,10 @@ use trellis_api::networking::{
     self, DestinationRule, NETWORKING_GROUP, ServiceEntry, VirtualService,
 };
 use trellis_api::security::{self, SECURITY_EXTRA_VERSIONS, SECURITY_GROUP};
+use trellis_api::{AuthorizationPolicy, Mesh, PeerAuthentication};
 use trellis_config::wellknown::{
     CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT,
 };
-use trellis_api::{AuthorizationPolicy, Mesh, PeerAuthentication};
 
 /// Port of the operator's own `/metrics`, `/healthz` and `/readyz`.
 pub const HEALTH_PORT: u16 = 8080;
