@@ -32,10 +32,7 @@ fn http_requests_are_authorized_on_their_normalised_path() {
     assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
     netns.nat_output(&["-s", "127.0.0.6", "-j", "RETURN"]);
     netns.nat_output(&["-d", POD_B, "-j", "REDIRECT", "--to-ports", "15006"]);
-    netns.rerun_inside(
-        "http_requests_are_authorized_on_their_normalised_path",
-        INSIDE,
-    );
+    netns.rerun_inside(INSIDE);
 }
 
 /// An HTTP/1.1 application on 127.0.0.1:`port` answering every request `200` with the request

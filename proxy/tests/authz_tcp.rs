@@ -49,10 +49,7 @@ fn tcp_connections_are_denied_by_principal_and_allowed_by_namespace() {
     netns.nat_output(&["-s", APP_BAD, "-j", "REDIRECT", "--to-ports", &bad]);
     netns.nat_output(&["-s", APP_GOOD, "-j", "REDIRECT", "--to-ports", &good]);
     netns.nat_output(&["-d", POD_B, "-j", "REDIRECT", "--to-ports", "15006"]);
-    netns.rerun_inside(
-        "tcp_connections_are_denied_by_principal_and_allowed_by_namespace",
-        INSIDE,
-    );
+    netns.rerun_inside(INSIDE);
 }
 
 /// Sends `message`, half-closes, and returns everything read until the peer closes (empty if

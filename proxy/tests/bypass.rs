@@ -53,9 +53,8 @@ type Seen = Arc<Mutex<Vec<String>>>;
 
 /// Runs the test `name` inside a fresh network namespace with the capture rules above; returns
 /// true when this process is the one inside.
-fn in_netns(name: &str) -> bool {
+fn in_netns() -> bool {
     support::in_netns(
-        name,
         INSIDE,
         &[
             // B's forwards to its application return, as the real capture rules do.
@@ -220,7 +219,7 @@ fn deny_admin_refuses(class: &str, targets: &[&str]) {
 
 #[test]
 fn path_dot_segments_cannot_reach_a_denied_path() {
-    if !in_netns("path_dot_segments_cannot_reach_a_denied_path") {
+    if !in_netns() {
         return;
     }
     deny_admin_refuses(
@@ -238,7 +237,7 @@ fn path_dot_segments_cannot_reach_a_denied_path() {
 
 #[test]
 fn merged_slashes_cannot_reach_a_denied_path() {
-    if !in_netns("merged_slashes_cannot_reach_a_denied_path") {
+    if !in_netns() {
         return;
     }
     deny_admin_refuses(
@@ -249,7 +248,7 @@ fn merged_slashes_cannot_reach_a_denied_path() {
 
 #[test]
 fn percent_encoded_unreserved_characters_cannot_reach_a_denied_path() {
-    if !in_netns("percent_encoded_unreserved_characters_cannot_reach_a_denied_path") {
+    if !in_netns() {
         return;
     }
     deny_admin_refuses(
@@ -260,7 +259,7 @@ fn percent_encoded_unreserved_characters_cannot_reach_a_denied_path() {
 
 #[test]
 fn encoded_slash_is_rejected() {
-    if !in_netns("encoded_slash_is_rejected") {
+    if !in_netns() {
         return;
     }
     let seen = recording_http_app(HTTP_PORT);
@@ -289,7 +288,7 @@ fn encoded_slash_is_rejected() {
 
 #[test]
 fn upper_case_path_is_refused_by_an_allow_list_and_an_ignore_uri_case_route() {
-    if !in_netns("upper_case_path_is_refused_by_an_allow_list_and_an_ignore_uri_case_route") {
+    if !in_netns() {
         return;
     }
     let seen = recording_http_app(HTTP_PORT);
@@ -351,7 +350,7 @@ fn upper_case_path_is_refused_by_an_allow_list_and_an_ignore_uri_case_route() {
 
 #[test]
 fn fragment_and_query_cannot_dodge_a_denied_path() {
-    if !in_netns("fragment_and_query_cannot_dodge_a_denied_path") {
+    if !in_netns() {
         return;
     }
     let seen = recording_http_app(HTTP_PORT);
@@ -384,7 +383,7 @@ fn fragment_and_query_cannot_dodge_a_denied_path() {
 
 #[test]
 fn repeated_header_values_cannot_dodge_a_deny() {
-    if !in_netns("repeated_header_values_cannot_dodge_a_deny") {
+    if !in_netns() {
         return;
     }
     let seen = recording_http_app(HTTP_PORT);
@@ -412,7 +411,7 @@ fn repeated_header_values_cannot_dodge_a_deny() {
 
 #[test]
 fn forged_identity_headers_do_not_grant_a_principal() {
-    if !in_netns("forged_identity_headers_do_not_grant_a_principal") {
+    if !in_netns() {
         return;
     }
     let ca = MeshCa::new("mesh root");
@@ -477,7 +476,7 @@ fn forged_identity_headers_do_not_grant_a_principal() {
 
 #[test]
 fn plaintext_to_strict_port_is_refused() {
-    if !in_netns("plaintext_to_strict_port_is_refused") {
+    if !in_netns() {
         return;
     }
     let ca = MeshCa::new("mesh root");
@@ -565,7 +564,7 @@ fn strict_server_refuses_the_client_certificate(
 
 #[test]
 fn certificate_from_another_root_is_refused() {
-    if !in_netns("certificate_from_another_root_is_refused") {
+    if !in_netns() {
         return;
     }
     let ca = MeshCa::new("mesh root");
@@ -579,7 +578,7 @@ fn certificate_from_another_root_is_refused() {
 
 #[test]
 fn certificate_from_another_trust_domain_is_refused() {
-    if !in_netns("certificate_from_another_trust_domain_is_refused") {
+    if !in_netns() {
         return;
     }
     let ca = MeshCa::new("mesh root");
@@ -592,7 +591,7 @@ fn certificate_from_another_trust_domain_is_refused() {
 
 #[test]
 fn expired_certificate_is_refused() {
-    if !in_netns("expired_certificate_is_refused") {
+    if !in_netns() {
         return;
     }
     let ca = MeshCa::new("mesh root");

@@ -32,10 +32,7 @@ fn redirected_traffic_is_forwarded_counted_filtered_and_drained() {
     for (source, port) in [(OUTBOUND_CLIENT, "15001"), (INBOUND_CLIENT, "15006")] {
         netns.nat_output(&["-s", source, "-j", "REDIRECT", "--to-ports", port]);
     }
-    netns.rerun_inside(
-        "redirected_traffic_is_forwarded_counted_filtered_and_drained",
-        INSIDE,
-    );
+    netns.rerun_inside(INSIDE);
 }
 
 fn inside_netns() {

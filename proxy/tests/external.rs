@@ -44,9 +44,8 @@ const STICKY_ENDPOINTS: [u8; 4] = [31, 32, 33, 34];
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the test inside a fresh network namespace with the client's capture rule.
-fn in_netns(name: &str) -> bool {
+fn in_netns() -> bool {
     support::in_netns(
-        name,
         INSIDE,
         &[&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]],
     )
@@ -221,7 +220,7 @@ async fn cookie_stickiness() {
 
 #[test]
 fn consistent_hash_cookie_is_generated_and_sticks() {
-    if !in_netns("consistent_hash_cookie_is_generated_and_sticks") {
+    if !in_netns() {
         return;
     }
     let runtime = runtime();
@@ -278,7 +277,7 @@ async fn dns_resolution() {
 
 #[test]
 fn service_entries_resolved_by_dns_reach_the_answer() {
-    if !in_netns("service_entries_resolved_by_dns_reach_the_answer") {
+    if !in_netns() {
         return;
     }
     let runtime = runtime();
@@ -461,7 +460,7 @@ fn test_ca() -> (MeshCa, String) {
 
 #[test]
 fn destination_rule_tls_originates_tls_to_plain_http_requests() {
-    if !in_netns("destination_rule_tls_originates_tls_to_plain_http_requests") {
+    if !in_netns() {
         return;
     }
     let (ca, ca_file) = test_ca();
@@ -620,7 +619,7 @@ async fn registry_by_name(ca_file: &str) {
 
 #[test]
 fn registry_only_finds_hosts_without_addresses_by_name_and_refuses_the_rest() {
-    if !in_netns("registry_only_finds_hosts_without_addresses_by_name_and_refuses_the_rest") {
+    if !in_netns() {
         return;
     }
     let (ca, ca_file) = test_ca();

@@ -59,10 +59,9 @@ const SPLIT_VIP: [u8; 4] = [127, 0, 0, 104];
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `test` inside a fresh network namespace with the capture rules of the two pods.
-fn in_netns(name: &str) -> bool {
+fn in_netns() -> bool {
     let tap = TAP_PORT.to_string();
     support::in_netns(
-        name,
         INSIDE,
         &[
             // B's forwards to its application return (as the real capture rules do).
@@ -366,7 +365,7 @@ async fn grpc_call(
 
 #[test]
 fn http_grpc_and_websocket_cross_two_sidecars() {
-    if !in_netns("http_grpc_and_websocket_cross_two_sidecars") {
+    if !in_netns() {
         return;
     }
     let taps = tap();
@@ -672,7 +671,7 @@ async fn exchanges(mesh: &Mesh, taps: &Mutex<HashMap<u16, usize>>) {
 
 #[test]
 fn proxy_made_responses_carry_a_reason() {
-    if !in_netns("proxy_made_responses_carry_a_reason") {
+    if !in_netns() {
         return;
     }
     let _taps = tap();
@@ -808,7 +807,7 @@ fn check_reasons(mesh: &Mesh) {
 
 #[test]
 fn a_100_mb_body_streams_through_with_bounded_memory() {
-    if !in_netns("a_100_mb_body_streams_through_with_bounded_memory") {
+    if !in_netns() {
         return;
     }
     let _taps = tap();

@@ -54,10 +54,7 @@ fn sidecars_speak_mutual_tls_and_enforce_peer_authentication() {
     netns.nat_output(&["-s", PEER, "-j", "REDIRECT", "--to-ports", "15006"]);
     let tap = TAP_PORT.to_string();
     netns.nat_output(&["-d", POD_B, "-j", "REDIRECT", "--to-ports", &tap]);
-    netns.rerun_inside(
-        "sidecars_speak_mutual_tls_and_enforce_peer_authentication",
-        INSIDE,
-    );
+    netns.rerun_inside(INSIDE);
 }
 
 struct Ca {

@@ -43,9 +43,8 @@ const REVIEWS: &str = "reviews.shop.svc.cluster.local";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the test inside a fresh network namespace with the client's capture rule.
-fn in_netns(name: &str) -> bool {
+fn in_netns() -> bool {
     support::in_netns(
-        name,
         INSIDE,
         &[&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]],
     )
@@ -449,7 +448,7 @@ fn logged(proxy: &Proxy, path_prefix: &str) -> Vec<(u64, String)> {
 
 #[test]
 fn http_routes_pick_subsets_split_rewrite_and_answer_themselves() {
-    if !in_netns("http_routes_pick_subsets_split_rewrite_and_answer_themselves") {
+    if !in_netns() {
         return;
     }
     let runtime = runtime();
@@ -599,7 +598,7 @@ async fn http_routes(seen: &Seen) {
 
 #[test]
 fn timeouts_retries_and_faults_behave_as_configured() {
-    if !in_netns("timeouts_retries_and_faults_behave_as_configured") {
+    if !in_netns() {
         return;
     }
     let runtime = runtime();
@@ -796,7 +795,7 @@ fn client_hello(name: &str) -> Vec<u8> {
 
 #[test]
 fn tcp_routes_split_and_tls_routes_follow_the_sni() {
-    if !in_netns("tcp_routes_split_and_tls_routes_follow_the_sni") {
+    if !in_netns() {
         return;
     }
     let runtime = runtime();

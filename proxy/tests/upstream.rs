@@ -41,9 +41,8 @@ const EJECT_CLUSTER: &str = "outbound|80||eject.shop.svc.cluster.local";
 const TCP_CLUSTER: &str = "outbound|80||tcp.shop.svc.cluster.local";
 
 /// Runs `test` inside a fresh network namespace where the client's connections are captured.
-fn in_netns(name: &str) -> bool {
+fn in_netns() -> bool {
     support::in_netns(
-        name,
         INSIDE,
         &[&["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"]],
     )
@@ -142,7 +141,7 @@ async fn request(vip: [u8; 4]) -> (StatusCode, Option<String>) {
 
 #[test]
 fn connection_pool_limits_overflow_with_uo() {
-    if !in_netns("connection_pool_limits_overflow_with_uo") {
+    if !in_netns() {
         return;
     }
     runtime().block_on(async {
@@ -250,7 +249,7 @@ fn connection_pool_limits_overflow_with_uo() {
 
 #[test]
 fn outlier_detection_ejects_the_failing_endpoint() {
-    if !in_netns("outlier_detection_ejects_the_failing_endpoint") {
+    if !in_netns() {
         return;
     }
     runtime().block_on(async {

@@ -326,18 +326,27 @@ impl Netns {
 
     /// Re-runs the test `name` of the current test binary inside the namespace with `marker`
     /// set in its environment; panics if it fails.
-    pub fn rerun_inside(&self, name: &str, marker: &str) {
+    pub fn rerun_inside(&self, marker: &str) {
+        let name = current_test();
         let me = std::env::current_exe().unwrap();
-        let status = Command::new("ip")
+        let run = Command::new("ip")
             .args(["netns", "exec", &self.0])
             .arg(me)
-            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .args([&name, "--exact", "--nocapture", "--test-threads=1"])
             .env(marker, "1")
-            .status()
+            .output()
             .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        print!("{stdout}");
+        eprint!("{}", String::from_utf8_lossy(&run.stderr));
         assert!(
-            status.success(),
+            run.status.success(),
             "the test inside the network namespace failed"
+        );
+        // A name that selects no test would pass having run nothing.
+        assert!(
+            stdout.contains("running 1 test\n") && stdout.contains("1 passed"),
+            "the run inside the network namespace did not run exactly the test {name:?}"
         );
     }
 }
@@ -348,20 +357,29 @@ impl Drop for Netns {
     }
 }
 
-/// Runs the test `name` inside a fresh network namespace with loopback up and the iptables nat
+/// The running test's name: libtest names the thread it runs a test on after the test, so the
+/// re-run inside a namespace selects the calling test without a hand-typed name.
+fn current_test() -> String {
+    match std::thread::current().name() {
+        Some(name) if name != "main" => name.to_owned(),
+        _ => panic!("a network-namespace test must be called from a #[test] function's thread"),
+    }
+}
+
+/// Runs the calling test inside a fresh network namespace with loopback up and the iptables nat
 /// OUTPUT `rules` (each the arguments after `-A OUTPUT`) in place. Returns true when already
 /// inside (`marker` set: run the test's body), false once the run inside has passed.
-pub fn in_netns(name: &str, marker: &str, rules: &[&[&str]]) -> bool {
+pub fn in_netns(marker: &str, rules: &[&[&str]]) -> bool {
     if std::env::var_os(marker).is_some() {
         return true;
     }
-    let netns = Netns::create(name)
+    let netns = Netns::create(&current_test())
         .expect("cannot create a network namespace: this test needs root, iproute2 and iptables");
     assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
     for rule in rules {
         netns.nat_output(rule);
     }
-    netns.rerun_inside(name, marker);
+    netns.rerun_inside(marker);
     false
 }
 
