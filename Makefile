@@ -23,7 +23,7 @@ APT_PACKAGES := iptables iproute2 util-linux python3 socat curl ca-certificates
 
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help deps build test unit lint fmt clippy manifests manifests-check images up down e2e \
+.PHONY: help deps build test unit lint fmt clippy structure manifests manifests-check images up down e2e \
         kubeconfig install demo bench
 
 help:
@@ -52,7 +52,11 @@ fmt:
 clippy:
 	cargo clippy --workspace --all-targets -- -D warnings
 
-lint: fmt clippy
+# Module import cycles and the data plane's freedom from Kubernetes crates (scripts/structure-check.sh).
+structure:
+	bash scripts/structure-check.sh
+
+lint: fmt clippy structure
 
 # Unit and integration tests that need no cluster (the init netns tests need root and iptables).
 unit: deps
