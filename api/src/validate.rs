@@ -3,11 +3,13 @@
 //! validates them, as pure functions: an object (and, for a VirtualService, the DestinationRules
 //! of its namespace) in, every problem out, each naming the field path
 //! (`spec.http[0].route[1].weight`). Unknown fields are refused everywhere (strict decoding). The
-//! operator's webhook only adapts this to AdmissionReviews.
+//! operator's webhook only adapts this to AdmissionReviews. Durations, hosts and `exportTo` are
+//! read as `crate::istio` defines them, the module the traffic compiler reads them with too.
 //!
 //! Where Istio only warns, or where this file decides differently, the rule says why:
-//! - A route's `subset` is refused only when a DestinationRule for the same host exists in the
-//!   namespace being admitted and none of them defines the subset. Istio only warns (a rule can
+//! - A route's `subset` is refused only when DestinationRules of the namespace being admitted
+//!   apply to its host (as the compiler picks them: the most specific covering host, exact
+//!   before wildcard) and none of them defines the subset. Istio only warns (a rule can
 //!   be applied before its DestinationRule); a DestinationRule that exists without the subset is
 //!   a certain mistake, while a missing one may still be on its way.
 //! - Weights are refused when negative, when they add up to more than 100, or to 0 over several
@@ -21,6 +23,9 @@ use std::net::IpAddr;
 
 use serde::de::DeserializeOwned;
 
+use crate::istio::duration::{self, Minimum};
+use crate::istio::export_to;
+use crate::istio::host::{self, is_dns_label, is_wildcard_domain};
 use crate::networking::NETWORKING_GROUP;
 use crate::networking::destination_rule::{
     ClientTlsSettings, ConnectionPoolSettings, LoadBalancerSettings, LocalityLbSetting,
@@ -37,9 +42,6 @@ use crate::security::{
     AuthorizationAction, AuthorizationOperation, AuthorizationPolicySpec, AuthorizationSource,
     PeerAuthenticationSpec, SECURITY_GROUP,
 };
-
-/// Kubernetes' cluster domain, which Istio appends to short service names.
-const CLUSTER_DOMAIN: &str = "svc.cluster.local";
 
 /// Istio's `retryOn` policies (Envoy's `x-envoy-retry-on` and `x-envoy-retry-grpc-on`); HTTP
 /// status codes are accepted as well.
@@ -204,20 +206,16 @@ impl Errors {
         });
     }
 
+    /// A duration held to Istio's `ValidateDuration` (at least 1ms, whole milliseconds).
     fn duration(&mut self, path: &str, value: Option<&String>) {
-        if let Some(text) = value
-            && let Err(message) = check_duration(text, true)
-        {
-            self.add(path, message);
-        }
+        self.duration_with(path, value, Minimum::Millisecond);
     }
 
-    /// A duration that may be zero (Istio sets no minimum on these).
-    fn duration_or_zero(&mut self, path: &str, value: Option<&String>) {
+    fn duration_with(&mut self, path: &str, value: Option<&String>, minimum: Minimum) {
         if let Some(text) = value
-            && let Err(message) = check_duration(text, false)
+            && let Err(e) = duration::parse_with_minimum(text, minimum)
         {
-            self.add(path, message);
+            self.add(path, e.to_string());
         }
     }
 
@@ -272,124 +270,13 @@ impl Errors {
     }
 
     fn export_to(&mut self, path: &str, export_to: &[String]) {
-        let mut seen = BTreeSet::new();
-        for (i, namespace) in export_to.iter().enumerate() {
-            let path = format!("{path}[{i}]");
-            if !seen.insert(namespace.as_str()) {
-                self.add(&path, format!("{namespace:?} is listed twice"));
-            } else if !matches!(namespace.as_str(), "." | "*" | "~") && !is_dns_label(namespace) {
-                self.add(
-                    &path,
-                    format!("{namespace:?} is not \".\", \"*\", \"~\" or a namespace name"),
-                );
-            }
-        }
-        for exclusive in ["*", "~"] {
-            if export_to.len() > 1 && export_to.iter().any(|n| n == exclusive) {
-                self.add(
-                    path,
-                    format!("{exclusive:?} cannot be combined with other namespaces"),
-                );
+        for (index, message) in export_to::problems(export_to) {
+            match index {
+                Some(i) => self.add(&format!("{path}[{i}]"), message),
+                None => self.add(path, message),
             }
         }
     }
-}
-
-/// Checks a duration in Istio's (Go's) syntax: `1.5s`, `100ms`, `1h30m`, `500us`.
-fn check_duration(text: &str, at_least_a_millisecond: bool) -> Result<(), String> {
-    match parse_duration_nanos(text) {
-        None => Err(format!(
-            "{text:?} is not a duration (write it like \"1.5s\", \"100ms\" or \"1h\")"
-        )),
-        Some(nanos) if at_least_a_millisecond && nanos < 1_000_000 => {
-            Err(format!("{text:?} is shorter than the minimum of 1ms"))
-        }
-        Some(_) => Ok(()),
-    }
-}
-
-/// Parses a Go duration (`time.ParseDuration`: decimal numbers with units `ns`, `us`, `µs`,
-/// `ms`, `s`, `m`, `h`, a lone `0`) into nanoseconds. Negative durations are refused: none of
-/// Istio's fields takes one.
-pub fn parse_duration_nanos(text: &str) -> Option<u128> {
-    if text == "0" {
-        return Some(0);
-    }
-    let mut rest = text.strip_prefix('+').unwrap_or(text);
-    if rest.is_empty() {
-        return None;
-    }
-    let mut total: u128 = 0;
-    while !rest.is_empty() {
-        let whole_len = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let whole = &rest[..whole_len];
-        rest = &rest[whole_len..];
-        let fraction = match rest.strip_prefix('.') {
-            Some(after_dot) => {
-                let len = after_dot
-                    .find(|c: char| !c.is_ascii_digit())
-                    .unwrap_or(after_dot.len());
-                rest = &after_dot[len..];
-                &after_dot[..len]
-            }
-            None => "",
-        };
-        if whole.is_empty() && fraction.is_empty() {
-            return None;
-        }
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit: u128 = match &rest[..unit_len] {
-            "ns" => 1,
-            "us" | "µs" | "μs" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        let whole: u128 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().ok()?
-        };
-        // Go truncates fractions below a nanosecond; so does this.
-        let fraction = fraction.get(..fraction.len().min(18)).unwrap_or_default();
-        let scaled = if fraction.is_empty() {
-            0
-        } else {
-            fraction.parse::<u128>().ok()? * unit / 10u128.pow(fraction.len() as u32)
-        };
-        total = total.checked_add(whole.checked_mul(unit)?.checked_add(scaled)?)?;
-    }
-    // Go's limit: durations are i64 nanoseconds.
-    (total <= i64::MAX as u128).then_some(total)
-}
-
-fn is_dns_label(label: &str) -> bool {
-    !label.is_empty()
-        && label.len() <= 63
-        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !label.starts_with('-')
-        && !label.ends_with('-')
-}
-
-/// Istio's `ValidateWildcardDomain`: DNS labels, the first of which may be `*` or start with
-/// `*` (`*.example.com`, `*example.com`).
-fn is_wildcard_domain(host: &str) -> bool {
-    if host.is_empty() || host.len() > 255 {
-        return false;
-    }
-    let (first, rest) = match host.split_once('.') {
-        Some((first, rest)) => (first, Some(rest)),
-        None => (host, None),
-    };
-    let first_ok = first == "*" || is_dns_label(first.strip_prefix('*').unwrap_or(first));
-    first_ok && rest.is_none_or(|rest| rest.split('.').all(is_dns_label))
 }
 
 fn is_ip_or_cidr(text: &str) -> bool {
@@ -402,15 +289,6 @@ fn is_ip_or_cidr(text: &str) -> bool {
     };
     let max = if ip.is_ipv4() { 32 } else { 128 };
     prefix.is_none_or(|p| !p.starts_with('+') && p.parse::<u8>().is_ok_and(|bits| bits <= max))
-}
-
-/// Istio's short-name resolution: a host without dots is a service of the rule's namespace.
-fn qualify_host(host: &str, namespace: &str) -> String {
-    if host.contains('.') || host.contains('*') {
-        host.to_owned()
-    } else {
-        format!("{host}.{namespace}.{CLUSTER_DOMAIN}")
-    }
 }
 
 /// Checks a VirtualService. `destination_rules` are those of `namespace`.
@@ -514,17 +392,24 @@ impl<'a> SubsetIndex<'a> {
             let name = rule.metadata.name.as_deref().unwrap_or_default();
             let subsets = rule.spec.subsets.iter().map(|s| s.name.as_str()).collect();
             by_host
-                .entry(qualify_host(&rule.spec.host, namespace))
+                .entry(host::qualify(&rule.spec.host, namespace))
                 .or_default()
                 .push((name, subsets));
         }
         Self { by_host }
     }
 
-    /// `Err` with the rules' names when rules for the host exist and none defines `subset`.
+    /// `Err` with the rules' names when rules apply to the (qualified) host and none defines
+    /// `subset`. The rules that apply are those the compiler picks from: the ones whose host
+    /// covers this one, the most specific host first (exact beats wildcard).
     fn check(&self, host: &str, subset: &str) -> Result<(), Vec<&'a str>> {
-        match self.by_host.get(host) {
-            Some(rules) if !rules.iter().any(|(_, subsets)| subsets.contains(subset)) => {
+        let best = self
+            .by_host
+            .iter()
+            .filter(|(pattern, _)| host::matches(pattern, host))
+            .max_by_key(|(pattern, _)| host::specificity(pattern));
+        match best {
+            Some((_, rules)) if !rules.iter().any(|(_, subsets)| subsets.contains(subset)) => {
                 Err(rules.iter().map(|(name, _)| *name).collect())
             }
             _ => Ok(()),
@@ -549,7 +434,7 @@ fn destination(
         );
     }
     if let Some(subset) = &destination.subset {
-        let qualified = qualify_host(host, namespace);
+        let qualified = host::qualify(host, namespace);
         if subset.is_empty() {
             errors.add(&format!("{path}.subset"), "subset must not be empty");
         } else if let Err(rules) = subsets.check(&qualified, subset) {
@@ -1138,7 +1023,11 @@ fn load_balancer_settings(errors: &mut Errors, path: &str, lb: &LoadBalancerSett
                     "name must not be empty",
                 );
             }
-            errors.duration_or_zero(&format!("{hash_path}.httpCookie.ttl"), cookie.ttl.as_ref());
+            errors.duration_with(
+                &format!("{hash_path}.httpCookie.ttl"),
+                cookie.ttl.as_ref(),
+                Minimum::None,
+            );
         }
     }
     if let Some(locality) = &lb.locality_lb_setting {
@@ -1205,9 +1094,10 @@ fn connection_pool_settings(errors: &mut Errors, path: &str, pool: &ConnectionPo
             &format!("{tcp_path}.maxConnectionDuration"),
             tcp.max_connection_duration.as_ref(),
         );
-        errors.duration_or_zero(
+        errors.duration_with(
             &format!("{tcp_path}.idleTimeout"),
             tcp.idle_timeout.as_ref(),
+            Minimum::ZeroOrMillisecond,
         );
         if let Some(keepalive) = &tcp.tcp_keepalive {
             errors.duration(

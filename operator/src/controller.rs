@@ -25,7 +25,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 use trellis_api::Mesh;
-use trellis_api::mesh::{Interception, MeshCondition, MeshSpec, MeshStatus, parse_duration};
+use trellis_api::istio::duration;
+use trellis_api::mesh::{Interception, MeshCondition, MeshSpec, MeshStatus};
 use trellis_config::wellknown::{MESH_NAME, OPERATOR_NAME, ROOT_CERT_CONFIGMAP};
 
 use crate::ca::{CaMaterial, CertificateAuthority};
@@ -254,7 +255,8 @@ fn workload_ttl(text: &str) -> Result<Duration> {
 }
 
 fn duration_field(text: &str, field: &str) -> Result<Duration> {
-    parse_duration(text)
+    duration::parse(text)
+        .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| Error::InvalidSpec(format!("{field}: {text:?} is not a positive duration")))
 }

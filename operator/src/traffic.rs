@@ -3,11 +3,10 @@
 //! [`NamespaceTraffic`] out, table-tested without a cluster.
 //!
 //! Istio's semantics, and where Istio leaves a choice, ours:
-//! - Short hosts (`reviews`) resolve in the resource's namespace (`reviews.<ns>.svc.cluster.local`);
-//!   hosts with a dot are taken as written and match any hostname of a service (so
-//!   `reviews.default` matches too); `*.example.com` and `*` match by suffix.
-//! - `exportTo`: absent or `*` = every namespace, `.` = the resource's own, `~` = none, else the
-//!   listed namespaces.
+//! - Hosts, `exportTo` and durations read as `trellis_api::istio` defines them, the same module
+//!   the admission webhook checks with: short hosts resolve in the resource's namespace, hosts
+//!   with a dot are taken as written and match any hostname of a service (so `reviews.default`
+//!   matches too), wildcards match by suffix; durations become whole milliseconds, rounded up.
 //! - `gateways` absent means `mesh`; only routes that apply to `mesh` reach sidecars. A match
 //!   block with its own `gateways` without `mesh` is dropped, and a route left without blocks too.
 //! - Several VirtualServices for one host (Istio: "undefined" for sidecars): merged in creation
@@ -26,9 +25,10 @@
 //! - Fault `percentage` absent: no request is delayed or aborted (Istio's documented default);
 //!   mirror percentage absent: 100 %.
 //!
-//! Anything that cannot be compiled (a bad regex, an unknown `retryOn`, an unparsable duration)
-//! is skipped with a warning naming the resource, never failing the snapshot: the admission
-//! webhook is where such resources are refused.
+//! Anything that cannot be compiled (a bad regex, an unknown `retryOn`, an unparsable duration
+//! in an object admitted before the webhook was in place) is skipped with a warning naming the
+//! resource, never failing the snapshot: the admission webhook is where such resources are
+//! refused, and whatever it admits compiles (property-tested in `tests.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -37,8 +37,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use tracing::warn;
-use trellis_config::SpiffeId;
-use trellis_config::proxy::{Endpoint, Protocol, ProxyConfig, Service, ServicePort};
+use trellis_api::istio::export_to::exported_to;
+use trellis_api::istio::{duration, host};
 use trellis_api::networking::destination_rule::{
     ClientTlsSettings, ConnectionPoolSettings, LoadBalancerSettings, OutlierDetection as DrOutlier,
     SimpleLb, TlsMode as DrTlsMode, TrafficPolicy,
@@ -51,6 +51,8 @@ use trellis_api::networking::{
     DestinationRule, Percent as IstioPercent, ServiceEntry, StringMatch as IstioMatch,
     VirtualService,
 };
+use trellis_config::SpiffeId;
+use trellis_config::proxy::{Endpoint, Protocol, ProxyConfig, Service, ServicePort};
 use trellis_config::traffic::{
     AbortStatus, ClientTls, Cluster, ConnectionPool, ConsistentHash, CorsPolicy, DirectBody,
     DirectResponse, DnsEndpoint, ExternalService, Fault, FaultAbort, FaultDelay, HashKey,
@@ -64,7 +66,6 @@ use crate::compile::is_meshed;
 
 /// The gateway name that means "every sidecar".
 pub const MESH_GATEWAY: &str = "mesh";
-const CLUSTER_DOMAIN: &str = "svc.cluster.local";
 
 /// What the traffic compile reads.
 #[derive(Debug, Clone, Copy)]
@@ -254,35 +255,6 @@ pub fn with_traffic(mut config: ProxyConfig, traffic: &CompiledNamespace) -> Pro
 // Names, visibility, ordering
 // ---------------------------------------------------------------------------------------------
 
-/// `reviews` in `ns` → `reviews.ns.svc.cluster.local`; anything with a dot (or `*`) as written.
-pub fn resolve_host(host: &str, namespace: &str) -> String {
-    if host.contains('.') || host == "*" {
-        host.to_owned()
-    } else {
-        format!("{host}.{namespace}.{CLUSTER_DOMAIN}")
-    }
-}
-
-/// Whether a (possibly wildcard) host pattern covers `hostname`.
-pub fn host_matches(pattern: &str, hostname: &str) -> bool {
-    match pattern.strip_prefix('*') {
-        Some("") => true,
-        Some(suffix) => hostname.len() > suffix.len() && hostname.ends_with(suffix),
-        None => pattern == hostname,
-    }
-}
-
-/// `exportTo` as Istio reads it (absent: every namespace).
-pub fn exported_to(export_to: &[String], owner_namespace: &str, client_namespace: &str) -> bool {
-    export_to.is_empty()
-        || export_to.iter().any(|target| match target.as_str() {
-            "*" => true,
-            "." => owner_namespace == client_namespace,
-            "~" => false,
-            other => other == client_namespace,
-        })
-}
-
 /// Creation order: oldest first, then namespace, then name (a stable order for equal times).
 fn creation_key<K: kube::Resource>(resource: &K) -> (Option<String>, String, String) {
     let meta = resource.meta();
@@ -306,39 +278,6 @@ fn fqdn(service: &Service) -> &str {
     service.hostnames.first().map_or("", String::as_str)
 }
 
-/// Go-style durations as Istio writes them (`1.5s`, `100ms`, `1m30s`, `2h`), in milliseconds.
-pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    let invalid = || format!("{text:?} is not a duration (e.g. 1.5s, 250ms, 1m)");
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err(invalid());
-    }
-    let mut total_ms = 0f64;
-    while !rest.is_empty() {
-        let number_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(invalid)?;
-        let value: f64 = rest[..number_end].parse().map_err(|_| invalid())?;
-        rest = &rest[number_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "h" => 3_600_000.0,
-            "m" => 60_000.0,
-            "s" => 1_000.0,
-            "ms" => 1.0,
-            "us" | "µs" => 0.001,
-            "ns" => 0.000_001,
-            _ => return Err(invalid()),
-        };
-        total_ms += value * scale;
-        rest = &rest[unit_end..];
-    }
-    // Sub-millisecond durations round up so that "1us" is not "disabled".
-    Ok(total_ms.ceil() as u64)
-}
-
 fn duration_field(
     value: Option<&String>,
     field: &str,
@@ -346,8 +285,8 @@ fn duration_field(
     warnings: &mut Vec<String>,
 ) -> Option<u64> {
     let text = value?;
-    match parse_duration_ms(text) {
-        Ok(ms) => Some(ms),
+    match duration::parse(text) {
+        Ok(parsed) => Some(duration::millis(parsed)),
         Err(e) => {
             warnings.push(format!("{owner}: {field} ignored: {e}"));
             None
@@ -661,10 +600,10 @@ fn route_tables(
         let compiled = compile_routes(virtual_service, &vs_namespace, services, &owner, warnings);
         let mut targets: BTreeSet<(String, u16)> = BTreeSet::new();
         for host in &virtual_service.spec.hosts {
-            let pattern = resolve_host(host, &vs_namespace);
+            let pattern = host::qualify(host, &vs_namespace);
             for service in services
                 .iter()
-                .filter(|s| s.hostnames.iter().any(|h| host_matches(&pattern, h)))
+                .filter(|s| s.hostnames.iter().any(|h| host::matches(&pattern, h)))
             {
                 for port in &service.ports {
                     targets.insert((fqdn(service).to_owned(), port.port));
@@ -1005,7 +944,7 @@ fn http_match(m: &HttpMatchRequest) -> HttpMatch {
 /// A destination host as the model names it: the FQDN of the service it resolves to, else the
 /// resolved name (the proxy then finds no service and answers 503, as Envoy does).
 fn destination_host(host: &str, namespace: &str, services: &[&Service]) -> String {
-    let resolved = resolve_host(host, namespace);
+    let resolved = host::qualify(host, namespace);
     services
         .iter()
         .find(|s| s.hostnames.contains(&resolved))
@@ -1384,19 +1323,19 @@ fn destination_rule_for<'r>(
     root_namespace: &str,
 ) -> Option<&'r DestinationRule> {
     let in_namespace = |namespace: &str| {
-        // Exact hosts beat wildcards, longer wildcards beat shorter ones; `rules` is in creation
-        // order and only a strictly better score replaces the pick, so the oldest wins ties.
+        // `rules` is in creation order and only a more specific host replaces the pick, so the
+        // oldest wins ties.
         let mut best: Option<((bool, usize), &'r DestinationRule)> = None;
         for rule in rules
             .iter()
             .filter(|r| r.namespace().as_deref() == Some(namespace))
             .filter(|r| exported_to(&r.spec.export_to, namespace, client_namespace))
         {
-            let pattern = resolve_host(&rule.spec.host, namespace);
-            if !service.hostnames.iter().any(|h| host_matches(&pattern, h)) {
+            let pattern = host::qualify(&rule.spec.host, namespace);
+            if !service.hostnames.iter().any(|h| host::matches(&pattern, h)) {
                 continue;
             }
-            let score = (!pattern.starts_with('*'), pattern.len());
+            let score = host::specificity(&pattern);
             if best.is_none_or(|(current, _)| score > current) {
                 best = Some((score, *rule));
             }

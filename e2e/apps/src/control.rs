@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
-use crate::duration::parse_duration;
+use trellis_api::istio::duration;
 
 /// The behaviour requested for one request.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -121,7 +121,7 @@ impl Controls {
                 }
                 self.fail_percent = Some(pct);
             }
-            "delay" => self.delay = Some(parse_duration(value)?),
+            "delay" => self.delay = Some(duration::parse(value).map_err(|e| e.to_string())?),
             "hang" => {
                 self.hang = match value.to_ascii_lowercase().as_str() {
                     "" | "1" | "true" | "yes" | "on" => true,

@@ -7,7 +7,6 @@ pub mod body;
 pub mod client;
 pub mod control;
 pub mod dns;
-pub mod duration;
 pub mod grpc;
 pub mod server;
 pub mod size;

@@ -1067,60 +1067,7 @@ fn service_entry_hosts_take_routes_and_rules() {
 }
 
 #[test]
-fn names_durations_and_visibility() {
-    let hosts = [
-        ("reviews", "ns", "reviews.ns.svc.cluster.local"),
-        ("reviews.other", "ns", "reviews.other"),
-        ("*.example.com", "ns", "*.example.com"),
-        ("*", "ns", "*"),
-    ];
-    for (host, ns, expected) in hosts {
-        assert_eq!(resolve_host(host, ns), expected);
-    }
-    let matches = [
-        ("*", "a.b", true),
-        ("*.example.com", "a.example.com", true),
-        ("*.example.com", "a.b.example.com", true),
-        ("*.example.com", "example.com", false),
-        ("a.example.com", "a.example.com", true),
-        ("a.example.com", "b.example.com", false),
-    ];
-    for (pattern, host, expected) in matches {
-        assert_eq!(host_matches(pattern, host), expected, "{pattern} {host}");
-    }
-    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    let exports = [
-        (s(&[]), "a", "b", true),
-        (s(&["*"]), "a", "b", true),
-        (s(&["."]), "a", "a", true),
-        (s(&["."]), "a", "b", false),
-        (s(&["b", "c"]), "a", "c", true),
-        (s(&["b"]), "a", "a", false),
-        (s(&["~"]), "a", "a", false),
-    ];
-    for (export, owner, client, expected) in exports {
-        assert_eq!(
-            exported_to(&export, owner, client),
-            expected,
-            "{export:?} {owner} → {client}"
-        );
-    }
-    let durations = [
-        ("1s", Ok(1000)),
-        ("1.5s", Ok(1500)),
-        ("250ms", Ok(250)),
-        ("1m30s", Ok(90_000)),
-        ("2h", Ok(7_200_000)),
-        ("10us", Ok(1)),
-        ("0s", Ok(0)),
-        ("5", Err(())),
-        ("s", Err(())),
-        ("1d", Err(())),
-        ("", Err(())),
-    ];
-    for (text, expected) in durations {
-        assert_eq!(parse_duration_ms(text).map_err(drop), expected, "{text}");
-    }
+fn grpc_codes_by_name_or_number() {
     for (name, code) in [
         ("UNAVAILABLE", Some(14)),
         ("cancelled", Some(1)),
@@ -1245,6 +1192,343 @@ fn unsupported_fields_are_named_in_warnings() {
         assert!(
             warnings.iter().any(|w| w.starts_with(text)),
             "{text}\n{warnings:#?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admission webhook and the compiler read Istio the same way: what one admits, the other
+// compiles whole.
+// ---------------------------------------------------------------------------------------------
+
+use proptest::prelude::*;
+use trellis_api::validate::{Kind, validate_object};
+
+/// The webhook's verdict on an object built by `vs`/`dr`, with `destination_rules` being the
+/// rules of its namespace.
+fn admitted<K: serde::Serialize>(kind: Kind, object: &K, rules: &[DestinationRule]) -> bool {
+    let object = serde_json::to_value(object).unwrap();
+    let namespace = object["metadata"]["namespace"].as_str().unwrap().to_owned();
+    validate_object(kind, &object, &namespace, rules).is_ok()
+}
+
+/// Where each duration field of a VirtualService http route lands in the compiled route.
+const ROUTE_DURATIONS: &[(&str, &str)] = &[
+    ("/timeout", "/timeoutMs"),
+    ("/retries/perTryTimeout", "/retries/perTryTimeoutMs"),
+    ("/fault/delay/fixedDelay", "/fault/delay/fixedDelayMs"),
+    ("/corsPolicy/maxAge", "/cors/maxAgeMs"),
+];
+
+/// Where each duration field of a DestinationRule traffic policy lands in the compiled cluster.
+const POLICY_DURATIONS: &[(&str, &str)] = &[
+    (
+        "/loadBalancer/consistentHash/httpCookie/ttl",
+        "/lb/consistentHash/key/cookie/ttlMs",
+    ),
+    ("/outlierDetection/interval", "/outlierDetection/intervalMs"),
+    (
+        "/outlierDetection/baseEjectionTime",
+        "/outlierDetection/baseEjectionTimeMs",
+    ),
+    (
+        "/connectionPool/tcp/connectTimeout",
+        "/connectionPool/connectTimeoutMs",
+    ),
+    (
+        "/connectionPool/tcp/maxConnectionDuration",
+        "/connectionPool/maxConnectionDurationMs",
+    ),
+    (
+        "/connectionPool/tcp/idleTimeout",
+        "/connectionPool/idleTimeoutMs",
+    ),
+    (
+        "/connectionPool/tcp/tcpKeepalive/time",
+        "/connectionPool/tcpKeepalive/timeMs",
+    ),
+    (
+        "/connectionPool/http/idleTimeout",
+        "/connectionPool/idleTimeoutMs",
+    ),
+];
+
+/// An http route to `reviews` with every duration-bearing block present and `text` at
+/// `pointer`.
+fn route_with(pointer: &str, text: &str) -> Value {
+    let mut route = json!({
+        "route": [{"destination": {"host": "reviews"}}],
+        "retries": {"attempts": 2},
+        "fault": {"delay": {"fixedDelay": "1s", "percentage": {"value": 50.0}}},
+        "corsPolicy": {"allowOrigins": [{"exact": "https://a"}]},
+    });
+    set(&mut route, pointer, text);
+    route
+}
+
+/// A traffic policy with `text` at `pointer`.
+fn policy_with(pointer: &str, text: &str) -> Value {
+    let mut policy = json!({});
+    if pointer.contains("httpCookie") {
+        policy = json!({"loadBalancer": {"consistentHash": {"httpCookie": {"name": "s"}}}});
+    }
+    set(&mut policy, pointer, text);
+    policy
+}
+
+fn set(value: &mut Value, pointer: &str, text: &str) {
+    let mut at = value;
+    for key in pointer.trim_start_matches('/').split('/') {
+        at = at
+            .as_object_mut()
+            .expect("an object on the way")
+            .entry(key)
+            .or_insert_with(|| json!({}));
+    }
+    *at = json!(text);
+}
+
+/// `Ok(compiled value)` for a route duration, or `Err(why)` when the webhook and the compiler
+/// disagree; `None` when the webhook refuses the route.
+fn route_duration(field: &str, compiled_at: &str, text: &str) -> Option<Result<Value, String>> {
+    let route = route_with(field, text);
+    let object = vs(
+        "r",
+        "bookinfo",
+        "2024-01-01T00:00:00Z",
+        json!({"hosts": ["reviews"], "http": [route.clone()]}),
+    );
+    if !admitted(Kind::VirtualService, &object, &[]) {
+        return None;
+    }
+    let (compiled, warnings) = http_route_json(route);
+    Some(match compiled.pointer(compiled_at) {
+        Some(value) if warnings.is_empty() => Ok(value.clone()),
+        _ => Err(format!(
+            "{field} = {text:?} admitted, compiled {compiled} {warnings:?}"
+        )),
+    })
+}
+
+/// As [`route_duration`], for a DestinationRule's traffic policy.
+fn policy_duration(field: &str, compiled_at: &str, text: &str) -> Option<Result<Value, String>> {
+    let object = dr(
+        "r",
+        "bookinfo",
+        "2024-01-01T00:00:00Z",
+        json!({"host": "ratings", "trafficPolicy": policy_with(field, text)}),
+    );
+    if !admitted(Kind::DestinationRule, &object, &[]) {
+        return None;
+    }
+    let mut world = World::new();
+    world.destination_rules = vec![object];
+    let compiled = world.compile("bookinfo");
+    let cluster = cluster_of(&compiled, "ratings.bookinfo.svc.cluster.local", "", 0)
+        .map(|c| serde_json::to_value(c).unwrap())
+        .unwrap_or_default();
+    Some(match cluster.pointer(compiled_at) {
+        Some(value) if compiled.warnings.is_empty() => Ok(value.clone()),
+        _ => Err(format!(
+            "{field} = {text:?} admitted, compiled {cluster} {:?}",
+            compiled.warnings
+        )),
+    })
+}
+
+#[test]
+fn every_duration_field_is_admitted_and_compiled_when_plain() {
+    // Keeps the property test below honest: each base object is valid, so a generated
+    // duration decides the verdict alone.
+    for (at, compiled_at) in ROUTE_DURATIONS {
+        assert_eq!(
+            route_duration(at, compiled_at, "2s"),
+            Some(Ok(json!(2000))),
+            "{at}"
+        );
+    }
+    for (at, compiled_at) in POLICY_DURATIONS {
+        assert_eq!(
+            policy_duration(at, compiled_at, "2s"),
+            Some(Ok(json!(2000))),
+            "{at}"
+        );
+    }
+}
+
+#[test]
+fn a_cookie_ttl_the_webhook_admits_is_compiled() {
+    // Istio sets no minimum on `httpCookie.ttl` (`0s`: a session cookie) and reads it with Go's
+    // `time.ParseDuration`, which takes a lone `0`, a `+` sign and `μs`.
+    let ttl = POLICY_DURATIONS[0];
+    for (text, ms) in [
+        ("0", 0),
+        ("0s", 0),
+        ("+1s", 1000),
+        ("1μs", 1),
+        ("1.5s", 1500),
+    ] {
+        assert_eq!(
+            policy_duration(ttl.0, ttl.1, text),
+            Some(Ok(json!(ms))),
+            "{text:?}"
+        );
+    }
+    // What Istio refuses, or Trellis refuses on purpose (a negative ttl), never reaches it.
+    for text in ["-1s", "1d", "1 s", ""] {
+        assert_eq!(policy_duration(ttl.0, ttl.1, text), None, "{text:?}");
+    }
+}
+
+#[test]
+fn signed_and_micro_durations_are_kept_where_istio_admits_them() {
+    assert_eq!(
+        route_duration("/timeout", "/timeoutMs", "+1s"),
+        Some(Ok(json!(1000)))
+    );
+    assert_eq!(
+        route_duration("/timeout", "/timeoutMs", "1000μs"),
+        Some(Ok(json!(1)))
+    );
+    // Istio's `ValidateDuration`: at least 1ms, whole milliseconds.
+    for text in ["0", "0s", "999us", "1500us", "-1s"] {
+        assert_eq!(
+            route_duration("/timeout", "/timeoutMs", text),
+            None,
+            "{text:?}"
+        );
+    }
+    let idle = POLICY_DURATIONS[5];
+    assert_eq!(policy_duration(idle.0, idle.1, "0s"), Some(Ok(json!(0))));
+}
+
+#[test]
+fn a_wildcard_destination_rule_host_is_qualified_alike() {
+    // `*reviews` has no dot: Istio qualifies it in the rule's namespace like any short name, so
+    // the rule covers `myreviews` and defines its only subsets. The webhook must refuse a route
+    // to a subset the compiler will not build, and admit one it will.
+    let rule = dr(
+        "wild",
+        "bookinfo",
+        "2024-01-01T00:00:00Z",
+        json!({"host": "*reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}),
+    );
+    let mut world = World::new();
+    world
+        .services
+        .push(svc("myreviews", "bookinfo", &[("http", 9080)]));
+    world.destination_rules = vec![rule.clone()];
+    let compiled = world.compile("bookinfo");
+    for subset in ["v1", "v2"] {
+        let route = vs(
+            "r",
+            "bookinfo",
+            "2024-01-01T00:00:00Z",
+            json!({"hosts": ["myreviews"], "http": [{"route": [{"destination": {"host": "myreviews", "subset": subset}}]}]}),
+        );
+        let built = cluster_of(
+            &compiled,
+            "myreviews.bookinfo.svc.cluster.local",
+            subset,
+            9080,
+        )
+        .is_some();
+        assert_eq!(
+            admitted(Kind::VirtualService, &route, std::slice::from_ref(&rule)),
+            built,
+            "subset {subset}: the webhook's verdict and the compiled clusters disagree"
+        );
+    }
+}
+
+/// Duration strings near and around Go's syntax: signs, a lone `0`, fractions with and
+/// without digits on either side, every unit (both micro signs), units Go does not know, and
+/// several segments.
+fn duration_text() -> impl Strategy<Value = String> {
+    let number = (
+        prop::option::of(prop_oneof![0u64..10, 0u64..100_000, Just(u64::MAX)]),
+        prop::option::of(prop_oneof![Just(String::new()), "[0-9]{1,12}"]),
+    )
+        .prop_map(|(whole, fraction)| {
+            let whole = whole.map(|w| w.to_string()).unwrap_or_default();
+            match fraction {
+                Some(fraction) => format!("{whole}.{fraction}"),
+                None => whole,
+            }
+        });
+    let unit = prop::sample::select(vec![
+        "ns", "us", "µs", "μs", "ms", "s", "m", "h", "", "d", "S", " s",
+    ]);
+    let segments = prop::collection::vec((number, unit), 1..4).prop_map(|segments| {
+        segments
+            .into_iter()
+            .map(|(number, unit)| format!("{number}{unit}"))
+            .collect::<String>()
+    });
+    let sign = prop::sample::select(vec!["", "", "", "+", "-"]);
+    prop_oneof![
+        8 => (sign, segments).prop_map(|(sign, rest)| format!("{sign}{rest}")),
+        1 => prop::sample::select(vec!["0", "+0", "-0", "", "0.0", "00"]).prop_map(str::to_owned),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn whatever_the_webhook_admits_compiles_without_dropping_a_duration(
+        text in duration_text(),
+        field in 0..ROUTE_DURATIONS.len() + POLICY_DURATIONS.len(),
+    ) {
+        let outcome = match ROUTE_DURATIONS.get(field) {
+            Some((at, compiled_at)) => route_duration(at, compiled_at, &text),
+            None => {
+                let (at, compiled_at) = POLICY_DURATIONS[field - ROUTE_DURATIONS.len()];
+                policy_duration(at, compiled_at, &text)
+            }
+        };
+        if let Some(compiled) = outcome {
+            prop_assert!(compiled.is_ok(), "{}", compiled.unwrap_err());
+        }
+    }
+
+    #[test]
+    fn the_webhook_and_the_compiler_agree_on_subsets_of_generated_hosts(
+        rule_host in prop_oneof![
+            Just("*".to_owned()),
+            "[*]?[a-c]{0,3}reviews",
+            "[*]?[a-c]{0,3}reviews[.]bookinfo[.]svc[.]cluster[.]local",
+            "[*][.]bookinfo[.]svc[.]cluster[.]local",
+        ],
+        service in "[a-c]{0,3}reviews",
+        subset in prop::sample::select(vec!["v1", "v2"]),
+    ) {
+        let rule = dr(
+            "rule",
+            "bookinfo",
+            "2024-01-01T00:00:00Z",
+            json!({"host": rule_host, "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}),
+        );
+        prop_assume!(admitted(Kind::DestinationRule, &rule, &[]));
+        let mut world = World::new();
+        world.services = vec![svc(&service, "bookinfo", &[("http", 9080)])];
+        world.destination_rules = vec![rule.clone()];
+        let compiled = world.compile("bookinfo");
+        let fqdn = format!("{service}.bookinfo.svc.cluster.local");
+        let route = vs(
+            "r",
+            "bookinfo",
+            "2024-01-01T00:00:00Z",
+            json!({"hosts": [&service], "http": [{"route": [{"destination": {"host": &service, "subset": subset}}]}]}),
+        );
+        // A rule that does not cover the host builds no subset clusters, and then the webhook
+        // has nothing to check the subset against (it may be on its way): it admits.
+        let covered = cluster_of(&compiled, &fqdn, "", 9080).is_some();
+        let built = cluster_of(&compiled, &fqdn, subset, 9080).is_some();
+        prop_assert_eq!(
+            admitted(Kind::VirtualService, &route, std::slice::from_ref(&rule)),
+            built || !covered,
+            "rule host {:?}, service {:?}, subset {}", rule_host, service, subset
         );
     }
 }

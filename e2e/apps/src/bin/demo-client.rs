@@ -40,8 +40,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::sync::Semaphore;
+use trellis_api::istio::duration;
 use trellis_demo::client::{Answer, HttpClient, Mode, Outcome, Plan, attempt};
-use trellis_demo::duration::parse_duration;
 use trellis_demo::size::parse_size;
 use trellis_demo::stats::{Latency, Summary};
 
@@ -67,7 +67,7 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
     /// How long to send for (ignored with --count).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
     duration: Duration,
     /// Send exactly this many requests (at --rate) instead of --duration.
     #[arg(long)]
@@ -90,17 +90,17 @@ struct Args {
     http2: bool,
     /// Per-unit timeout (connect, answer and body; the whole stream,
     /// connection or upload).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::parse)]
     timeout: Duration,
     /// Retry one unit every 200 ms until it succeeds.
     #[arg(long)]
     until_ok: bool,
     /// Give up --until-ok after this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = duration::parse)]
     timeout_total: Duration,
     /// Keep running this long after printing the summary (so a test can still read the
     /// sidecar beside this client before the pod finishes).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = duration::parse)]
     linger: Duration,
 }
 

@@ -22,8 +22,8 @@ use clap::Parser;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use trellis_api::istio::duration;
 use trellis_demo::control::Controls;
-use trellis_demo::duration::parse_duration;
 use trellis_demo::print_json;
 use trellis_demo::server::{Identity, ServerState, serve_http, serve_tcp_echo};
 
@@ -53,7 +53,7 @@ struct Args {
     #[arg(long, env = "DEMO_DEFAULTS", default_value = "", value_parser = Controls::parse_defaults)]
     defaults: Controls,
     /// How long to drain connections after SIGTERM.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
     grace: Duration,
 }
 
