@@ -567,24 +567,6 @@ async fn publish_event(ctx: &Context, mesh: &Mesh, type_: EventType, reason: &st
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workload_ttls_from_one_minute_up_are_accepted() {
-        let cases = [
-            ("2m", Some(120)),
-            ("1m", Some(60)),
-            ("24h", Some(86_400)),
-            ("59s", None),
-            ("0s", None),
-            ("forever", None),
-        ];
-        for (text, expected) in cases {
-            let got = workload_ttl(text).ok().map(|d| d.as_secs());
-            assert_eq!(got, expected, "{text}");
-        }
-        let err = workload_ttl("30s").unwrap_err().to_string();
-        assert!(err.contains("shorter than the minimum of 60s"), "{err}");
-    }
-}
+mod fixtures;
+#[cfg(test)]
+mod tests;
