@@ -40,7 +40,7 @@ use trellis_config::authz::{
     Values,
 };
 
-use crate::capture;
+use crate::capture::Refusal;
 use crate::metrics::{TcpLabels, flags};
 use crate::state::ProxyState;
 
@@ -149,11 +149,14 @@ pub fn admit_tcp(
         Verdict::Allow => true,
         Verdict::Deny { policy } => {
             state.metrics.count_denied(&policy);
-            capture::count_refused(state, labels.clone(), flags::RBAC);
-            info!(
-                %peer, %dst, source_principal = source_principal.unwrap_or("-"), policy,
-                "connection denied by AuthorizationPolicy, closing"
-            );
+            let source = source_principal.unwrap_or("-");
+            Refusal::policy(
+                flags::RBAC,
+                format!(
+                    "connection denied by AuthorizationPolicy {policy} (source {source}), closing"
+                ),
+            )
+            .record(state, labels.clone());
             false
         }
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::forward;
 use crate::metrics::TcpLabels;
@@ -63,8 +63,11 @@ impl CaptureListener {
                         debug!(%peer, error = %e, direction, "cannot set TCP_NODELAY");
                     }
                     if let Some(dst) = redirected_destination(&stream, peer, port, direction) {
+                        // Every log line of the connection, its requests' included, carries
+                        // these fields.
+                        let span = info_span!("connection", direction, %peer, %dst);
                         let task = handle(self.state.clone(), stream, peer, dst);
-                        self.state.drain.spawn_connection(task);
+                        self.state.drain.spawn_connection(task.instrument(span));
                     }
                 }
                 Err(e) => warn!(error = %e, direction, "accept failed"),
@@ -97,10 +100,53 @@ fn redirected_destination(
     Some(dst)
 }
 
-/// Counts a connection closed before anything was relayed, with `flags` as its response flags.
-pub fn count_refused(state: &ProxyState, mut labels: TcpLabels, flags: &str) {
-    labels.response_flags = flags.into();
-    drop(state.metrics.open_connection(labels));
+/// A connection closed before anything was relayed, and why. [`Refusal::record`] is the one
+/// place where such a connection is counted (the TCP connection metrics with its response flag)
+/// and logged, for the inbound and the outbound path alike; the connection's span carries the
+/// peer and the destination.
+#[derive(Debug)]
+pub struct Refusal {
+    flags: &'static str,
+    /// A failure on the way to the upstream (logged as a warning) rather than a refusal by
+    /// policy or configuration (logged at info).
+    failure: bool,
+    reason: String,
+}
+
+impl Refusal {
+    /// Refused by policy or configuration: `REGISTRY_ONLY`, `STRICT`, no route, RBAC, a limit.
+    pub fn policy(flags: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            flags,
+            failure: false,
+            reason: reason.into(),
+        }
+    }
+
+    /// Failed on the way: no certificate, a TLS handshake, the upstream connect.
+    pub fn failure(flags: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            flags,
+            failure: true,
+            reason: reason.into(),
+        }
+    }
+
+    /// Counts the connection under `labels` with this refusal's response flags, and logs it.
+    pub fn record(self, state: &ProxyState, mut labels: TcpLabels) {
+        labels.response_flags = self.flags.into();
+        drop(state.metrics.open_connection(labels));
+        let Self {
+            flags,
+            failure,
+            reason,
+        } = self;
+        if failure {
+            warn!(flags, "{reason}");
+        } else {
+            info!(flags, "{reason}");
+        }
+    }
 }
 
 /// Relays `downstream` ⇄ `upstream` (either may be a TLS stream) under `labels` until both

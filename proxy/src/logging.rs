@@ -19,8 +19,10 @@ pub fn init(level: &str) -> anyhow::Result<LogControl> {
             fmt::layer()
                 .json()
                 .flatten_event(true)
+                // The connection's and the request's span fields (peer, destination, request
+                // id) on every line logged inside them.
                 .with_current_span(false)
-                .with_span_list(false)
+                .with_span_list(true)
                 .with_writer(std::io::stderr),
         )
         .try_init()?;

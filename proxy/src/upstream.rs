@@ -31,6 +31,7 @@ use crate::route::balance::{self, Balancer, Pick, PickInput};
 use crate::route::outlier::{OutlierTracker, Recorded};
 use crate::route::retry::Outcome;
 
+pub mod connect;
 mod dns;
 
 /// The load balancer of a service without a DestinationRule: round robin, as the proxy balanced

@@ -18,12 +18,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::debug;
 use trellis_config::SpiffeId;
 use trellis_config::proxy::{MESH_H2_ALPN, PeerAuthenticationMode, Protocol, ProxyConfig};
 
 use crate::authz;
-use crate::capture::{self, CaptureListener};
+use crate::capture::{self, CaptureListener, Refusal};
 use crate::destination;
 use crate::forward;
 use crate::http::rewind::Rewind;
@@ -95,8 +95,13 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
     let labels = labels(&state, &config, dst);
     match decide(mode, detected) {
         Action::Refuse => {
-            capture::count_refused(&state, labels, flags::NO_ROUTE);
-            info!(%peer, %dst, ?mode, ?detected, "connection without mesh mutual TLS refused (STRICT)");
+            Refusal::policy(
+                flags::NO_ROUTE,
+                format!(
+                    "connection without mesh mutual TLS refused (STRICT), first bytes {detected:?}"
+                ),
+            )
+            .record(&state, labels);
         }
         Action::Forward => {
             let declared = declared_protocol(&config, dst);
@@ -112,7 +117,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
                 };
                 http.serve(stream).await;
             } else if authz::admit_tcp(&state, &labels, peer, dst, None, None)
-                && let Some(app) = connect_app(&state, &labels, peer, dst).await
+                && let Some(app) = connect_app(&state, &labels, dst).await
             {
                 capture::serve(&state, labels, stream, app, peer, dst).await;
             }
@@ -161,8 +166,11 @@ async fn terminate(
     let tls = match tls {
         Ok(tls) => tls,
         Err(e) => {
-            capture::count_refused(state, labels, flags::NO_ROUTE);
-            warn!(%peer, %dst, error = format!("{e:#}"), "cannot terminate mesh mutual TLS, closing");
+            Refusal::failure(
+                flags::NO_ROUTE,
+                format!("cannot terminate mesh mutual TLS, closing: {e:#}"),
+            )
+            .record(state, labels);
             return;
         }
     };
@@ -175,13 +183,19 @@ async fn terminate(
     let (stream, peer_id) = match tokio::time::timeout(state.connect_timeout, handshake).await {
         Ok(Ok(accepted)) => accepted,
         Ok(Err(e)) => {
-            capture::count_refused(state, labels, flags::DOWNSTREAM_PROTOCOL_ERROR);
-            warn!(%peer, %dst, error = format!("{e:#}"), "mesh mutual TLS handshake failed");
+            Refusal::failure(
+                flags::DOWNSTREAM_PROTOCOL_ERROR,
+                format!("mesh mutual TLS handshake failed: {e:#}"),
+            )
+            .record(state, labels);
             return;
         }
         Err(_) => {
-            capture::count_refused(state, labels, flags::DOWNSTREAM_PROTOCOL_ERROR);
-            warn!(%peer, %dst, "mesh mutual TLS handshake timed out");
+            Refusal::failure(
+                flags::DOWNSTREAM_PROTOCOL_ERROR,
+                "mesh mutual TLS handshake timed out",
+            )
+            .record(state, labels);
             return;
         }
     };
@@ -219,24 +233,22 @@ async fn terminate(
         };
         http.serve(stream).await;
     } else if authz::admit_tcp(state, &labels, peer, dst, Some(&peer_id), sni.as_deref())
-        && let Some(app) = connect_app(state, &labels, peer, dst).await
+        && let Some(app) = connect_app(state, &labels, dst).await
     {
         capture::serve(state, labels, stream, app, peer, dst).await;
     }
 }
 
 /// Connects to the application from [`INBOUND_SOURCE`]; a failure is counted and logged.
-async fn connect_app(
-    state: &ProxyState,
-    labels: &TcpLabels,
-    peer: SocketAddr,
-    dst: SocketAddr,
-) -> Option<TcpStream> {
+async fn connect_app(state: &ProxyState, labels: &TcpLabels, dst: SocketAddr) -> Option<TcpStream> {
     match forward::connect(dst, Some(INBOUND_SOURCE), state.connect_timeout).await {
         Ok(app) => Some(app),
         Err(e) => {
-            capture::count_refused(state, labels.clone(), flags::UPSTREAM_FAILURE);
-            warn!(%peer, %dst, error = %e, "inbound connect to the application failed");
+            Refusal::failure(
+                flags::UPSTREAM_FAILURE,
+                format!("inbound connect to the application failed: {e}"),
+            )
+            .record(state, labels.clone());
             None
         }
     }

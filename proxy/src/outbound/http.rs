@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use http::header::{HOST, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, Version};
@@ -26,7 +25,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 use trellis_config::mesh::OutboundTrafficMode;
 use trellis_config::proxy::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConfig};
 use trellis_config::traffic::{
@@ -34,7 +33,6 @@ use trellis_config::traffic::{
 };
 
 use crate::destination::{self, Destination};
-use crate::forward;
 use crate::http::headers::{self, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION, X_TRELLIS_REASON};
 use crate::http::pool::{self, BoxedIo, Key, Pool, SendError, Wire};
 use crate::http::replay::ReplayBody;
@@ -46,8 +44,9 @@ use crate::metrics::{flags, values};
 use crate::route::retry::{self, Outcome, RetryDecision, Stop};
 use crate::route::{self, HttpDecision, RequestAttributes, Target, balance};
 use crate::state::ProxyState;
-use crate::tls::mtls::{self, MeshTls};
+use crate::tls::mtls::MeshTls;
 use crate::tls::origination;
+use crate::upstream::connect::{self, Security};
 use crate::upstream::{PickError, Picked, RequestGuard};
 
 /// One application connection to `dst`.
@@ -67,6 +66,7 @@ pub async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, 
     let service = service_fn(move |req| {
         let connection = connection.clone();
         async move { Ok::<_, Infallible>(proxy(&connection, req).await) }
+            .instrument(crate::http::request_span())
     });
     crate::http::serve_connection(&state, stream, service, "outbound").await;
 }
@@ -130,50 +130,21 @@ impl Upstream {
     }
 
     /// A new connection to the endpoint; for mutual TLS, `alpn` is the one protocol offered and
-    /// the one the endpoint must agree to.
+    /// the one the endpoint must agree to. Originated TLS offers the ALPN of the wire the pool
+    /// speaks on it.
     async fn connect(&self, alpn: &'static [u8]) -> anyhow::Result<BoxedIo> {
-        let tcp = forward::connect(self.addr, None, self.connect_timeout)
-            .await
-            .with_context(|| format!("connecting to {}", self.addr))?;
-        if let Some(origination) = &self.origination {
-            return self.originate(origination, tcp).await;
-        }
-        let Some((tls, peer)) = &self.mesh else {
-            return Ok(Box::new(tcp));
+        let security = match (&self.origination, &self.mesh) {
+            (Some(tls), _) => Security::Originate {
+                tls,
+                alpn: Some(match self.wire {
+                    Wire::Http2 => b"h2",
+                    Wire::Http1 => b"http/1.1",
+                }),
+            },
+            (None, Some((tls, peer))) => Security::Mesh { tls, peer, alpn },
+            (None, None) => Security::Plain,
         };
-        let connector = tls.connector(peer)?;
-        let handshake = connector
-            .with_alpn(vec![alpn.to_vec()])
-            .connect(mtls::server_name(&self.hostname), tcp);
-        let stream = tokio::time::timeout(self.connect_timeout, handshake)
-            .await
-            .map_err(|_| anyhow::anyhow!("mutual TLS handshake with {} timed out", self.addr))?
-            .with_context(|| {
-                format!("mutual TLS handshake with {} (expecting {peer})", self.addr)
-            })?;
-        if stream.get_ref().1.alpn_protocol() != Some(alpn) {
-            anyhow::bail!(
-                "{} did not agree to ALPN {}",
-                self.addr,
-                String::from_utf8_lossy(alpn)
-            );
-        }
-        Ok(Box::new(stream))
-    }
-}
-
-impl Upstream {
-    /// TLS origination over `tcp` (DestinationRule `tls.mode` `SIMPLE`/`MUTUAL`), offering the
-    /// ALPN of the wire the pool speaks on it.
-    async fn originate(&self, tls: &ClientTls, tcp: TcpStream) -> anyhow::Result<BoxedIo> {
-        let alpn: &[u8] = match self.wire {
-            Wire::Http2 => b"h2",
-            Wire::Http1 => b"http/1.1",
-        };
-        let stream =
-            origination::originate(tls, &self.hostname, Some(alpn), tcp, self.connect_timeout)
-                .await?;
-        Ok(Box::new(stream))
+        Ok(connect::connect(self.addr, &self.hostname, &security, self.connect_timeout).await?)
     }
 }
 
@@ -201,6 +172,7 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
     let labels = super::labels(state, found.as_ref());
     let mut record = Record::start(state.clone(), labels, &req, connection.peer);
     record.request_id = headers::ensure_request_id(req.headers_mut());
+    crate::http::record_request_id(&record.request_id);
     let plan = match route {
         Route::OutsideRegistry => {
             info!(peer = %connection.peer, dst = %connection.dst, authority,

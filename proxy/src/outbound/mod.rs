@@ -20,19 +20,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
-use trellis_config::proxy::{Endpoint, ProxyConfig};
+use tracing::{debug, warn};
+use trellis_config::proxy::{Endpoint, MESH_ALPN, ProxyConfig};
 
-use crate::capture::{self, CaptureListener};
+use crate::capture::{self, CaptureListener, Refusal};
 use crate::destination::{self, Destination};
+use crate::http::pool::{BoxedIo, ConnectionGuard};
 use crate::metrics::{TcpLabels, flags, values};
+use crate::route;
 use crate::route::{ConnectionAttributes, Target};
 use crate::sniff::{self, Sniffed};
 use crate::state::ProxyState;
-use crate::tls::mtls::{self, MeshTls};
+use crate::tls::mtls::MeshTls;
 use crate::tls::origination;
+use crate::upstream::connect::{self, Security};
 use crate::upstream::{PickError, Picked};
-use crate::{forward, route};
 
 pub mod http;
 mod sni;
@@ -86,53 +88,78 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         }
     }
     let mut labels = labels(&state, found.as_ref());
-    if !destination::outbound_allowed(&config, found.as_ref()) {
-        capture::count_refused(&state, labels, flags::NO_ROUTE);
-        info!(%peer, %dst, "outbound destination not in the registry, closing (REGISTRY_ONLY)");
-        return;
+    match connect_upstream(&state, &config, found.as_ref(), &stream, dst, &mut labels).await {
+        Ok((upstream, addr, _admitted)) => {
+            capture::serve(&state, labels, stream, upstream, peer, addr).await;
+        }
+        Err(refusal) => refusal.record(&state, labels),
     }
-    let target = match &found {
+}
+
+/// The upstream connection for an opaque TCP connection to `dst` (`found` when it is a known
+/// destination), secured as the endpoint needs, with its address and the admission that counts
+/// against the cluster's `tcp.maxConnections` for the connection's life. `labels` gain the
+/// service and the security the connection gets.
+async fn connect_upstream(
+    state: &ProxyState,
+    config: &ProxyConfig,
+    found: Option<&Destination<'_>>,
+    stream: &TcpStream,
+    dst: SocketAddr,
+    labels: &mut TcpLabels,
+) -> Result<(BoxedIo, SocketAddr, Option<ConnectionGuard>), Refusal> {
+    if !destination::outbound_allowed(config, found) {
+        return Err(Refusal::policy(
+            flags::NO_ROUTE,
+            "outbound destination not in the registry, closing (REGISTRY_ONLY)",
+        ));
+    }
+    let target = match found {
         None => None,
-        Some(found) => match l4_target(&state, &config, found, dst, &stream).await {
+        Some(found) => match l4_target(state, config, found, dst, stream).await {
             Ok(target) => Some(target),
             Err(host) => {
-                capture::count_refused(&state, labels, flags::NO_CLUSTER_FOUND);
-                info!(%peer, %dst, host, "route destination has no service, closing");
-                return;
+                return Err(Refusal::policy(
+                    flags::NO_CLUSTER_FOUND,
+                    format!("route destination {host} has no service, closing"),
+                ));
             }
         },
     };
     if let Some(target) = &target {
         let hostname = target.service.hostnames.first().map_or("", String::as_str);
-        labels = labels.with_service(hostname, &target.service.namespace);
+        *labels = labels
+            .clone()
+            .with_service(hostname, &target.service.namespace);
         labels.destination_workload_namespace = labels.destination_service_namespace.clone();
     }
-    let picked = match (&found, &target) {
-        (Some(found), Some(target)) => match pick_tcp(&state, target, found, dst) {
+    let picked = match (found, &target) {
+        (Some(found), Some(target)) => match pick_tcp(state, target, found, dst) {
             Some(picked) => Some(picked),
             None => {
-                capture::count_refused(&state, labels, flags::NO_HEALTHY_UPSTREAM);
-                info!(%peer, %dst, service = found.hostname(), "no ready endpoint, closing");
-                return;
+                return Err(Refusal::policy(
+                    flags::NO_HEALTHY_UPSTREAM,
+                    format!("no ready endpoint of {}, closing", found.hostname()),
+                ));
             }
         },
         _ => None,
     };
-    // Held for the connection's life: it counts against the cluster's `tcp.maxConnections`.
-    let _admitted = match picked.as_ref().map(Picked::admit_connection).transpose() {
-        Ok(admitted) => admitted,
-        Err(overflow) => {
-            capture::count_refused(&state, labels, flags::UPSTREAM_OVERFLOW);
-            info!(%peer, %dst, %overflow, "connection limit reached, closing");
-            return;
-        }
-    };
+    let admitted = picked
+        .as_ref()
+        .map(Picked::admit_connection)
+        .transpose()
+        .map_err(|overflow| {
+            Refusal::policy(
+                flags::UPSTREAM_OVERFLOW,
+                format!("connection limit reached ({overflow}), closing"),
+            )
+        })?;
     let upstream = picked.as_ref().map_or(dst, |p| p.addr);
     let endpoint = picked.as_ref().and_then(|p| p.endpoint);
     let connect_timeout = picked
         .as_ref()
         .map_or(state.connect_timeout, Picked::connect_timeout);
-
     let hostname = target
         .as_ref()
         .and_then(|t| t.service.hostnames.first())
@@ -142,71 +169,50 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         .and_then(|t| t.cluster)
         .and_then(|c| c.tls.as_ref());
     let mesh = if origination::mesh_tls_allowed(cluster_tls) {
-        mesh_peer(&state, &config, endpoint, upstream.port())
+        mesh_peer(state, config, endpoint, upstream.port()).map_err(|e| {
+            Refusal::failure(
+                flags::UPSTREAM_FAILURE,
+                format!("mutual TLS to {upstream} unavailable: {e:#}"),
+            )
+        })?
     } else {
-        Ok(None)
+        None
     };
-    let mesh = match mesh {
-        Ok(mesh) => mesh,
-        Err(e) => {
-            capture::count_refused(&state, labels, flags::UPSTREAM_FAILURE);
-            warn!(%peer, %dst, %upstream, error = format!("{e:#}"), "mutual TLS unavailable");
-            return;
-        }
-    };
-    let tcp = match forward::connect(upstream, None, connect_timeout).await {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            capture::count_refused(&state, labels, flags::UPSTREAM_FAILURE);
-            warn!(%peer, %dst, %upstream, error = %e, "outbound upstream connect failed");
-            return;
-        }
-    };
-    let Some((tls, peer_id)) = mesh else {
-        labels.connection_security_policy = values::plaintext();
-        match cluster_tls.filter(|tls| origination::originates(tls)) {
-            // DestinationRule `tls.mode` SIMPLE/MUTUAL: the application's bytes go inside TLS
-            // the proxy originates (egress TLS origination for a TCP port).
-            Some(origination) => {
-                match origination::originate(origination, hostname, None, tcp, connect_timeout)
-                    .await
-                {
-                    Ok(tls_stream) => {
-                        debug!(%peer, %upstream, "TLS originated");
-                        capture::serve(&state, labels, stream, tls_stream, peer, upstream).await;
-                    }
-                    Err(e) => {
-                        capture::count_refused(&state, labels, flags::UPSTREAM_FAILURE);
-                        warn!(%peer, %upstream, error = format!("{e:#}"), "TLS origination failed");
-                    }
-                }
+    let security = match (
+        &mesh,
+        cluster_tls.filter(|tls| origination::originates(tls)),
+    ) {
+        (Some((tls, peer_id)), _) => {
+            labels.source_principal = tls.local_id().to_string().into();
+            labels.destination_principal = (*peer_id).into();
+            labels.connection_security_policy = values::mutual_tls();
+            Security::Mesh {
+                tls,
+                peer: peer_id,
+                alpn: MESH_ALPN,
             }
-            None => capture::serve(&state, labels, stream, tcp, peer, upstream).await,
         }
-        return;
+        // DestinationRule `tls.mode` SIMPLE/MUTUAL: the application's bytes go inside TLS the
+        // proxy originates (egress TLS origination for a TCP port).
+        (None, Some(tls)) => {
+            labels.connection_security_policy = values::plaintext();
+            Security::Originate { tls, alpn: None }
+        }
+        (None, None) => {
+            labels.connection_security_policy = values::plaintext();
+            Security::Plain
+        }
     };
-    labels.source_principal = tls.local_id().to_string().into();
-    labels.destination_principal = peer_id.into();
-    labels.connection_security_policy = values::mutual_tls();
-    let handshake = async {
-        let connector = tls.connector(peer_id)?;
-        let name = mtls::server_name(hostname);
-        anyhow::Ok(connector.connect(name, tcp).await?)
-    };
-    match tokio::time::timeout(connect_timeout, handshake).await {
-        Ok(Ok(tls_stream)) => {
-            debug!(%peer, %upstream, peer_id, "mutual TLS established");
-            capture::serve(&state, labels, stream, tls_stream, peer, upstream).await;
-        }
-        Ok(Err(e)) => {
-            capture::count_refused(&state, labels, flags::UPSTREAM_FAILURE);
-            warn!(%peer, %upstream, expected = peer_id, error = format!("{e:#}"), "mutual TLS handshake with the endpoint failed");
-        }
-        Err(_) => {
-            capture::count_refused(&state, labels, flags::UPSTREAM_FAILURE);
-            warn!(%peer, %upstream, expected = peer_id, "mutual TLS handshake with the endpoint timed out");
-        }
-    }
+    let connection = connect::connect(upstream, hostname, &security, connect_timeout)
+        .await
+        .map_err(|e| {
+            Refusal::failure(
+                flags::UPSTREAM_FAILURE,
+                format!("outbound upstream connection failed: {e}"),
+            )
+        })?;
+    debug!(%upstream, "upstream connected");
+    Ok((connection, upstream, admitted))
 }
 
 /// The cluster an opaque connection to `found` goes to. For a VIP with a VirtualService: the
