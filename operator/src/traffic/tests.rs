@@ -1,4 +1,10 @@
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use kube::ResourceExt;
 use serde_json::{Value, json};
+use trellis_config::proxy::Protocol;
+use trellis_config::traffic::{Cluster, HttpAction, Location, Resolution, StringMatch, TlsMode};
 
 use super::*;
 
