@@ -185,8 +185,8 @@ bench-profile:
 # a somewhat lower execution rate.
 .PHONY: fuzz
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := sniff config_snapshot certificate_request admission_review path_normalize \
-                authz_evaluate
+FUZZ_TARGETS := sniff client_hello config_snapshot certificate_request admission_review \
+                path_normalize authz_evaluate
 FUZZ_WORK    := $(TARGET_DIR)/fuzz
 
 fuzz:

@@ -1,4 +1,5 @@
-//! Fuzzes the inbound and outbound protocol sniffers: `classify` (mesh TLS ClientHello) and
+//! Fuzzes the inbound and outbound protocol sniffers: `classify` (mesh TLS ClientHello, over the
+//! ClientHello parser `fuzz_targets/client_hello.rs` fuzzes on its own) and
 //! `classify_http` (HTTP/1.x request line, HTTP/2 preface) must answer for any bytes, and a
 //! final answer must stay final when more bytes arrive, as `detect`/`detect_protocol` rely on
 //! when they re-peek a growing buffer and stop at the first final answer.
@@ -7,8 +8,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use trellis_proxy::sniff::{
-    Detected, HttpParse, PEEK_LIMIT, Parse, REQUEST_LINE_LIMIT, classify, classify_http,
+    Detected, HttpParse, Parse, REQUEST_LINE_LIMIT, classify, classify_http,
 };
+use trellis_proxy::tls::client_hello::PEEK_LIMIT;
 
 /// Appended to a classified prefix: a TLS record start, a CRLF and text, so neither sniffer can
 /// mistake it for the end of what it was parsing.

@@ -2,12 +2,15 @@
 //!
 //! - on the inbound side, a sidecar's mutual TLS (a TLS ClientHello whose ALPN list offers
 //!   [`MESH_ALPN`] or [`MESH_H2_ALPN`]) from everything else ([`detect`], [`classify`]);
+//! - on the outbound side, the server name (SNI) of the application's own TLS ClientHello, for
+//!   VirtualService `tls` routes and services found by name ([`server_name`]);
 //! - on ports whose protocol is not declared, HTTP (an HTTP/1.x request line or the HTTP/2
 //!   preface) from opaque TCP ([`detect_protocol`], [`read_protocol`], [`classify_http`]),
 //!   within [`FIRST_BYTE_TIMEOUT`] so a server-speaks-first protocol is never stalled.
 //!
-//! The parsers are written by hand and defensively: any input, however short or malformed, gives
-//! an answer and never a panic.
+//! The ClientHello is parsed by [`crate::tls::client_hello`]; the request-line parser here is
+//! written by hand and defensively: any input, however short or malformed, gives an answer and
+//! never a panic.
 
 use std::io;
 use std::time::Duration;
@@ -17,6 +20,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use trellis_config::proxy::{MESH_ALPN, MESH_H2_ALPN};
 
+use crate::tls::client_hello::{self, PEEK_LIMIT};
+
 /// How long the first byte may take. Our outbound side sends its ClientHello in the same flight
 /// as the TCP handshake's last ACK, so this only bounds a lost-segment retransmit (Linux's
 /// minimum RTO is 200 ms); it is also the delay a server-speaks-first protocol sees before its
@@ -24,19 +29,11 @@ use trellis_config::proxy::{MESH_ALPN, MESH_H2_ALPN};
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a ClientHello that has started may take to arrive whole.
 pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Between two peeks of an incomplete ClientHello (a peek returns the queued bytes at once, so
+/// Between two peeks of an incomplete prefix (a peek returns the queued bytes at once, so
 /// waiting for more cannot rely on readiness).
 const REPEEK_INTERVAL: Duration = Duration::from_millis(5);
 
 const CONTENT_TYPE_HANDSHAKE: u8 = 22;
-const HANDSHAKE_CLIENT_HELLO: u8 = 1;
-const EXTENSION_ALPN: u16 = 16;
-const RECORD_HEADER: usize = 5;
-/// Largest plaintext TLS record (RFC 8446 §5.1).
-const MAX_RECORD: usize = 1 << 14;
-/// At most this much is peeked: one full record. A ClientHello longer than that (none of ours,
-/// which are a few hundred bytes) is not mesh TLS.
-pub const PEEK_LIMIT: usize = RECORD_HEADER + MAX_RECORD;
 
 /// What the first bytes of an inbound connection are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,109 +55,97 @@ pub enum Parse {
     Done(Detected),
 }
 
-/// Peeks at `stream` until its first bytes are classified; nothing is consumed.
-pub async fn detect(stream: &TcpStream) -> io::Result<Detected> {
-    let mut buf = vec![0u8; PEEK_LIMIT];
-    let n = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut buf)).await {
-        Err(_) => return Ok(Detected::Silent),
+/// What peeking until an answer gave.
+enum Peeked<T> {
+    /// The bytes peeked were enough to answer.
+    Answer(T),
+    /// The connection closed, the prefix outgrew the peek buffer or took too long to complete.
+    NoAnswer,
+    /// Nothing within [`FIRST_BYTE_TIMEOUT`].
+    Silent,
+}
+
+/// Peeks at `stream`, at most `limit` bytes, until `answer` (`None`: need more bytes) answers
+/// for its first bytes; nothing is consumed. Once the first bytes are in, the rest may take
+/// `patience`.
+async fn peek_until<T>(
+    stream: &TcpStream,
+    limit: usize,
+    patience: Duration,
+    mut answer: impl FnMut(&[u8]) -> Option<T>,
+) -> io::Result<Peeked<T>> {
+    let mut buf = vec![0u8; limit];
+    let mut n = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut buf)).await {
+        Err(_) => return Ok(Peeked::Silent),
         Ok(peeked) => peeked?,
     };
-    let deadline = Instant::now() + CLIENT_HELLO_TIMEOUT;
-    let mut n = n;
+    let deadline = Instant::now() + patience;
     loop {
         if n == 0 {
-            return Ok(Detected::Other);
+            return Ok(Peeked::NoAnswer);
         }
-        match classify(&buf[..n]) {
-            Parse::Done(detected) => return Ok(detected),
-            Parse::NeedMore if n == buf.len() || Instant::now() >= deadline => {
-                return Ok(Detected::Other);
-            }
-            Parse::NeedMore => {
-                tokio::time::sleep(REPEEK_INTERVAL).await;
-                n = stream.peek(&mut buf).await?;
-            }
+        if let Some(answer) = answer(&buf[..n]) {
+            return Ok(Peeked::Answer(answer));
         }
+        if n == buf.len() || Instant::now() >= deadline {
+            return Ok(Peeked::NoAnswer);
+        }
+        tokio::time::sleep(REPEEK_INTERVAL).await;
+        n = stream.peek(&mut buf).await?;
     }
 }
 
-/// Classifies the first bytes of a connection. Handshake messages may span several records;
-/// they are reassembled.
+/// Peeks at `stream` until its first bytes are classified; nothing is consumed.
+pub async fn detect(stream: &TcpStream) -> io::Result<Detected> {
+    let peeked = peek_until(
+        stream,
+        PEEK_LIMIT,
+        CLIENT_HELLO_TIMEOUT,
+        |bytes| match classify(bytes) {
+            Parse::NeedMore => None,
+            Parse::Done(detected) => Some(detected),
+        },
+    );
+    Ok(match peeked.await? {
+        Peeked::Answer(detected) => detected,
+        Peeked::NoAnswer => Detected::Other,
+        Peeked::Silent => Detected::Silent,
+    })
+}
+
+/// Classifies the first bytes of a connection: mesh TLS is a ClientHello offering a mesh ALPN.
 pub fn classify(bytes: &[u8]) -> Parse {
-    let mut message = Vec::new();
-    let mut rest = bytes;
-    loop {
-        let Some(&content_type) = rest.first() else {
-            return Parse::NeedMore;
-        };
-        if content_type != CONTENT_TYPE_HANDSHAKE {
-            return Parse::Done(Detected::Other);
-        }
-        // Record layer version: 3.x for every TLS version (TLS 1.3 still writes 3.1 or 3.3).
-        if rest.get(1).is_some_and(|&major| major != 3) {
-            return Parse::Done(Detected::Other);
-        }
-        let Some(header) = rest.get(..RECORD_HEADER) else {
-            return Parse::NeedMore;
-        };
-        let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if length == 0 || length > MAX_RECORD {
-            return Parse::Done(Detected::Other);
-        }
-        let Some(fragment) = rest.get(RECORD_HEADER..RECORD_HEADER + length) else {
-            return Parse::NeedMore;
-        };
-        message.extend_from_slice(fragment);
-        rest = &rest[RECORD_HEADER + length..];
-
-        if let Some(&kind) = message.first()
-            && kind != HANDSHAKE_CLIENT_HELLO
-        {
-            return Parse::Done(Detected::Other);
-        }
-        if let Some(len) = message.get(1..4) {
-            let body_len =
-                usize::from(len[0]) << 16 | usize::from(len[1]) << 8 | usize::from(len[2]);
-            if body_len > PEEK_LIMIT {
-                return Parse::Done(Detected::Other);
-            }
-            if let Some(body) = message.get(4..4 + body_len) {
-                return Parse::Done(match offers_mesh_alpn(body) {
-                    Some(true) => Detected::MeshTls,
-                    Some(false) | None => Detected::Other,
-                });
-            }
-        }
+    let mut scratch = Vec::new();
+    match client_hello::parse(bytes, &mut scratch) {
+        client_hello::Parse::NeedMore => Parse::NeedMore,
+        client_hello::Parse::NotClientHello => Parse::Done(Detected::Other),
+        client_hello::Parse::ClientHello(hello) => Parse::Done(
+            if hello.alpn().any(|p| p == MESH_ALPN || p == MESH_H2_ALPN) {
+                Detected::MeshTls
+            } else {
+                Detected::Other
+            },
+        ),
     }
 }
 
-/// Whether a ClientHello body (RFC 8446 §4.1.2) offers a mesh ALPN; `None` if malformed.
-fn offers_mesh_alpn(body: &[u8]) -> Option<bool> {
-    let mut hello = Reader(body);
-    hello.take(2)?; // legacy_version
-    hello.take(32)?; // random
-    hello.vec8()?; // legacy_session_id
-    hello.vec16()?; // cipher_suites
-    hello.vec8()?; // legacy_compression_methods
-    if hello.0.is_empty() {
-        return Some(false); // TLS ≤ 1.2 without extensions
-    }
-    let mut extensions = Reader(hello.vec16()?);
-    while !extensions.0.is_empty() {
-        let kind = extensions.u16()?;
-        let data = extensions.vec16()?;
-        if kind == EXTENSION_ALPN {
-            let mut names = Reader(Reader(data).vec16()?);
-            while !names.0.is_empty() {
-                let name = names.vec8()?;
-                if name == MESH_ALPN || name == MESH_H2_ALPN {
-                    return Some(true);
-                }
+/// Peeks at `stream` until its ClientHello's server name is known, in lower case; `None` for a
+/// connection that is not TLS, names no server, or stays silent for [`FIRST_BYTE_TIMEOUT`].
+pub async fn server_name(stream: &TcpStream) -> io::Result<Option<String>> {
+    let peeked = peek_until(stream, PEEK_LIMIT, CLIENT_HELLO_TIMEOUT, |bytes| {
+        let mut scratch = Vec::new();
+        match client_hello::parse(bytes, &mut scratch) {
+            client_hello::Parse::NeedMore => None,
+            client_hello::Parse::NotClientHello => Some(None),
+            client_hello::Parse::ClientHello(hello) => {
+                Some(hello.server_name().map(str::to_ascii_lowercase))
             }
-            return Some(false);
         }
-    }
-    Some(false)
+    });
+    Ok(match peeked.await? {
+        Peeked::Answer(name) => name,
+        Peeked::NoAnswer | Peeked::Silent => None,
+    })
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -265,27 +250,20 @@ fn is_tchar(b: u8) -> bool {
 /// [`FIRST_BYTE_TIMEOUT`], a request line not complete within [`REQUEST_LINE_TIMEOUT`] or longer
 /// than [`REQUEST_LINE_LIMIT`] are opaque.
 pub async fn detect_protocol(stream: &TcpStream) -> io::Result<Sniffed> {
-    let mut buf = vec![0u8; REQUEST_LINE_LIMIT];
-    let mut n = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut buf)).await {
-        Err(_) => return Ok(Sniffed::Opaque),
-        Ok(peeked) => peeked?,
-    };
-    let deadline = Instant::now() + REQUEST_LINE_TIMEOUT;
-    loop {
-        if n == 0 {
-            return Ok(Sniffed::Opaque);
-        }
-        match classify_http(&buf[..n]) {
-            HttpParse::Done(sniffed) => return Ok(sniffed),
-            HttpParse::NeedMore if n == buf.len() || Instant::now() >= deadline => {
-                return Ok(Sniffed::Opaque);
-            }
-            HttpParse::NeedMore => {
-                tokio::time::sleep(REPEEK_INTERVAL).await;
-                n = stream.peek(&mut buf).await?;
-            }
-        }
-    }
+    let peeked =
+        peek_until(
+            stream,
+            REQUEST_LINE_LIMIT,
+            REQUEST_LINE_TIMEOUT,
+            |bytes| match classify_http(bytes) {
+                HttpParse::NeedMore => None,
+                HttpParse::Done(sniffed) => Some(sniffed),
+            },
+        );
+    Ok(match peeked.await? {
+        Peeked::Answer(sniffed) => sniffed,
+        Peeked::NoAnswer | Peeked::Silent => Sniffed::Opaque,
+    })
 }
 
 /// [`detect_protocol`] for a stream that cannot be peeked (decrypted TLS): the bytes read to
@@ -320,72 +298,14 @@ where
     }
 }
 
-/// A cursor over bytes whose every read is bounds-checked.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Some(head)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    /// A vector with a one-byte length prefix.
-    fn vec8(&mut self) -> Option<&'a [u8]> {
-        let len = usize::from(*self.take(1)?.first()?);
-        self.take(len)
-    }
-
-    /// A vector with a two-byte length prefix.
-    fn vec16(&mut self) -> Option<&'a [u8]> {
-        let len = usize::from(self.u16()?);
-        self.take(len)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    use rustls::pki_types::ServerName;
-    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+    use crate::tls::client_hello::tests::client_hello as hello_to;
 
     /// The first flight of a real rustls client offering `alpn`.
     fn client_hello(alpn: &[&[u8]]) -> Vec<u8> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(RootCertStore::empty())
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let name = ServerName::try_from("reviews.demo.svc.cluster.local").unwrap();
-        let mut connection = ClientConnection::new(Arc::new(config), name).unwrap();
-        let mut out = Vec::new();
-        while connection.wants_write() {
-            connection.write_tls(&mut out).unwrap();
-        }
-        out
-    }
-
-    /// Splits one-record `hello` into two records at `at` bytes into its fragment.
-    fn split_record(hello: &[u8], at: usize) -> Vec<u8> {
-        let fragment = &hello[RECORD_HEADER..];
-        let mut out = Vec::new();
-        for part in [&fragment[..at], &fragment[at..]] {
-            out.extend_from_slice(&[22, 3, 1]);
-            out.extend_from_slice(&u16::try_from(part.len()).unwrap().to_be_bytes());
-            out.extend_from_slice(part);
-        }
-        out
+        hello_to("Reviews.demo.svc.cluster.local", alpn)
     }
 
     #[test]
@@ -412,72 +332,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn every_truncation_of_a_client_hello_needs_more() {
-        let hello = client_hello(&[MESH_ALPN]);
-        for end in 0..hello.len() {
-            assert_eq!(classify(&hello[..end]), Parse::NeedMore, "prefix of {end}");
-        }
-    }
-
-    #[test]
-    fn reassembles_a_client_hello_split_across_records() {
-        let hello = client_hello(&[MESH_ALPN]);
-        for at in [1, 3, 4, 40, hello.len() - RECORD_HEADER - 1] {
-            let split = split_record(&hello, at);
-            assert_eq!(classify(&split), Parse::Done(Detected::MeshTls), "{at}");
-            for end in 0..split.len() {
-                assert_eq!(classify(&split[..end]), Parse::NeedMore, "{at} {end}");
-            }
-        }
-    }
-
-    #[test]
-    fn plaintext_and_garbage_are_other_at_once() {
-        for bytes in [
-            &b"GET / HTTP/1.1\r\n"[..],
-            b"PRI * HTTP/2.0\r\n",
-            b"\x00",
-            b"\x16\x02",                                 // record version 2.x
-            b"\x16\x03\x01\x00\x00",                     // empty record
-            b"\x16\x03\x01\xff\xff",                     // record longer than 2^14
-            b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",     // a ServerHello, not a ClientHello
-            b"\x16\x03\x01\x00\x04\x01\xff\xff\xff",     // a ClientHello longer than we peek
-            b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00", // a body that does not parse
-        ] {
-            assert_eq!(classify(bytes), Parse::Done(Detected::Other), "{bytes:?}");
-        }
-    }
-
-    #[test]
-    fn corrupted_client_hellos_never_panic() {
-        let hello = client_hello(&[MESH_ALPN, b"h2"]);
-        // Every single-byte corruption at every position, with a few values.
-        for position in 0..hello.len() {
-            for value in [0x00, 0x01, 0x7f, 0x80, 0xff] {
-                let mut bad = hello.clone();
-                bad[position] = value;
-                let _ = classify(&bad);
-                let _ = classify(&bad[..position]);
-            }
-        }
-        // Pseudo-random inputs that start like a handshake record.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        for _ in 0..2_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let len = (seed % 300) as usize;
-            let mut bytes: Vec<u8> = (0..len)
-                .map(|i| (seed.rotate_left(i as u32 % 64) & 0xff) as u8)
-                .collect();
-            if bytes.len() > 5 {
-                bytes[..3].copy_from_slice(&[22, 3, 3]);
-            }
-            let _ = classify(&bytes);
-        }
-    }
-
     #[tokio::test]
     async fn detect_peeks_without_consuming_and_times_out_on_silence() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -502,6 +356,11 @@ mod tests {
         };
         assert_eq!(detect(&server).await.unwrap(), Detected::MeshTls);
         let _client = writer.await.unwrap();
+        assert_eq!(
+            server_name(&server).await.unwrap().as_deref(),
+            Some("reviews.demo.svc.cluster.local"),
+            "the server name, in lower case"
+        );
         let mut read = vec![0u8; hello.len()];
         server.read_exact(&mut read).await.unwrap();
         assert_eq!(read, hello, "nothing was consumed");

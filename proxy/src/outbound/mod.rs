@@ -7,9 +7,9 @@
 //! Istio's listener per port does.
 //!
 //! A VIP whose service port has a VirtualService follows its `tls` routes (by the ClientHello's
-//! SNI, see [`sni`]) and `tcp` routes: the chosen weighted destination's cluster gives the
-//! endpoint. A cluster whose DestinationRule sets `tls.mode` `SIMPLE` or `MUTUAL` gets TLS the
-//! proxy originates instead of the mesh's mutual TLS.
+//! SNI, see [`sniff::server_name`]) and `tcp` routes: the chosen weighted destination's cluster
+//! gives the endpoint. A cluster whose DestinationRule sets `tls.mode` `SIMPLE` or `MUTUAL` gets
+//! TLS the proxy originates instead of the mesh's mutual TLS.
 //!
 //! HTTP connections (the service port declares `http`, `http2` or `grpc`; or, with no declared
 //! protocol, the first bytes are HTTP) are handed to [`crate::outbound::http`], which chooses the
@@ -37,7 +37,6 @@ use crate::upstream::connect::{self, Security};
 use crate::upstream::{PickError, Picked};
 
 pub mod http;
-mod sni;
 
 pub struct Outbound(CaptureListener);
 
@@ -81,7 +80,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
         return;
     }
     if sniffed == Some(Sniffed::Tls) {
-        match sni::peek(&stream).await {
+        match sniff::server_name(&stream).await {
             Ok(Some(name)) => found = destination::lookup_host(&config, &name, dst.port()),
             Ok(None) => {}
             Err(e) => debug!(error = %e, "connection failed before its ClientHello"),
@@ -239,7 +238,7 @@ async fn l4_target<'a>(
     };
     let mut destinations = None;
     if !table.tls.is_empty() {
-        match sni::peek(stream).await {
+        match sniff::server_name(stream).await {
             Ok(Some(name)) => {
                 destinations =
                     route::match_tls(config, found, &name, &connection).map(|r| &r.route);
