@@ -578,10 +578,9 @@ async fn healthz_and_bad_controls() {
 
 #[tokio::test]
 async fn cluster_dns_answers_udp_and_tcp() {
-    use trellis_demo::dns::{
-        RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, TYPE_A, TYPE_AAAA, build_query,
-        parse_response,
-    };
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::RecordType;
+    use trellis_demo::dns::{a_records, build_query};
     let dns = Proc::start(
         env!("CARGO_BIN_EXE_cluster-dns"),
         &[
@@ -597,10 +596,10 @@ async fn cluster_dns_answers_udp_and_tcp() {
     );
     let addr = dns.addr("addr");
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let ask = |name: &'static str, qtype: u16| {
+    let ask = |name: &'static str, qtype: RecordType| {
         let sock = &sock;
         async move {
-            sock.send_to(&build_query(42, name, qtype), addr)
+            sock.send_to(&build_query(42, name, qtype).unwrap(), addr)
                 .await
                 .unwrap();
             let mut buf = [0u8; 600];
@@ -608,38 +607,60 @@ async fn cluster_dns_answers_udp_and_tcp() {
                 .await
                 .unwrap()
                 .unwrap();
-            parse_response(&buf[..n]).unwrap()
+            Message::from_vec(&buf[..n]).unwrap()
         }
     };
-    let r = ask("web.demo.svc.cluster.local", TYPE_A).await;
-    assert_eq!((r.id, r.rcode), (42, RCODE_NOERROR));
+    let r = ask("web.demo.svc.cluster.local", RecordType::A).await;
     assert_eq!(
-        r.addrs,
+        (r.metadata.id, r.metadata.response_code),
+        (42, ResponseCode::NoError)
+    );
+    assert_eq!(
+        a_records(&r),
         vec!["10.96.0.7".parse::<std::net::Ipv4Addr>().unwrap()]
     );
-    let r = ask("web.demo.svc.cluster.local", TYPE_AAAA).await;
-    assert_eq!((r.rcode, r.answer_count), (RCODE_NOERROR, 0));
+    let r = ask("web.demo.svc.cluster.local", RecordType::AAAA).await;
     assert_eq!(
-        ask("web.demo.svc.cluster.local.demo.svc.cluster.local", TYPE_A)
-            .await
-            .rcode,
-        RCODE_NXDOMAIN
+        (r.metadata.response_code, r.answers.len()),
+        (ResponseCode::NoError, 0)
     );
-    assert_eq!(ask("example.com", TYPE_A).await.rcode, RCODE_REFUSED);
+    assert_eq!(
+        ask(
+            "web.demo.svc.cluster.local.demo.svc.cluster.local",
+            RecordType::A
+        )
+        .await
+        .metadata
+        .response_code,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(
+        ask("example.com", RecordType::A)
+            .await
+            .metadata
+            .response_code,
+        ResponseCode::Refused
+    );
     // Garbage gets no answer but does not hurt the server.
     sock.send_to(&[1, 2, 3], addr).await.unwrap();
     assert_eq!(
-        ask("web.demo.svc.cluster.local", TYPE_A).await.rcode,
-        RCODE_NOERROR
+        ask("web.demo.svc.cluster.local", RecordType::A)
+            .await
+            .metadata
+            .response_code,
+        ResponseCode::NoError
     );
 
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let q = build_query(7, "WEB.demo.svc.cluster.local", TYPE_A);
+    let q = build_query(7, "WEB.demo.svc.cluster.local", RecordType::A).unwrap();
     tcp.write_u16(q.len() as u16).await.unwrap();
     tcp.write_all(&q).await.unwrap();
     let len = tcp.read_u16().await.unwrap();
     let mut resp = vec![0u8; usize::from(len)];
     tcp.read_exact(&mut resp).await.unwrap();
-    let r = parse_response(&resp).unwrap();
-    assert_eq!((r.id, r.rcode, r.addrs.len()), (7, RCODE_NOERROR, 1));
+    let r = Message::from_vec(&resp).unwrap();
+    assert_eq!(
+        (r.metadata.id, r.metadata.response_code, a_records(&r).len()),
+        (7, ResponseCode::NoError, 1)
+    );
 }

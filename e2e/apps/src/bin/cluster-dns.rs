@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
+use hickory_proto::op::Message;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
@@ -26,7 +27,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use trellis_demo::dns::{ServiceLookup, handle_packet, parse_query};
+use trellis_demo::dns::{ServiceLookup, handle_packet};
 use trellis_demo::print_json;
 
 #[derive(Debug, Parser)]
@@ -182,10 +183,17 @@ impl Ctx {
     fn answer(&self, packet: &[u8], max_len: usize, peer: SocketAddr) -> Option<Vec<u8>> {
         let resp = handle_packet(packet, &self.domain, &self.lookup, self.ttl, max_len);
         if self.log {
-            let name = parse_query(packet).map(|q| (q.name(), q.qtype)).ok();
-            let rcode = resp.as_ref().and_then(|r| r.get(3)).map(|b| b & 0x0F);
+            let query = Message::from_vec(packet)
+                .ok()
+                .and_then(|m| m.queries.into_iter().next());
+            let name = query.as_ref().map(|q| q.name().to_lowercase().to_string());
+            let qtype = query.map(|q| u16::from(q.query_type()));
+            let rcode = resp
+                .as_deref()
+                .and_then(|r| Message::from_vec(r).ok())
+                .map(|r| u16::from(r.metadata.response_code));
             print_json(
-                &json!({"peer": peer.to_string(), "q": name.as_ref().map(|n| &n.0), "type": name.map(|n| n.1), "rcode": rcode}),
+                &json!({"peer": peer.to_string(), "q": name, "type": qtype, "rcode": rcode}),
             );
         }
         resp
