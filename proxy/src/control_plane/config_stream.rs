@@ -9,14 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use futures::StreamExt;
+use http_body_util::Full;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use trellis_config::protocol::{ControlMessage, POD_NAME_HEADER, PROXY_VERSION_HEADER};
 use trellis_config::wellknown::CONFIG_STREAM_PATH;
 
 use super::backoff::Backoff;
-use super::ndjson::LineSplitter;
+use super::ndjson::{self, Line};
 use super::{ControlPlane, error_from};
 use crate::identity::Identity;
 use crate::state::ProxyState;
@@ -97,32 +98,33 @@ async fn follow(
         return Err(error_from(status, response.into_body()).await);
     }
     info!("config stream connected");
-    let mut body = response.into_body();
-    let mut lines = LineSplitter::new(MAX_LINE_BYTES);
+    let mut lines = ndjson::lines(response.into_body(), MAX_LINE_BYTES);
     loop {
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
+        let line = tokio::select! {
+            line = lines.next() => line,
             changed = identity_updates.changed() => {
                 // The sender lives as long as the proxy state; a closed channel is shutdown.
                 return Ok(if changed.is_ok() { StreamEnd::Renewed } else { StreamEnd::Closed });
             }
         };
-        let Some(frame) = frame else {
+        let Some(line) = line else {
             return Ok(StreamEnd::Closed);
         };
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        for line in lines.push(&data)? {
-            match apply(state, &line) {
-                Applied::Config => *applied_any = true,
-                Applied::Rejected => {}
-                Applied::Renew(reason) => {
-                    info!(reason, "control plane asked for a new certificate");
-                    control_plane.renew.notify_one();
-                }
-                Applied::Exit(reason) => return Ok(StreamEnd::Exit(reason)),
+        let applied = match line? {
+            Line::Text(line) => apply(state, line.as_bytes()),
+            Line::NotUtf8 => {
+                warn!("rejected a control message that is not UTF-8; keeping the last good config");
+                Applied::Rejected
             }
+        };
+        match applied {
+            Applied::Config => *applied_any = true,
+            Applied::Rejected => {}
+            Applied::Renew(reason) => {
+                info!(reason, "control plane asked for a new certificate");
+                control_plane.renew.notify_one();
+            }
+            Applied::Exit(reason) => return Ok(StreamEnd::Exit(reason)),
         }
     }
 }
