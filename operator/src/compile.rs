@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use trellis_api::istio::host::service_fqdn;
 use trellis_api::mesh::MeshSpec;
 use trellis_config::SpiffeId;
 use trellis_config::proxy::{
@@ -214,7 +215,7 @@ fn compile_service(
     endpoints.dedup_by(|a, b| a.address == b.address);
     Some(Service {
         hostnames: vec![
-            format!("{name}.{namespace}.svc.cluster.local"),
+            service_fqdn(name, namespace),
             format!("{name}.{namespace}.svc"),
             format!("{name}.{namespace}"),
         ],

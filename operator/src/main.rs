@@ -206,7 +206,7 @@ async fn keep_serving_certificates(
 ) {
     let names: Vec<String> = [
         format!("{OPERATOR_NAME}.{namespace}.svc"),
-        format!("{OPERATOR_NAME}.{namespace}.svc.cluster.local"),
+        trellis_api::istio::host::service_fqdn(OPERATOR_NAME, &namespace),
         format!("{OPERATOR_NAME}.{namespace}"),
         OPERATOR_NAME.to_owned(),
     ]
