@@ -7,6 +7,8 @@
 //! dependencies are for the CRD derive and the object metadata types). What a proxy reads — the
 //! compiled config, identities, well-known names — lives in the kube-free `trellis-config`.
 
+#[cfg(any(test, feature = "test-fixtures"))]
+pub mod fixtures;
 pub mod istio;
 pub mod mesh;
 pub mod networking;

@@ -154,7 +154,7 @@ pub const GROUPS: [&str; 2] = [NETWORKING_GROUP, SECURITY_GROUP];
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_api::networking::examples::EXAMPLES;
+    use trellis_api::fixtures::ISTIO_EXAMPLES;
 
     fn report(text: &str) -> Report {
         validate(&documents(text, "in.yaml").unwrap(), "default")
@@ -162,10 +162,10 @@ mod tests {
 
     #[test]
     fn istio_documentation_examples_are_valid() {
-        let text: Vec<&str> = EXAMPLES.iter().map(|(_, yaml)| *yaml).collect();
+        let text: Vec<&str> = ISTIO_EXAMPLES.iter().map(|(_, yaml)| *yaml).collect();
         let report = report(&text.join("\n---\n"));
         assert!(report.invalid.is_empty(), "{:?}", report.invalid);
-        assert_eq!(report.valid, EXAMPLES.len());
+        assert_eq!(report.valid, ISTIO_EXAMPLES.len());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_api::networking::examples::EXAMPLES;
+use trellis_api::fixtures::{ISTIO_EXAMPLES, istio_example};
 use trellis_api::networking::{EXTRA_VERSIONS, STORED_VERSION};
 use trellis_e2e::*;
 
@@ -68,8 +68,8 @@ async fn istio_documentation_examples_apply_under_every_served_version() -> anyh
     let versions = std::iter::once(&STORED_VERSION).chain(EXTRA_VERSIONS);
     for version in versions {
         let ns = TestNamespace::create(&format!("e2e-traffic-{version}"), &[])?;
-        // DestinationRules come first in EXAMPLES, so the subsets the routes use exist.
-        for (name, yaml) in EXAMPLES {
+        // DestinationRules come first in ISTIO_EXAMPLES, so the subsets the routes use exist.
+        for (name, yaml) in ISTIO_EXAMPLES {
             let yaml = with_version(yaml, version);
             let sent = client_object(&ns.name, &yaml)?;
             apply_in(&ns.name, &yaml)
@@ -116,11 +116,7 @@ async fn typos_and_invalid_specs_are_refused_naming_the_field() -> anyhow::Resul
 
     // The bookinfo rule for `reviews` (subsets v1, v2, v3) is what a route's subset is checked
     // against.
-    let (_, reviews_rule) = EXAMPLES
-        .iter()
-        .find(|(name, _)| *name == "reviews-destination-rule")
-        .expect("the reviews DestinationRule is an example");
-    apply_in(&ns.name, reviews_rule)?;
+    apply_in(&ns.name, istio_example("reviews-destination-rule"))?;
 
     let vs = |version: &str, name: &str, http: &str| {
         format!(

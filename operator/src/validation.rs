@@ -203,7 +203,7 @@ pub fn webhook_configuration(
 mod tests {
     use super::*;
     use serde_json::{Value, json};
-    use trellis_api::networking::examples;
+    use trellis_api::fixtures::istio_example;
 
     use crate::webhook::decode_review;
 
@@ -248,28 +248,28 @@ mod tests {
     }
 
     fn reviews_rule() -> DestinationRule {
-        serde_json::from_value(object(examples::REVIEWS_DESTINATION_RULE, "v1")).unwrap()
+        serde_json::from_value(object(istio_example("reviews-destination-rule"), "v1")).unwrap()
     }
 
     #[test]
     fn answers_with_the_verdict_and_the_field_path() {
-        let mut bad_weights = object(examples::REVIEWS_JASON_V2, "v1");
+        let mut bad_weights = object(istio_example("reviews-jason-v2"), "v1");
         bad_weights["spec"]["http"][1]["route"][0]["weight"] = json!(-5);
-        let mut missing_subset = object(examples::REVIEWS_JASON_V2, "v1");
+        let mut missing_subset = object(istio_example("reviews-jason-v2"), "v1");
         missing_subset["spec"]["http"][0]["route"][0]["destination"]["subset"] = json!("v9");
         let cases = [
             (
                 "valid, v1",
                 "CREATE",
                 "v1",
-                Some(object(examples::REVIEWS_JASON_V2, "v1")),
+                Some(object(istio_example("reviews-jason-v2"), "v1")),
                 Ok(()),
             ),
             (
                 "valid, v1alpha3 update",
                 "UPDATE",
                 "v1alpha3",
-                Some(object(examples::REVIEWS_JASON_V2, "v1alpha3")),
+                Some(object(istio_example("reviews-jason-v2"), "v1alpha3")),
                 Ok(()),
             ),
             (
@@ -312,7 +312,7 @@ mod tests {
 
     #[test]
     fn validates_each_kind_by_its_own_rules_and_leaves_other_kinds_alone() {
-        let mut duplicate_subsets = object(examples::REVIEWS_DESTINATION_RULE, "v1");
+        let mut duplicate_subsets = object(istio_example("reviews-destination-rule"), "v1");
         duplicate_subsets["spec"]["subsets"][1]["name"] = json!("v1");
         let response = review(
             &admission("CREATE", "DestinationRule", "v1", Some(duplicate_subsets)),
@@ -328,7 +328,7 @@ mod tests {
             response.result.message
         );
 
-        let mut static_without_endpoints = object(examples::HTTPBIN_EXTERNAL, "v1beta1");
+        let mut static_without_endpoints = object(istio_example("httpbin-external"), "v1beta1");
         static_without_endpoints["spec"]["resolution"] = json!("STATIC");
         let response = review(
             &admission(

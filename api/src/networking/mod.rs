@@ -14,7 +14,6 @@
 //! properties, and `kubectl` could then no longer refuse a misspelt field inside them.
 
 pub mod destination_rule;
-pub mod examples;
 pub mod service_entry;
 pub mod virtual_service;
 

@@ -1,8 +1,8 @@
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
 
-use super::examples::EXAMPLES;
 use super::*;
+use crate::fixtures::{ISTIO_EXAMPLES, istio_example};
 use crate::schema::objects_dropping_unknown_fields;
 use crate::validate::{Kind, validate_object};
 
@@ -30,7 +30,7 @@ where
 fn istio_documentation_examples_round_trip_in_every_served_version() {
     // The namespace the examples live in; `prod` makes the reference example's FQDNs local.
     let namespace = "prod";
-    let rules: Vec<DestinationRule> = EXAMPLES
+    let rules: Vec<DestinationRule> = ISTIO_EXAMPLES
         .iter()
         .map(|(_, yaml)| example_value(yaml, STORED_VERSION))
         .filter(|value| value["kind"] == "DestinationRule")
@@ -41,7 +41,7 @@ fn istio_documentation_examples_round_trip_in_every_served_version() {
         .collect();
     assert_eq!(rules.len(), 4);
     for version in std::iter::once(&STORED_VERSION).chain(EXTRA_VERSIONS) {
-        for (name, yaml) in EXAMPLES {
+        for (name, yaml) in ISTIO_EXAMPLES {
             let value = example_value(yaml, version);
             let kind = value["kind"].as_str().unwrap();
             match kind {
@@ -61,7 +61,8 @@ fn istio_documentation_examples_round_trip_in_every_served_version() {
 #[test]
 fn examples_decode_into_the_fields_istio_documents() {
     let vs: VirtualService =
-        serde_json::from_value(example_value(examples::REVIEWS_JASON_V2, "v1beta1")).unwrap();
+        serde_json::from_value(example_value(istio_example("reviews-jason-v2"), "v1beta1"))
+            .unwrap();
     let first = &vs.spec.http[0];
     assert_eq!(
         first.r#match[0].headers["end-user"],
@@ -70,8 +71,11 @@ fn examples_decode_into_the_fields_istio_documents() {
     assert_eq!(first.route[0].destination.host, "reviews");
     assert_eq!(first.route[0].destination.subset.as_deref(), Some("v2"));
 
-    let vs: VirtualService =
-        serde_json::from_value(example_value(examples::RATINGS_FAULT_DELAY, "v1alpha3")).unwrap();
+    let vs: VirtualService = serde_json::from_value(example_value(
+        istio_example("ratings-fault-delay"),
+        "v1alpha3",
+    ))
+    .unwrap();
     let delay = vs.spec.http[0]
         .fault
         .as_ref()
@@ -83,7 +87,7 @@ fn examples_decode_into_the_fields_istio_documents() {
     assert_eq!(delay.percentage, Some(Percent { value: 100.0 }));
 
     let dr: DestinationRule =
-        serde_json::from_value(example_value(examples::CIRCUIT_BREAKER, "v1")).unwrap();
+        serde_json::from_value(example_value(istio_example("circuit-breaker"), "v1")).unwrap();
     let policy = dr.spec.traffic_policy.unwrap();
     let pool = policy.connection_pool.unwrap();
     assert_eq!(pool.tcp.unwrap().max_connections, Some(1));
@@ -93,7 +97,7 @@ fn examples_decode_into_the_fields_istio_documents() {
     assert_eq!(outlier.base_ejection_time.as_deref(), Some("3m"));
 
     let se: ServiceEntry =
-        serde_json::from_value(example_value(examples::HTTPBIN_EXTERNAL, "v1")).unwrap();
+        serde_json::from_value(example_value(istio_example("httpbin-external"), "v1")).unwrap();
     assert_eq!(se.spec.resolution, Some(service_entry::Resolution::Dns));
     assert_eq!(
         se.spec.location,
