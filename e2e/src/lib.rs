@@ -416,17 +416,25 @@ pub async fn pod_http_get(
 }
 
 /// Sum of a Prometheus counter over the series whose labels contain every `label="value"`.
+///
+/// Hand-written rather than `prometheus-parse` (0.2.5): that crate splits label sets at every
+/// comma, so a value such as `response_flags="UF,URX"` would read as `UF`.
 pub fn counter_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metrics
         .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (label_text, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.rsplit_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            // Whole `key="value"` labels bounded by commas: `a="1"` must not match `ba="1"`.
+            let bounded = format!(",{label_text},");
             labels
                 .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+                .all(|(k, v)| bounded.contains(&format!(",{k}=\"{v}\",")))
+                .then(|| value.trim().parse::<f64>().ok())?
         })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
@@ -582,9 +590,10 @@ mod tests {
 
     #[test]
     fn sums_counters_by_label_subset() {
-        let text = "# TYPE x counter\nx_total{a=\"1\",b=\"2\"} 3\nx_total{a=\"1\",b=\"9\"} 4\nx_total_other{a=\"1\"} 100\nx_total{a=\"2\"} 5\n";
+        let text = "# TYPE x counter\nx_total{a=\"1\",b=\"2\"} 3\nx_total{a=\"1\",b=\"9\"} 4\nx_total_other{a=\"1\"} 100\nx_total{a=\"2\"} 5\nx_total{ba=\"1\",c=\"UF,URX\"} 20\nx_total 1\n";
         assert_eq!(counter_sum(text, "x_total", &[("a", "1")]), 7.0);
-        assert_eq!(counter_sum(text, "x_total", &[]), 12.0);
+        assert_eq!(counter_sum(text, "x_total", &[]), 33.0);
+        assert_eq!(counter_sum(text, "x_total", &[("c", "UF,URX")]), 20.0);
         assert_eq!(counter_sum(text, "x_total", &[("b", "9")]), 4.0);
         assert_eq!(counter_sum(text, "missing", &[]), 0.0);
     }

@@ -243,6 +243,10 @@ pub fn http(method: &str, port: u16, path: &str) -> (u16, String) {
 }
 
 /// The value of the sample of `metric` whose labels contain every `label="value"` in `labels`.
+///
+/// Hand-written rather than `prometheus-parse` (0.2.5): that crate splits label sets at every
+/// comma and drops samples with a `}` in a label value, so `response_flags="UF,URX"` would read
+/// as `UF`, and it types OpenMetrics counters (`# TYPE x counter` over `x_total`) as untyped.
 pub fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<u64> {
     metrics.lines().find_map(|line| {
         let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
