@@ -3,8 +3,8 @@
 //! config discovery stream on 15012, the sidecar injector and the validation of Istio's traffic
 //! resources on 15017, and prints the install manifest generated from its own types.
 
-pub mod apply;
-pub mod authorization;
+pub(crate) mod apply;
+pub(crate) mod authorization;
 pub mod ca;
 pub mod cni;
 pub mod compile;
@@ -12,17 +12,17 @@ pub mod context;
 pub mod control_plane;
 pub mod controller;
 pub mod discovery;
-pub mod env;
-pub mod error;
+pub(crate) mod env;
+pub(crate) mod error;
 pub mod https;
 pub mod injector;
 pub mod leader;
 pub mod manifests;
 pub mod metrics;
-pub mod peer_authentication;
+pub(crate) mod peer_authentication;
 pub mod proxies;
 pub mod rate_limit;
 pub mod rotation;
-pub mod traffic;
+pub(crate) mod traffic;
 pub mod validation;
 pub mod webhook;

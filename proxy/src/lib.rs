@@ -13,30 +13,30 @@
 //! [`route`] (the pure routing decisions), [`upstream`] (cluster runtime state: endpoint choice,
 //! outlier ejection, DNS) and [`tls`] (mesh mutual TLS, TLS origination).
 
-pub mod admin;
-pub mod app_probe;
+pub(crate) mod admin;
+pub(crate) mod app_probe;
 pub mod authz;
-pub mod capture;
+pub(crate) mod capture;
 pub mod cli;
-pub mod config_file;
+pub(crate) mod config_file;
 pub mod control_plane;
-pub mod destination;
-pub mod drain;
-pub mod forward;
-pub mod http;
-pub mod http_server;
+pub(crate) mod destination;
+pub(crate) mod drain;
+pub(crate) mod forward;
+pub(crate) mod http;
+pub(crate) mod http_server;
 pub mod identity;
-pub mod inbound;
+pub(crate) mod inbound;
 pub mod logging;
 pub mod metrics;
-pub mod orig_dst;
-pub mod outbound;
+pub(crate) mod orig_dst;
+pub(crate) mod outbound;
 pub mod path;
-pub mod readiness;
-pub mod route;
+pub(crate) mod readiness;
+pub(crate) mod route;
 pub mod sidecar;
 pub mod sniff;
-pub mod state;
+pub(crate) mod state;
 pub mod tls;
 pub mod upstream;
 pub mod wait_ready;

@@ -50,7 +50,6 @@ mod virtual_service;
 
 use destination_rule::clusters;
 use service_entry::service_entries;
-pub use virtual_service::grpc_code;
 use virtual_service::route_tables;
 
 /// The gateway name that means "every sidecar".

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use trellis_config::proxy::Protocol;
 use trellis_config::traffic::{Cluster, HttpAction, Location, Resolution, StringMatch, TlsMode};
 
+use super::virtual_service::grpc_code;
 use super::*;
 
 const ROOT: &str = "trellis-system";
