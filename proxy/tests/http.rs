@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -617,21 +618,11 @@ async fn exchanges(mesh: &Mesh, taps: &Mutex<HashMap<u16, usize>>) {
         head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
         "{head}"
     );
+    let mut ws = ws::client(socket).await;
     for text in ["hello through two sidecars", "and back again"] {
-        let frame = ws::encode_frame(true, ws::OP_TEXT, text.as_bytes(), Some([7, 1, 3, 9]));
-        socket.write_all(&frame).await.unwrap();
-        let mut buf = Vec::new();
-        let echoed = loop {
-            if let Some((frame, _)) = ws::parse_frame(&buf, ws::MAX_PAYLOAD).unwrap() {
-                break frame;
-            }
-            let mut chunk = [0u8; 1024];
-            let n = socket.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "the upgraded connection closed");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        assert_eq!(echoed.opcode, ws::OP_TEXT);
-        assert_eq!(echoed.payload, text.as_bytes());
+        ws.send(ws::Message::text(text)).await.unwrap();
+        let echoed = ws.next().await.expect("the upgraded connection closed");
+        assert_eq!(echoed.unwrap(), ws::Message::text(text));
     }
 
     // 7. A port no service declares: sniffed as HTTP on both sides (HTTP/1.1 and h2c, each

@@ -5,18 +5,18 @@
 //! paces them and tallies the outcomes into the summary.
 
 use std::error::Error as StdError;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::body::{BoxBody, full};
 use crate::grpc::{GrpcDecoder, STREAM_MESSAGES_HEADER, call_status, encode_message};
@@ -138,9 +138,6 @@ pub enum Outcome {
 
 /// Bodies above this are drained but not kept.
 pub const MAX_KEPT_BODY: usize = 1 << 20;
-
-/// Largest WebSocket handshake answer head accepted.
-const MAX_HEAD: usize = 16 * 1024;
 
 /// A failure without an answer: `(kind, message)`.
 type CallError = (&'static str, String);
@@ -371,120 +368,65 @@ async fn grpc_call(client: &HttpClient, plan: &Plan, streaming: bool) -> Result<
     })
 }
 
-/// A fresh pseudo-random value for WebSocket keys and masks.
-fn random_u64() -> u64 {
-    static SEED: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ (u64::from(std::process::id()) << 32)
-    });
-    crate::splitmix64(
-        seed.wrapping_add(COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)),
-    )
-}
-
-/// Reads the next frame from `io`, buffering partial input in `buf`;
-/// `None` when the peer closed the connection.
-async fn next_frame(
-    io: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> Result<Option<ws::WsFrame>, CallError> {
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match ws::parse_frame(buf, ws::MAX_PAYLOAD) {
-            Ok(Some((frame, used))) => {
-                buf.drain(..used);
-                return Ok(Some(frame));
-            }
-            Ok(None) => {}
-            Err(e) => return Err(("ws-protocol", format!("{e:?}"))),
-        }
-        let n = io.read(&mut chunk).await.map_err(|e| call_error(&e))?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// Reads the handshake answer head; returns it and any bytes after it.
-async fn read_head(io: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), CallError> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            return Ok((buf, rest));
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(("handshake", format!("answer head over {MAX_HEAD} bytes")));
-        }
-        let n = io.read(&mut chunk).await.map_err(|e| call_error(&e))?;
-        if n == 0 {
-            return Err((
-                "closed",
-                "connection closed during the handshake".to_string(),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 async fn websocket_session(plan: &Plan) -> Result<Answer, CallError> {
     let host = plan.uri.host().unwrap_or_default();
     let port = plan.uri.port_u16().unwrap_or(80);
-    let mut io = TcpStream::connect((host, port))
+    let io = TcpStream::connect((host, port))
         .await
         .map_err(|e| call_error(&e))?;
     let _ = io.set_nodelay(true);
-    let key = ws::client_key(random_u64());
-    let authority = plan.uri.authority().map_or(host, |a| a.as_str());
-    let path = plan.uri.path_and_query().map_or("/", |p| p.as_str());
-    io.write_all(&ws::client_handshake(authority, path, &key, &plan.headers))
-        .await
-        .map_err(|e| call_error(&e))?;
-    let (head, mut buf) = read_head(&mut io).await?;
-    let (status, headers) = ws::parse_response_head(&head).map_err(|e| ("handshake", e))?;
-    let (version, name) = identity(&headers);
+    // Over the plain connection above, whatever the URL's scheme: tungstenite wants `ws`.
+    let mut uri = plan.uri.clone().into_parts();
+    uri.scheme = Some("ws".parse().expect("a valid scheme"));
+    let mut request = Uri::from_parts(uri)
+        .map_err(|e| ("handshake", e.to_string()))?
+        .into_client_request()
+        .map_err(|e| ("handshake", e.to_string()))?;
+    for (name, value) in &plan.headers {
+        // An extra `host` replaces the default one; other extras add to it.
+        if name == http::header::HOST {
+            request.headers_mut().insert(name, value.clone());
+        } else {
+            request.headers_mut().append(name, value.clone());
+        }
+    }
+    let (mut ws, response) =
+        match tokio_tungstenite::client_async_with_config(request, io, Some(ws::config())).await {
+            Ok(upgraded) => upgraded,
+            // Any status but 101: an answered failure.
+            Err(WsError::Http(response)) => {
+                let (version, name) = identity(response.headers());
+                return Ok(Answer {
+                    status: response.status().as_u16(),
+                    version,
+                    name,
+                    ..Answer::default()
+                });
+            }
+            Err(e) => return Err(ws_error(e)),
+        };
+    let (version, name) = identity(response.headers());
     let mut answer = Answer {
-        status,
+        status: response.status().as_u16(),
         version,
         name,
         ..Answer::default()
     };
-    if status != 101 {
-        return Ok(answer);
-    }
-    if ws::check_accept(&headers, &key).is_err() {
-        answer.problem = Some("handshake");
-        return Ok(answer);
-    }
     let payload = String::from_utf8_lossy(&plan.body);
     for i in 0..plan.messages {
         let text = format!("{payload} {i}");
-        let mask = random_u64().to_be_bytes();
-        let frame = ws::encode_frame(
-            true,
-            ws::OP_TEXT,
-            text.as_bytes(),
-            Some([mask[0], mask[1], mask[2], mask[3]]),
-        );
-        io.write_all(&frame).await.map_err(|e| call_error(&e))?;
+        ws.send(ws::Message::text(text.as_str()))
+            .await
+            .map_err(ws_error)?;
         let echo = loop {
-            match next_frame(&mut io, &mut buf).await? {
-                Some(f) if f.opcode == ws::OP_PONG => continue,
+            match ws.next().await.transpose().map_err(ws_error)? {
+                Some(ws::Message::Ping(_) | ws::Message::Pong(_)) => continue,
                 other => break other,
             }
         };
         match echo {
-            Some(f) if f.opcode == ws::OP_TEXT && f.fin && f.payload == text.as_bytes() => {
-                answer.messages += 1;
-            }
-            Some(f) if f.opcode == ws::OP_CLOSE => {
+            Some(ws::Message::Text(echoed)) if echoed.as_str() == text => answer.messages += 1,
+            Some(ws::Message::Close(_)) | None => {
                 answer.problem = Some("closed-early");
                 return Ok(answer);
             }
@@ -492,24 +434,13 @@ async fn websocket_session(plan: &Plan) -> Result<Answer, CallError> {
                 answer.problem = Some("mismatch");
                 return Ok(answer);
             }
-            None => {
-                answer.problem = Some("closed-early");
-                return Ok(answer);
-            }
         }
     }
-    let mask = random_u64().to_be_bytes();
-    let close = ws::encode_frame(
-        true,
-        ws::OP_CLOSE,
-        &1000u16.to_be_bytes(),
-        Some([mask[0], mask[1], mask[2], mask[3]]),
-    );
-    io.write_all(&close).await.map_err(|e| call_error(&e))?;
+    ws.close(None).await.map_err(ws_error)?;
     // The close handshake: the server answers with its own close frame.
     let closed = loop {
-        match next_frame(&mut io, &mut buf).await? {
-            Some(f) if f.opcode == ws::OP_CLOSE => break true,
+        match ws.next().await.transpose().map_err(ws_error)? {
+            Some(ws::Message::Close(_)) => break true,
             Some(_) => continue,
             None => break false,
         }
@@ -520,6 +451,14 @@ async fn websocket_session(plan: &Plan) -> Result<Answer, CallError> {
         answer.problem = Some("no-close");
     }
     Ok(answer)
+}
+
+/// A WebSocket failure: I/O errors classified as for the other modes.
+fn ws_error(err: WsError) -> CallError {
+    match err {
+        WsError::Io(e) => call_error(&e),
+        e => ("ws-protocol", e.to_string()),
+    }
 }
 
 async fn upload(client: &HttpClient, plan: &Plan) -> Result<Answer, CallError> {

@@ -337,7 +337,7 @@ fn websocket(req: &mut Request<Incoming>) -> Response<BoxBody> {
     else {
         return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
-    let accept = ws::accept_key(key);
+    let accept = ws::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         match on_upgrade.await {
