@@ -1,6 +1,7 @@
 //! Shared code for the Trellis demo applications (`demo-server`, `demo-client`
-//! and `cluster-dns`): request behaviour controls, gRPC and WebSocket framing,
-//! DNS packet handling, the demo HTTP server itself, and the client's
+//! and `cluster-dns`): request behaviour controls, gRPC framing, the
+//! WebSocket echo and client (on tokio-tungstenite), cluster-dns's answers
+//! (on hickory-proto), the demo HTTP server itself, and the client's
 //! protocol modes.
 
 pub mod body;
@@ -16,7 +17,7 @@ pub mod ws;
 
 /// The splitmix64 output function: a well-mixed 64-bit value from a state
 /// that callers advance by the golden-ratio increment. Enough for failure
-/// rolls, WebSocket keys and masks, and test patterns; not cryptographic.
+/// rolls and test patterns; not cryptographic.
 pub fn splitmix64(state: u64) -> u64 {
     let mut z = state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
