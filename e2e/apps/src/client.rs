@@ -17,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 
 use crate::body::{BoxBody, full};
 use crate::grpc::{GrpcDecoder, STREAM_MESSAGES_HEADER, call_status, encode_message};
@@ -403,7 +404,15 @@ async fn websocket_session(plan: &Plan) -> Result<Answer, CallError> {
                     ..Answer::default()
                 });
             }
-            Err(e) => return Err(ws_error(e)),
+            Err(WsError::Protocol(ProtocolError::HandshakeIncomplete)) => {
+                return Err((
+                    "closed",
+                    "connection closed during the handshake".to_string(),
+                ));
+            }
+            Err(WsError::Io(e)) => return Err(call_error(&e)),
+            // A bad answer: no `upgrade`/`connection` token, a wrong accept key, a broken head.
+            Err(e) => return Err(("handshake", e.to_string())),
         };
     let (version, name) = identity(response.headers());
     let mut answer = Answer {

@@ -462,3 +462,38 @@ fn modes_report_unreachable_targets() {
         assert_eq!(s["errors"]["connect"], 2, "{mode}: {s}");
     }
 }
+
+#[test]
+fn websocket_mode_reports_bad_handshakes() {
+    use std::io::Write as _;
+    // A 101 with a wrong accept key, then a server that hangs up before answering.
+    let wrong_accept = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Accept: d3Jvbmc=\r\n\r\n";
+    for (answer, kind) in [(&wrong_accept[..], "handshake"), (&b""[..], "closed")] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(2) {
+                let mut stream = stream.unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let _ = stream.write_all(answer);
+            }
+        });
+        let s = summary(&[
+            "--url",
+            &url,
+            "--mode",
+            "websocket",
+            "--count",
+            "2",
+            "--rate",
+            "100",
+        ]);
+        assert_eq!(s["failed"], 2, "{kind}: {s}");
+        assert_eq!(s["errors"][kind], 2, "{kind}: {s}");
+    }
+}
