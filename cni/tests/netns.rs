@@ -13,13 +13,14 @@
 #[path = "../../init/tests/probes/mod.rs"]
 mod probes;
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -211,7 +212,7 @@ impl FakeApiServer {
     }
 
     fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
+        self.requests.lock().clone()
     }
 }
 
@@ -241,7 +242,7 @@ fn serve(mut stream: TcpStream, pods: &BTreeMap<String, String>, requests: &Mute
     let mut request_line = head.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (request_line.next(), request_line.next().unwrap_or_default());
     let path = target.split('?').next().unwrap_or_default().to_owned();
-    requests.lock().unwrap().push(path.clone());
+    requests.lock().push(path.clone());
     let (status, body) = match (method, pods.get(&path)) {
         (Some("GET"), Some(pod)) => ("200 OK", pod.clone()),
         _ => (

@@ -81,7 +81,7 @@ pub struct Snapshot {
     /// Config lines already encoded for this snapshot, by per-proxy version: proxies with the
     /// same effective config (same namespace, same inbound policy) share one encoding, so a
     /// change costs one serialization per distinct config instead of one per proxy.
-    pub encoded: std::sync::Mutex<HashMap<String, Bytes>>,
+    pub encoded: parking_lot::Mutex<HashMap<String, Bytes>>,
 }
 
 pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
@@ -429,7 +429,7 @@ impl ControlPlane {
                         log_inbound(identity, pod_name, &inbound, &undeclared_ports);
                         sent_inbound = Some(inbound.clone());
                     }
-                    let cached = lock(&snapshot.encoded).get(&version).cloned();
+                    let cached = snapshot.encoded.lock().get(&version).cloned();
                     let line = match cached {
                         Some(line) => line,
                         None => {
@@ -438,7 +438,10 @@ impl ControlPlane {
                                 &routing,
                             );
                             let line = encode_line(&ControlMessage::Config(Box::new(config)));
-                            lock(&snapshot.encoded).insert(version.clone(), line.clone());
+                            snapshot
+                                .encoded
+                                .lock()
+                                .insert(version.clone(), line.clone());
                             line
                         }
                     };
@@ -601,13 +604,4 @@ fn encode_line(message: &ControlMessage) -> Bytes {
     let mut line = serde_json::to_vec(message).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
-}
-
-/// The encoded-config cache's lock; a panic while holding it leaves a usable map.
-fn lock(
-    encoded: &std::sync::Mutex<HashMap<String, Bytes>>,
-) -> std::sync::MutexGuard<'_, HashMap<String, Bytes>> {
-    encoded
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

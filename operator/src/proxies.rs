@@ -1,8 +1,8 @@
 //! Proxies connected to this replica's config stream, counted by data-plane version for
 //! `Mesh.status`.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 #[derive(Debug, Default)]
 pub struct ConnectedProxies {
@@ -21,7 +21,6 @@ impl ConnectedProxies {
         *self
             .by_version
             .lock()
-            .expect("proxy registry lock poisoned")
             .entry(version.to_owned())
             .or_default() += 1;
         Connection {
@@ -32,22 +31,14 @@ impl ConnectedProxies {
 
     /// Total and per-version counts.
     pub fn counts(&self) -> (u32, BTreeMap<String, u32>) {
-        let map = self
-            .by_version
-            .lock()
-            .expect("proxy registry lock poisoned")
-            .clone();
+        let map = self.by_version.lock().clone();
         (map.values().sum(), map)
     }
 }
 
 impl Drop for Connection<'_> {
     fn drop(&mut self) {
-        let mut map = self
-            .registry
-            .by_version
-            .lock()
-            .expect("proxy registry lock poisoned");
+        let mut map = self.registry.by_version.lock();
         if let Some(count) = map.get_mut(&self.version) {
             *count -= 1;
             if *count == 0 {

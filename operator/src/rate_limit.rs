@@ -3,9 +3,9 @@
 //! rate of such requests is capped per source address and for the whole replica. A refused
 //! request learns how long to wait (answered as `429` with `Retry-After`).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Sources tracked at once. Past this, buckets that have refilled (equivalent to no bucket) are
@@ -86,7 +86,7 @@ impl RateLimiter {
     }
 
     fn try_acquire_at(&self, source: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
-        let mut buckets = self.buckets.lock().expect("rate limiter lock poisoned");
+        let mut buckets = self.buckets.lock();
         buckets.global.refill(self.global, now);
         if let Some(ip) = source
             && !buckets.sources.contains_key(&ip)
@@ -192,7 +192,7 @@ mod tests {
         }
         let later = now + Duration::from_secs(1);
         assert_eq!(limiter.try_acquire_at(A, later), Ok(()));
-        let buckets = limiter.buckets.lock().unwrap();
+        let buckets = limiter.buckets.lock();
         assert_eq!(buckets.sources[&A.unwrap()].tokens, 1.0);
     }
 
@@ -212,6 +212,6 @@ mod tests {
         let later = now + Duration::from_secs(2);
         assert_eq!(limiter.try_acquire_at(newcomer, later), Ok(()));
         assert!(limiter.try_acquire_at(newcomer, later).is_err());
-        assert_eq!(limiter.buckets.lock().unwrap().sources.len(), 1);
+        assert_eq!(limiter.buckets.lock().sources.len(), 1);
     }
 }

@@ -16,8 +16,8 @@
 //! start and the keys it needs live in the CA Secret, so a restarted operator resumes the
 //! rotation where it stopped.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -176,18 +176,12 @@ impl ProxyCertificates {
     /// Records a stream whose client certificate was issued at `issued` (`None`: unknown).
     pub fn register(&self, issued: Option<OffsetDateTime>) -> Registration<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.issued
-            .lock()
-            .expect("proxy certificate registry lock poisoned")
-            .insert(id, issued);
+        self.issued.lock().insert(id, issued);
         Registration { registry: self, id }
     }
 
     pub fn progress(&self, since: OffsetDateTime) -> Progress {
-        let issued = self
-            .issued
-            .lock()
-            .expect("proxy certificate registry lock poisoned");
+        let issued = self.issued.lock();
         Progress {
             renewed: issued
                 .values()
@@ -201,11 +195,7 @@ impl ProxyCertificates {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.registry
-            .issued
-            .lock()
-            .expect("proxy certificate registry lock poisoned")
-            .remove(&self.id);
+        self.registry.issued.lock().remove(&self.id);
     }
 }
 

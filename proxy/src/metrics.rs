@@ -2,8 +2,9 @@
 //! opaque connections, requests (`istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes`) for HTTP.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -319,12 +320,7 @@ impl Metrics {
             metrics.response_bytes.observe(sample.response_bytes as f64);
         };
         let labels = &sample.labels;
-        if let Some(metrics) = self
-            .by_labels
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(labels)
-        {
+        if let Some(metrics) = self.by_labels.read().get(labels) {
             return observe(metrics);
         }
         // A new label set: its metrics from the families (the same counters they encode).
@@ -337,7 +333,6 @@ impl Metrics {
         observe(&metrics);
         self.by_labels
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
             .entry(labels.clone())
             .or_insert(metrics);
     }

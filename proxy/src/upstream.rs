@@ -10,11 +10,12 @@
 //! changed limits applied) and drops the ones that are gone. Clusters are created on first use,
 //! so a proxy that knows 10,000 services holds state only for those it calls.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -244,7 +245,7 @@ fn pick_resolved<'a>(
     avoid: &[SocketAddr],
 ) -> Result<Picked<'a>, PickError> {
     let candidates: Vec<&Endpoint> = {
-        let outlier = lock(&cluster.outlier);
+        let outlier = cluster.outlier.lock();
         resolved
             .iter()
             .map(|r| &r.endpoint)
@@ -320,10 +321,6 @@ fn choose<'e>(
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Upstreams {
     /// `default_connect_timeout`: the proxy's own, for clusters without `tcp.connectTimeout`.
     pub fn new(metrics: UpstreamMetrics, default_connect_timeout: Duration) -> Self {
@@ -345,10 +342,7 @@ impl Upstreams {
             .iter()
             .flat_map(|s| s.hostnames.iter().map(move |h| (h.as_str(), s)))
             .collect();
-        let mut clusters = self
-            .clusters
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut clusters = self.clusters.write();
         self.config.store(Some(config.clone()));
         self.dns.sync(config);
         clusters.retain(|key, state| match resolve(config, &services, key) {
@@ -403,7 +397,7 @@ impl Upstreams {
         }
         let port = target.port.target_port;
         let candidates = {
-            let outlier = lock(&cluster.outlier);
+            let outlier = cluster.outlier.lock();
             balance::candidates(target.service, target.cluster, |e| {
                 outlier
                     .as_ref()
@@ -436,7 +430,7 @@ impl Upstreams {
     /// `503` with flag `UO`. (Connection and pending limits are the pool's, at send time.)
     pub fn admit_request(&self, picked: &Picked<'_>) -> Result<RequestGuard, Overflow> {
         let cluster = &picked.cluster;
-        let max = lock(&cluster.settings).max_requests;
+        let max = cluster.settings.lock().max_requests;
         cluster.take(&cluster.requests, Limit::Requests, max)?;
         let endpoint = cluster.endpoint_load(picked.addr.ip());
         endpoint.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -450,7 +444,7 @@ impl Upstreams {
     /// circuit breaker; Istio's default 2^32-1). Err = overflow: do not retry.
     pub fn admit_retry(&self, picked: &Picked<'_>) -> Result<RetryGuard, Overflow> {
         let cluster = &picked.cluster;
-        let max = lock(&cluster.settings).max_retries;
+        let max = cluster.settings.lock().max_retries;
         cluster.take(&cluster.retries, Limit::Retries, max)?;
         Ok(RetryGuard {
             cluster: cluster.clone(),
@@ -468,9 +462,10 @@ impl Upstreams {
     /// Whether outlier detection has `addr`'s endpoint ejected in `target`'s cluster now.
     pub fn is_ejected(&self, target: &Target<'_>, addr: IpAddr) -> bool {
         let key = ClusterKey::of(target);
-        let clusters = self.clusters.read().unwrap_or_else(PoisonError::into_inner);
+        let clusters = self.clusters.read();
         clusters.get(&key).is_some_and(|c| {
-            lock(&c.outlier)
+            c.outlier
+                .lock()
                 .as_ref()
                 .is_some_and(|o| o.tracker.is_ejected(addr))
         })
@@ -478,7 +473,7 @@ impl Upstreams {
 
     /// The clusters with state now.
     pub fn clusters(&self) -> Vec<ClusterKey> {
-        let clusters = self.clusters.read().unwrap_or_else(PoisonError::into_inner);
+        let clusters = self.clusters.read();
         let mut keys: Vec<ClusterKey> = clusters.keys().cloned().collect();
         keys.sort_by(|a, b| (&a.host, &a.subset, a.port).cmp(&(&b.host, &b.subset, b.port)));
         keys
@@ -487,18 +482,10 @@ impl Upstreams {
     /// The state of `target`'s cluster, created on first use from the last synced config.
     fn cluster(&self, target: &Target<'_>) -> Arc<ClusterState> {
         let key = ClusterKey::of(target);
-        if let Some(state) = self
-            .clusters
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-        {
+        if let Some(state) = self.clusters.read().get(&key) {
             return state.clone();
         }
-        let mut clusters = self
-            .clusters
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut clusters = self.clusters.write();
         if let Some(state) = clusters.get(&key) {
             return state.clone();
         }
@@ -594,7 +581,7 @@ impl ClusterState {
                 .unwrap_or(self.default_connect_timeout),
         );
         self.pool.set_limits(limits);
-        *lock(&self.settings) = Settings {
+        *self.settings.lock() = Settings {
             max_requests: pool_settings
                 .and_then(|p| p.http2_max_requests)
                 .unwrap_or(u32::MAX),
@@ -611,10 +598,9 @@ impl ClusterState {
             .collect();
         self.load
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
             .retain(|ip, load| hosts.contains(ip) || load.in_flight.load(Ordering::Acquire) > 0);
         let detection = cluster.and_then(|c| c.outlier_detection.as_ref());
-        let mut outlier = lock(&self.outlier);
+        let mut outlier = self.outlier.lock();
         match (outlier.as_mut(), detection) {
             (Some(current), Some(config)) if current.config == *config => {
                 current.tracker.sync(hosts.iter().copied());
@@ -663,7 +649,7 @@ impl ClusterState {
     }
 
     fn sweep(&self, now: Instant) {
-        let mut outlier = lock(&self.outlier);
+        let mut outlier = self.outlier.lock();
         let Some(outlier) = outlier.as_mut() else {
             return;
         };
@@ -678,7 +664,7 @@ impl ClusterState {
     }
 
     fn record(&self, host: IpAddr, outcome: Outcome, now: Instant) {
-        let mut outlier = lock(&self.outlier);
+        let mut outlier = self.outlier.lock();
         let Some(outlier) = outlier.as_mut() else {
             return;
         };
@@ -700,7 +686,8 @@ impl ClusterState {
     }
 
     fn connect_timeout(&self) -> Duration {
-        lock(&self.settings)
+        self.settings
+            .lock()
             .connect_timeout
             .unwrap_or(self.default_connect_timeout)
     }
@@ -723,24 +710,14 @@ impl ClusterState {
     }
 
     fn endpoint_load(&self, ip: IpAddr) -> Arc<EndpointLoad> {
-        if let Some(load) = self
-            .load
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&ip)
-        {
+        if let Some(load) = self.load.read().get(&ip) {
             return load.clone();
         }
-        self.load
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(ip)
-            .or_default()
-            .clone()
+        self.load.write().entry(ip).or_default().clone()
     }
 
     fn in_flight(&self, candidates: &[&Endpoint]) -> Vec<u32> {
-        let load = self.load.read().unwrap_or_else(PoisonError::into_inner);
+        let load = self.load.read();
         candidates
             .iter()
             .map(|e| {
@@ -757,7 +734,7 @@ impl ClusterState {
         candidates: &[&Endpoint],
         input: &PickInput<'_>,
     ) -> Pick {
-        let mut ring = lock(&self.ring);
+        let mut ring = self.ring.lock();
         let current = ring.as_ref().is_some_and(|r| {
             r.lb == *lb
                 && r.addresses.len() == candidates.len()

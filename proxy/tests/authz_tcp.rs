@@ -143,28 +143,20 @@ fn inside_netns() {
             a_good.logs()
         );
     }
-    assert_eq!(strict_peers.lock().unwrap().len(), 1);
-    assert_eq!(permissive_peers.lock().unwrap().len(), 1);
+    assert_eq!(strict_peers.lock().len(), 1);
+    assert_eq!(permissive_peers.lock().len(), 1);
 
     // The denied identity is in namespace demo too: the DENY wins over the ALLOW, the
     // connection is closed and never reaches the application.
     let reply = exchange(connect_from(APP_BAD, vip(100)), b"bad-strict");
     assert!(reply.is_empty(), "{}", String::from_utf8_lossy(&reply));
-    assert_eq!(
-        strict_peers.lock().unwrap().len(),
-        1,
-        "nothing reached the app"
-    );
+    assert_eq!(strict_peers.lock().len(), 1, "nothing reached the app");
 
     // Plaintext (no principal, no namespace) on the PERMISSIVE port: the ALLOW by namespace
     // does not match, so it is denied.
     let reply = exchange(connect_from(PEER, permissive_app), b"anonymous");
     assert!(reply.is_empty(), "{}", String::from_utf8_lossy(&reply));
-    assert_eq!(
-        permissive_peers.lock().unwrap().len(),
-        1,
-        "nothing reached the app"
-    );
+    assert_eq!(permissive_peers.lock().len(), 1, "nothing reached the app");
 
     let metrics = b.scrape();
     assert_eq!(

@@ -27,8 +27,9 @@
 
 mod support;
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 use support::{APP, MeshCa, Ports, Proxy, RawReply, raw_request, recording_http_app, sample};
@@ -179,7 +180,7 @@ fn assert_rbac_denied(class: &str, target: &str, reply: &RawReply, proxy: &Proxy
 
 #[track_caller]
 fn assert_never_reached(class: &str, seen: &Seen, forbidden: &str) {
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock();
     assert!(
         !seen.iter().any(|head| head.contains(forbidden)),
         "{class}: the application saw a request for {forbidden}: {seen:?}"
@@ -204,7 +205,7 @@ fn deny_admin_refuses(class: &str, targets: &[&str]) {
         assert_rbac_denied(class, target, &reply, &b);
         assert_eq!(reply.header("x-trellis-reason"), Some("rbac_access_denied"));
     }
-    assert_eq!(seen.lock().unwrap().len(), 1, "{class}: only the control");
+    assert_eq!(seen.lock().len(), 1, "{class}: only the control");
     assert_never_reached(class, &seen, "admin");
     assert_eq!(
         sample(
@@ -279,11 +280,7 @@ fn encoded_slash_is_rejected() {
             "GET {target}"
         );
     }
-    assert!(
-        seen.lock().unwrap().is_empty(),
-        "{:?}",
-        seen.lock().unwrap()
-    );
+    assert!(seen.lock().is_empty(), "{:?}", seen.lock());
 }
 
 #[test]
@@ -343,7 +340,7 @@ fn upper_case_path_is_refused_by_an_allow_list_and_an_ignore_uri_case_route() {
     let reply = get(APP, vip(101), WEB_EXACT, "/public/y", &[]);
     assert_eq!(reply.status, 200, "{}", a.logs());
 
-    assert_eq!(seen.lock().unwrap().len(), 2, "{:?}", seen.lock().unwrap());
+    assert_eq!(seen.lock().len(), 2, "{:?}", seen.lock());
     assert_never_reached("upper case", &seen, "dmin");
     assert_never_reached("upper case", &seen, "DMIN");
 }
@@ -374,11 +371,7 @@ fn fragment_and_query_cannot_dodge_a_denied_path() {
     ] {
         assert_rbac_denied("query", target, &from_peer(target, &[]), &b);
     }
-    assert!(
-        seen.lock().unwrap().is_empty(),
-        "{:?}",
-        seen.lock().unwrap()
-    );
+    assert!(seen.lock().is_empty(), "{:?}", seen.lock());
 }
 
 #[test]
@@ -405,7 +398,7 @@ fn repeated_header_values_cannot_dodge_a_deny() {
             &b,
         );
     }
-    assert_eq!(seen.lock().unwrap().len(), 1, "{:?}", seen.lock().unwrap());
+    assert_eq!(seen.lock().len(), 1, "{:?}", seen.lock());
     assert_never_reached("repeated header values", &seen, "mallory");
 }
 
@@ -436,11 +429,7 @@ fn forged_identity_headers_do_not_grant_a_principal() {
         let reply = get(APP, vip(100), WEB, "/secret", &headers);
         assert_rbac_denied("forged identity, mutual TLS", "/secret", &reply, &a);
     }
-    assert!(
-        seen.lock().unwrap().is_empty(),
-        "{:?}",
-        seen.lock().unwrap()
-    );
+    assert!(seen.lock().is_empty(), "{:?}", seen.lock());
 
     // What the application is told is the verified certificate's identity, never the header's.
     let reply = get(APP, vip(100), WEB, "/whoami", &[forged.as_str()]);
@@ -491,11 +480,7 @@ fn plaintext_to_strict_port_is_refused() {
     // Nor any other plaintext protocol.
     let reply = raw_request(PEER, pod_b(), "hello\r\n");
     assert_eq!(reply.status, 0);
-    assert!(
-        seen.lock().unwrap().is_empty(),
-        "{:?}",
-        seen.lock().unwrap()
-    );
+    assert!(seen.lock().is_empty(), "{:?}", seen.lock());
     assert_eq!(
         sample(
             &b.scrape(),
@@ -539,7 +524,7 @@ fn strict_server_refuses_the_client_certificate(
         a.logs(),
         b.logs()
     );
-    assert_eq!(seen.lock().unwrap().len(), 1, "{class}: only the control");
+    assert_eq!(seen.lock().len(), 1, "{class}: only the control");
     assert_never_reached(class, &seen, "/attack");
     let refused = sample(
         &b.scrape(),

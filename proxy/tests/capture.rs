@@ -57,7 +57,7 @@ fn inside_netns() {
     client.read_to_string(&mut reply).unwrap();
     assert_eq!(reply, "hello|bye");
     assert_ne!(
-        peers.lock().unwrap()[0].ip().to_string(),
+        peers.lock()[0].ip().to_string(),
         OUTBOUND_CLIENT,
         "went through the proxy"
     );
@@ -124,7 +124,7 @@ fn inside_netns() {
     let mut blocked = connect_from(OUTBOUND_CLIENT, unregistered);
     let mut buf = [0u8; 8];
     assert!(matches!(blocked.read(&mut buf), Ok(0) | Err(_)));
-    assert!(unregistered_peers.lock().unwrap().is_empty());
+    assert!(unregistered_peers.lock().is_empty());
     assert!(proxy.logs().contains("REGISTRY_ONLY"), "{}", proxy.logs());
     let metrics = proxy.scrape();
     assert_eq!(
@@ -144,10 +144,7 @@ fn inside_netns() {
     let mut reply = String::new();
     inbound.read_to_string(&mut reply).unwrap();
     assert_eq!(reply, "in|bye");
-    assert_eq!(
-        peers.lock().unwrap().last().unwrap().ip().to_string(),
-        "127.0.0.6"
-    );
+    assert_eq!(peers.lock().last().unwrap().ip().to_string(), "127.0.0.6");
     let metrics = proxy.scrape();
     let inbound_labels = [
         "reporter=\"destination\"",

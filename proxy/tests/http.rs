@@ -14,10 +14,11 @@
 
 mod support;
 
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -122,7 +123,7 @@ fn tap() -> Arc<Mutex<HashMap<u16, usize>>> {
                 .unwrap()
                 .as_socket()
                 .unwrap();
-            *seen.lock().unwrap().entry(dst.port()).or_insert(0) += 1;
+            *seen.lock().entry(dst.port()).or_insert(0) += 1;
             let server = connect_from(PEER, dst);
             server.set_read_timeout(None).unwrap();
             client.set_read_timeout(None).unwrap();
@@ -534,7 +535,7 @@ async fn exchanges(mesh: &Mesh, taps: &Mutex<HashMap<u16, usize>>) {
         "one keep-alive connection to the app: {remotes:?}"
     );
     assert_eq!(
-        taps.lock().unwrap().get(&HTTP_PORT),
+        taps.lock().get(&HTTP_PORT),
         Some(&1),
         "one mesh connection for every request to the port"
     );

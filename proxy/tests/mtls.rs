@@ -12,9 +12,10 @@
 
 mod support;
 
+use parking_lot::Mutex;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -125,7 +126,7 @@ fn tap() -> Arc<Mutex<Vec<Arc<Wire>>>> {
                 .unwrap();
             let server = connect_from(PEER, dst);
             let wire = Arc::new(Wire::default());
-            seen.lock().unwrap().push(wire.clone());
+            seen.lock().push(wire.clone());
             let (c, s) = (client.try_clone().unwrap(), server.try_clone().unwrap());
             let up = wire.clone();
             std::thread::spawn(move || pipe(c, s, &up.to_server));
@@ -144,7 +145,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, record: &Mutex<Vec<u8>>) {
                 return;
             }
             Ok(n) => {
-                record.lock().unwrap().extend_from_slice(&buf[..n]);
+                record.lock().extend_from_slice(&buf[..n]);
                 if to.write_all(&buf[..n]).is_err() {
                     return;
                 }
@@ -305,20 +306,19 @@ fn inside_netns() {
             b.logs()
         );
     }
-    assert_eq!(strict_peers.lock().unwrap().len(), 3);
+    assert_eq!(strict_peers.lock().len(), 3);
     assert!(
         strict_peers
             .lock()
-            .unwrap()
             .iter()
             .all(|p| p.ip().to_string() == "127.0.0.6")
     );
     {
-        let wires = wires.lock().unwrap();
+        let wires = wires.lock();
         assert_eq!(wires.len(), 3, "every connection went A → tap → B");
         for wire in wires.iter() {
-            let up = wire.to_server.lock().unwrap();
-            let down = wire.to_client.lock().unwrap();
+            let up = wire.to_server.lock();
+            let down = wire.to_client.lock();
             assert_eq!(up[..3], [0x16, 0x03, 0x01], "a TLS handshake record");
             assert!(
                 contains(&up, MESH_ALPN),
@@ -369,11 +369,7 @@ fn inside_netns() {
     // 2. A refuses a server presenting another identity than the endpoint's.
     let reply = exchange(connect_from(APP, vip(102)), b"to-impostor");
     assert!(reply.is_empty(), "{}", String::from_utf8_lossy(&reply));
-    assert_eq!(
-        strict_peers.lock().unwrap().len(),
-        3,
-        "nothing reached the app"
-    );
+    assert_eq!(strict_peers.lock().len(), 3, "nothing reached the app");
     let a_metrics = a.scrape();
     assert_eq!(
         sample(
@@ -405,11 +401,7 @@ fn inside_netns() {
         started.elapsed() < Duration::from_secs(3),
         "closed after the sniff timeout"
     );
-    assert_eq!(
-        strict_peers.lock().unwrap().len(),
-        3,
-        "nothing reached the app"
-    );
+    assert_eq!(strict_peers.lock().len(), 3, "nothing reached the app");
     let b_metrics = b.scrape();
     assert_eq!(
         sample(
@@ -457,11 +449,11 @@ fn inside_netns() {
     assert_eq!(reply, [hello.as_slice(), b"|bye"].concat());
 
     // 6. A non-meshed endpoint gets plain TCP, not through B.
-    let taps_before = wires.lock().unwrap().len();
+    let taps_before = wires.lock().len();
     let reply = exchange(connect_from(APP, vip(103)), b"legacy");
     assert_eq!(reply, b"legacy|bye");
-    assert_eq!(wires.lock().unwrap().len(), taps_before);
-    assert_eq!(legacy_peers.lock().unwrap().len(), 1);
+    assert_eq!(wires.lock().len(), taps_before);
+    assert_eq!(legacy_peers.lock().len(), 1);
 
     // 7. No ready endpoint: closed, counted UH.
     let reply = exchange(connect_from(APP, vip(104)), b"anyone?");

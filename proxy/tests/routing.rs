@@ -17,10 +17,11 @@
 
 mod support;
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
@@ -334,9 +335,7 @@ async fn record_requests(listener: tokio::net::TcpListener, seen: Seen) {
                 .get(http::header::HOST)
                 .map(|h| h.to_str().unwrap_or_default().to_owned())
                 .unwrap_or_default();
-            seen.lock()
-                .unwrap()
-                .push((authority, req.uri().path().to_owned()));
+            seen.lock().push((authority, req.uri().path().to_owned()));
             async move {
                 let mut response = Response::new(empty());
                 *response.status_mut() = StatusCode::NO_CONTENT;
@@ -584,10 +583,10 @@ async fn http_routes(seen: &Seen) {
         assert_eq!(answer.json()["version"], "v1");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while seen.lock().unwrap().len() < 3 && Instant::now() < deadline {
+    while seen.lock().len() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut mirrored = seen.lock().unwrap().clone();
+    let mut mirrored = seen.lock().clone();
     mirrored.sort();
     let shadow = format!("{REVIEWS}-shadow");
     let expected: Vec<(String, String)> = (0..3)

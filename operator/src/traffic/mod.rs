@@ -32,8 +32,9 @@
 //! resource, never failing the snapshot: the admission webhook is where such resources are
 //! refused, and whatever it admits compiles (property-tested in `tests.rs`).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use tracing::warn;
@@ -165,7 +166,7 @@ impl TrafficIndex {
 
     /// The traffic of proxies in `namespace`, compiled on first use in this burst.
     pub fn for_namespace(&self, namespace: &str) -> Arc<CompiledNamespace> {
-        if let Some(done) = lock(&self.compiled).get(namespace) {
+        if let Some(done) = self.compiled.lock().get(namespace) {
             return done.clone();
         }
         let inputs = TrafficInputs {
@@ -179,7 +180,7 @@ impl TrafficIndex {
         };
         let traffic = compile_for_namespace(&inputs, namespace);
         {
-            let mut reported = lock(&self.reported);
+            let mut reported = self.reported.lock();
             for warning in &traffic.warnings {
                 if reported.insert(warning.clone()) {
                     warn!("traffic: {warning}");
@@ -188,15 +189,12 @@ impl TrafficIndex {
         }
         let version = content_hash(&traffic);
         let compiled = Arc::new(CompiledNamespace { traffic, version });
-        lock(&self.compiled)
+        self.compiled
+            .lock()
             .entry(namespace.to_owned())
             .or_insert(compiled)
             .clone()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn content_hash(traffic: &NamespaceTraffic) -> String {

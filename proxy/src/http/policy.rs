@@ -3,8 +3,8 @@
 //! redirect, a direct response or a CORS preflight, a mirror's authority, how a try ended (for
 //! retries) and response-flag lists (`DI,FI`). [`crate::outbound::http`] does the I/O around them.
 
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
-use std::sync::{Mutex, PoisonError};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -272,7 +272,7 @@ pub fn join_flags(flags: &[&'static str]) -> &'static str {
         [one] => one,
         many => {
             let joined = many.join(",");
-            let mut interned = INTERNED.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut interned = INTERNED.lock();
             if let Some(existing) = interned.get(joined.as_str()) {
                 return existing;
             }

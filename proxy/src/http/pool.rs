@@ -24,11 +24,12 @@
 //!   took no new stream for that long is retired.
 //! - `tcp.connectTimeout`: bounds making a connection, TCP and TLS handshake together.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -264,13 +265,9 @@ struct ConnectingGuard<'a> {
 
 impl Drop for ConnectingGuard<'_> {
     fn drop(&mut self) {
-        lock(&self.entry.slot).connecting = false;
+        self.entry.slot.lock().connecting = false;
         self.shared.changed.notify_waiters();
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Default for Pool {
@@ -281,7 +278,7 @@ impl Default for Pool {
 
 impl Shared {
     fn limits(&self) -> Limits {
-        lock(&self.limits).clone()
+        self.limits.lock().clone()
     }
 
     fn overflow(&self, limit: Limit, max: u32) -> Overflow {
@@ -302,7 +299,7 @@ impl Shared {
         self: &Arc<Self>,
         key_open: Option<&Arc<AtomicU32>>,
     ) -> Result<ConnectionGuard, Overflow> {
-        let max = lock(&self.limits).max_connections;
+        let max = self.limits.lock().max_connections;
         let first_of_key = key_open.is_some_and(|open| open.load(Ordering::Acquire) == 0);
         let taken = self
             .connections
@@ -327,7 +324,7 @@ impl Shared {
 
     /// Counts the request as pending, or overflows.
     fn pend(self: &Arc<Self>) -> Result<PendingGuard, Overflow> {
-        let max = lock(&self.limits).max_pending_requests;
+        let max = self.limits.lock().max_pending_requests;
         self.pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then(|| n + 1)
@@ -375,7 +372,7 @@ impl Pool {
 
     /// New limits (a config swap); open connections and waiting requests stay.
     pub fn set_limits(&self, limits: Limits) {
-        *lock(&self.shared.limits) = limits;
+        *self.shared.limits.lock() = limits;
         // A raised limit may let pending requests proceed.
         self.shared.changed.notify_waiters();
     }
@@ -433,7 +430,7 @@ impl Pool {
         F: Future<Output = anyhow::Result<BoxedIo>>,
     {
         let shared = &self.shared;
-        let entry = lock(&shared.http2).entry(key.clone()).or_default().clone();
+        let entry = shared.http2.lock().entry(key.clone()).or_default().clone();
         let mut pending = None;
         let mut retried = false;
         loop {
@@ -459,7 +456,7 @@ impl Pool {
                     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                     let limits = shared.limits();
                     {
-                        let mut slot = lock(&entry.slot);
+                        let mut slot = entry.slot.lock();
                         slot.current = (!limits.exhausted(1)).then(|| Http2Connection {
                             id,
                             sender: sender.clone(),
@@ -485,7 +482,7 @@ impl Pool {
                 Ok(response) => return Ok(response),
                 Err((Some(unsent), e)) if !fresh && !retried => {
                     debug!(upstream = %key.addr, error = %e, "pooled HTTP/2 connection unusable, reconnecting");
-                    let mut slot = lock(&entry.slot);
+                    let mut slot = entry.slot.lock();
                     if slot.current.as_ref().is_some_and(|c| c.id == id) {
                         slot.current = None;
                     }
@@ -502,7 +499,7 @@ impl Pool {
     fn http2_step(&self, entry: &Http2Entry) -> Result<Http2Step, SendError> {
         let shared = &self.shared;
         let limits = shared.limits();
-        let mut slot = lock(&entry.slot);
+        let mut slot = entry.slot.lock();
         if let Some(current) = slot.current.as_mut().filter(|c| !c.sender.is_closed()) {
             current.served += 1;
             current.last_used = Instant::now();
@@ -537,7 +534,7 @@ impl Pool {
         F: Future<Output = anyhow::Result<BoxedIo>>,
     {
         let shared = &self.shared;
-        let entry = lock(&shared.http1).entry(key.clone()).or_default().clone();
+        let entry = shared.http1.lock().entry(key.clone()).or_default().clone();
         let mut pending = None;
         let mut retried = false;
         loop {
@@ -611,7 +608,7 @@ impl Pool {
             }
             let since = Instant::now();
             {
-                let mut idle = lock(&entry.idle);
+                let mut idle = entry.idle.lock();
                 idle.retain(|s| !s.sender.is_closed());
                 if idle.len() >= MAX_IDLE_HTTP1 {
                     return;
@@ -629,7 +626,7 @@ impl Pool {
             if let Some(timeout) = limits.idle_timeout {
                 tokio::time::sleep(timeout).await;
                 let expired = {
-                    let mut idle = lock(&entry.idle);
+                    let mut idle = entry.idle.lock();
                     idle.iter()
                         .position(|s| s.id == id && s.since == since)
                         .map(|at| idle.swap_remove(at))
@@ -654,7 +651,7 @@ enum Http2Step {
 
 /// A pooled connection ready for a request; closed ones are dropped on the way.
 fn take_idle(entry: &Http1Entry) -> Option<IdleHttp1> {
-    let mut idle = lock(&entry.idle);
+    let mut idle = entry.idle.lock();
     idle.retain(|s| !s.sender.is_closed());
     let ready = idle.iter().position(|s| s.sender.is_ready())?;
     Some(idle.swap_remove(ready))
@@ -667,7 +664,7 @@ fn retire_idle_http2(entry: Weak<Http2Entry>, id: u64, timeout: Duration) {
         loop {
             tokio::time::sleep(wait).await;
             let Some(entry) = entry.upgrade() else { return };
-            let mut slot = lock(&entry.slot);
+            let mut slot = entry.slot.lock();
             let Some(current) = slot.current.as_ref().filter(|c| c.id == id) else {
                 return;
             };

@@ -4,8 +4,9 @@
 //! than that is streamed as usual but can no longer be replayed, and the request is then not
 //! retried (Envoy bounds its retry buffer the same way, `per_request_buffer_limit_bytes`).
 
+use parking_lot::Mutex;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -66,7 +67,7 @@ impl ReplayBody {
 
     /// The body for another try, from its first byte; `None` when it is too large to replay.
     pub fn try_again(&self) -> Option<Self> {
-        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shared = self.shared.lock();
         if shared.overflowed {
             return None;
         }
@@ -83,7 +84,7 @@ impl ReplayBody {
     /// The bytes read so far when the whole body is known (read to its end within the limit);
     /// what a mirror copies.
     pub fn complete(&self) -> Option<Bytes> {
-        let shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let shared = self.shared.lock();
         if shared.inner.is_some() || shared.overflowed {
             return None;
         }
@@ -104,7 +105,7 @@ impl HttpBody for ReplayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let mut shared = this.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shared = this.shared.lock();
         if let Some(chunk) = shared.chunks.get(this.next) {
             let chunk = chunk.clone();
             this.next += 1;
@@ -148,7 +149,7 @@ impl HttpBody for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let shared = self.shared.lock();
         shared.inner.is_none()
             && self.next >= shared.chunks.len()
             && (self.trailers_sent || shared.trailers.is_none())

@@ -266,16 +266,16 @@ pub fn echo_server(
     addr: &str,
 ) -> (
     SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    std::sync::Arc<parking_lot::Mutex<Vec<SocketAddr>>>,
 ) {
     let listener = TcpListener::bind(addr).unwrap();
     let local = listener.local_addr().unwrap();
-    let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let peers = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
     let seen = peers.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            seen.lock().unwrap().push(stream.peer_addr().unwrap());
+            seen.lock().push(stream.peer_addr().unwrap());
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 loop {
@@ -526,10 +526,10 @@ impl MeshCa {
 /// An HTTP/1.1 application on 127.0.0.1:`port` (keep-alive, as the proxy pools connections)
 /// answering every request `200` with the request head it received (request line and headers)
 /// as the body. Returns the heads it saw, so a test can prove a request never reached it.
-pub fn recording_http_app(port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+pub fn recording_http_app(port: u16) -> std::sync::Arc<parking_lot::Mutex<Vec<String>>> {
     use std::io::BufRead;
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
     let record = seen.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -560,7 +560,7 @@ pub fn recording_http_app(port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<Stri
                     if reader.read_exact(&mut body).is_err() {
                         return;
                     }
-                    record.lock().unwrap().push(head.clone());
+                    record.lock().push(head.clone());
                     let response = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{head}",
                         head.len()

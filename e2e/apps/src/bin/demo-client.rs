@@ -27,7 +27,8 @@
 //! path: `/`, `/trellis.demo.Echo/Echo`, `/trellis.demo.Echo/Stream`, `/ws`,
 //! `/echo`.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -212,9 +213,7 @@ async fn run_load(client: HttpClient, plan: Arc<Plan>, args: &Args) -> Summary {
         tasks.spawn(async move {
             let outcome = attempt(&client, &plan).await;
             drop(permit);
-            if let Ok(mut t) = tally.lock() {
-                t.record(outcome);
-            }
+            tally.lock().record(outcome);
         });
         // Reap finished tasks so the set does not grow with the run.
         while tasks.try_join_next().is_some() {}
@@ -222,8 +221,8 @@ async fn run_load(client: HttpClient, plan: Arc<Plan>, args: &Args) -> Summary {
     while tasks.join_next().await.is_some() {}
     let elapsed = start.elapsed().as_secs_f64();
     let tally = match Arc::try_unwrap(tally) {
-        Ok(m) => m.into_inner().unwrap_or_default(),
-        Err(shared) => std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner())),
+        Ok(m) => m.into_inner(),
+        Err(shared) => std::mem::take(&mut *shared.lock()),
     };
     let mut summary = tally.finish(plan.mode, elapsed);
     summary.sent = sent;
