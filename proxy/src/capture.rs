@@ -63,8 +63,8 @@ impl CaptureListener {
                         debug!(%peer, error = %e, direction, "cannot set TCP_NODELAY");
                     }
                     if let Some(dst) = redirected_destination(&stream, peer, port, direction) {
-                        // Every log line of the connection, its requests' included, carries
-                        // these fields.
+                        // Every line logged from the connection's task carries these fields
+                        // (HTTP/2 streams run in tasks hyper spawns, outside the span).
                         let span = info_span!("connection", direction, %peer, %dst);
                         let task = handle(self.state.clone(), stream, peer, dst);
                         self.state.drain.spawn_connection(task.instrument(span));

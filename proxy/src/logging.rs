@@ -19,8 +19,8 @@ pub fn init(level: &str) -> anyhow::Result<LogControl> {
             fmt::layer()
                 .json()
                 .flatten_event(true)
-                // The connection's and the request's span fields (peer, destination, request
-                // id) on every line logged inside them.
+                // The connection span's fields (direction, peer, destination) on every line
+                // logged inside it.
                 .with_current_span(false)
                 .with_span_list(true)
                 .with_writer(std::io::stderr),

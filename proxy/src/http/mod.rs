@@ -32,7 +32,7 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tracing::{Span, debug, info_span};
+use tracing::debug;
 use trellis_config::proxy::Protocol;
 
 use crate::state::ProxyState;
@@ -41,17 +41,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Every body the proxy sends, forwarded or generated.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// The span of one request, a child of its connection's: every line logged while the request
-/// is served carries its id, recorded by [`record_request_id`] once the id is known.
-pub fn request_span() -> Span {
-    info_span!("request", request_id = tracing::field::Empty)
-}
-
-/// Records the request's `x-request-id` on the current request span.
-pub fn record_request_id(id: &str) {
-    Span::current().record("request_id", id);
-}
 
 /// Whether a declared port protocol is served as HTTP (`tcp` and `tls` stay opaque).
 pub fn is_http(protocol: Protocol) -> bool {

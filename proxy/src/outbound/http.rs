@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{debug, info, warn};
 use trellis_config::mesh::OutboundTrafficMode;
 use trellis_config::proxy::{Endpoint, MESH_ALPN, MESH_H2_ALPN, Protocol, ProxyConfig};
 use trellis_config::traffic::{
@@ -66,7 +66,6 @@ pub async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, 
     let service = service_fn(move |req| {
         let connection = connection.clone();
         async move { Ok::<_, Infallible>(proxy(&connection, req).await) }
-            .instrument(crate::http::request_span())
     });
     crate::http::serve_connection(&state, stream, service, "outbound").await;
 }
@@ -172,7 +171,6 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
     let labels = super::labels(state, found.as_ref());
     let mut record = Record::start(state.clone(), labels, &req, connection.peer);
     record.request_id = headers::ensure_request_id(req.headers_mut());
-    crate::http::record_request_id(&record.request_id);
     let plan = match route {
         Route::OutsideRegistry => {
             info!(peer = %connection.peer, dst = %connection.dst, authority,
