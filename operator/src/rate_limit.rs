@@ -2,6 +2,11 @@
 //! request costs a TokenReview round trip to the API server before the caller is known, so the
 //! rate of such requests is capped per source address and for the whole replica. A refused
 //! request learns how long to wait (answered as `429` with `Retry-After`).
+//!
+//! Kept by hand rather than built on `governor`: a request must take a token from its source's
+//! bucket and the global one together or from neither (governor's limiters cannot give a token
+//! back, so a request refused by the global limit would still drain its source's bucket), and
+//! the per-source map must stay bounded without a sweeper task (`MAX_SOURCES`).
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
