@@ -2,6 +2,10 @@
 //!
 //! [`relay`] is generic over the stream types so that later layers (mutual TLS, protocol
 //! detection) can wrap either side and still reuse it.
+//!
+//! Kept by hand rather than `tokio::io::copy_bidirectional`: the relay counts bytes per
+//! direction while they flow (the TCP byte metrics move during a long connection, not only at
+//! its end).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

@@ -33,6 +33,9 @@
 //! servers do) must either reject or redirect paths that are not in its canonical case, or be
 //! protected by policies written as an ALLOW list of the exact paths it serves (then `/ADMIN`
 //! matches no ALLOW and is denied) rather than a DENY on `/admin`.
+//!
+//! Kept by hand: authorization depends on exactly these rules (Envoy's and Istio's, not a URL
+//! library's), and every branch is table-tested and fuzzed (`path_normalize`).
 
 use std::fmt::Write as _;
 

@@ -23,6 +23,12 @@
 //! - `idleTimeout`: an HTTP/1.1 connection idle that long is closed; an HTTP/2 connection that
 //!   took no new stream for that long is retired.
 //! - `tcp.connectTimeout`: bounds making a connection, TCP and TLS handshake together.
+//!
+//! Kept by hand rather than hyper-util's client pool: connections are keyed by the endpoint and
+//! the identity it must present (the SPIFFE ID, or the server name of originated TLS), counted
+//! per cluster against Envoy's `connectionPool` limits, and an HTTP/2 connection is shared by
+//! every request to its endpoint; hyper-util's pool keys by scheme and authority and has none of
+//! these limits.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
