@@ -46,7 +46,7 @@ pub enum DurationError {
 /// What Istio's webhook requires of a duration field beyond its syntax.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Minimum {
-    /// Any duration, zero included (`httpCookie.ttl`, `corsPolicy.maxAge`, `retries.backoff`…).
+    /// Any duration, zero included (`httpCookie.ttl`).
     None,
     /// Istio's `ValidateDuration`: at least 1ms and a whole number of milliseconds (route
     /// `timeout`, `perTryTimeout`, fault `fixedDelay`, connect/idle timeouts, outlier intervals…).

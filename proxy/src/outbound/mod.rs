@@ -1,6 +1,6 @@
 //! The outbound capture listener (15001): the application's connections, redirected by iptables.
-//! A connection to a service VIP goes to a ready endpoint of the service port chosen by round
-//! robin, one to an endpoint's address to that endpoint; either way with mutual TLS when the
+//! A connection to a service VIP goes to a ready endpoint of the service port chosen by the
+//! cluster's load balancer, one to an endpoint's address to that endpoint; either way with mutual TLS when the
 //! endpoint is meshed. Anything else is passed through to its original destination
 //! (`ALLOW_ANY`) or refused (`REGISTRY_ONLY`). A service without addresses (a ServiceEntry
 //! without `addresses`) is found by the ClientHello's server name on the dialled port, as
