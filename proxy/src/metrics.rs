@@ -126,10 +126,15 @@ impl TcpLabels {
 
     /// Fills the `destination_service*` labels from a service's first hostname and namespace.
     pub fn with_service(mut self, hostname: &str, namespace: &str) -> Self {
+        self.set_service(hostname, namespace);
+        self
+    }
+
+    /// [`Self::with_service`] in place.
+    pub fn set_service(&mut self, hostname: &str, namespace: &str) {
         self.destination_service = hostname.into();
         self.destination_service_name = hostname.split('.').next().unwrap_or(hostname).into();
         self.destination_service_namespace = namespace.into();
-        self
     }
 }
 

@@ -190,6 +190,13 @@ pub struct Target<'a> {
     pub cluster: Option<&'a Cluster>,
 }
 
+impl<'a> Target<'a> {
+    /// The service's first hostname (its FQDN): what metrics and TLS server names use.
+    pub fn hostname(&self) -> &'a str {
+        self.service.hostnames.first().map_or("", String::as_str)
+    }
+}
+
 /// Resolves a route destination (host, subset, port) to a service of the config. `request_port`
 /// is used when the destination names no port (Istio allows that when the service has one port,
 /// and Envoy then keeps the port the request came in on).

@@ -193,12 +193,11 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
         },
     };
     if let Upstreams::Cluster { target, .. } = &plan.upstreams {
-        record.labels = record
-            .labels
-            .clone()
-            .with_service(target_hostname(target), &target.service.namespace);
-        record.labels.destination_workload_namespace =
-            record.labels.destination_service_namespace.clone();
+        super::set_destination_service(
+            &mut record.labels,
+            target.hostname(),
+            &target.service.namespace,
+        );
     }
     forward(connection, &config, record, req, plan).await
 }
@@ -252,10 +251,6 @@ enum Answer {
     Reason(Reason),
     /// A route's redirect or direct response (boxed: it is the rare, large case).
     Made(Box<Response<Body>>),
-}
-
-fn target_hostname<'a>(target: &Target<'a>) -> &'a str {
-    target.service.hostnames.first().map_or("", String::as_str)
 }
 
 /// Chooses the route (first match wins) and, for a routed request, the weighted destination
@@ -891,7 +886,7 @@ async fn tries(
 /// The upstream service's hostname and declared protocol, when the request goes to a service.
 fn service_of<'a>(plan: &Plan<'a>) -> Option<(&'a str, Protocol)> {
     match &plan.upstreams {
-        Upstreams::Cluster { target, .. } => Some((target_hostname(target), target.port.protocol)),
+        Upstreams::Cluster { target, .. } => Some((target.hostname(), target.port.protocol)),
         Upstreams::Passthrough(_) => None,
     }
 }

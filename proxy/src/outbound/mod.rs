@@ -126,11 +126,7 @@ async fn connect_upstream(
         },
     };
     if let Some(target) = &target {
-        let hostname = target.service.hostnames.first().map_or("", String::as_str);
-        *labels = labels
-            .clone()
-            .with_service(hostname, &target.service.namespace);
-        labels.destination_workload_namespace = labels.destination_service_namespace.clone();
+        set_destination_service(labels, target.hostname(), &target.service.namespace);
     }
     let picked = match (found, &target) {
         (Some(found), Some(target)) => match pick_tcp(state, target, found, dst) {
@@ -159,10 +155,7 @@ async fn connect_upstream(
     let connect_timeout = picked
         .as_ref()
         .map_or(state.connect_timeout, Picked::connect_timeout);
-    let hostname = target
-        .as_ref()
-        .and_then(|t| t.service.hostnames.first())
-        .map_or("", String::as_str);
+    let hostname = target.as_ref().map_or("", Target::hostname);
     let cluster_tls = target
         .as_ref()
         .and_then(|t| t.cluster)
@@ -320,8 +313,14 @@ pub(crate) fn mesh_peer<'a>(
 pub(crate) fn labels(state: &ProxyState, found: Option<&Destination<'_>>) -> TcpLabels {
     let mut labels = state.outbound_labels.clone();
     if let Some(found) = found {
-        labels = labels.with_service(found.hostname(), &found.service.namespace);
-        labels.destination_workload_namespace = labels.destination_service_namespace.clone();
+        set_destination_service(&mut labels, found.hostname(), &found.service.namespace);
     }
     labels
+}
+
+/// Points an outbound connection's labels at the service `hostname` in `namespace`; the
+/// destination workload is taken to live in its service's namespace.
+pub(crate) fn set_destination_service(labels: &mut TcpLabels, hostname: &str, namespace: &str) {
+    labels.set_service(hostname, namespace);
+    labels.destination_workload_namespace = labels.destination_service_namespace.clone();
 }
