@@ -57,6 +57,13 @@ fn assert_owned_by_the_mesh(object: &Value) {
     );
 }
 
+/// The CA Secret read at the start of a reconcile, answered with `material`.
+async fn answer_existing_ca(api: &mut ApiServer, material: &CaMaterial) {
+    api.expect(Method::GET, &format!("{SECRETS_PATH}/{CA_SECRET}"))
+        .await
+        .respond(StatusCode::OK, &ca_secret(material));
+}
+
 /// The operator replicas' readiness count, asked before any rotation step.
 async fn answer_replica_count(api: &mut ApiServer) {
     let pods = api
@@ -193,9 +200,7 @@ async fn an_existing_ca_secret_is_reused_not_regenerated() {
     let mesh = mesh(MESH_NAME);
     let material = test_root();
     let scenario = async {
-        api.expect(Method::GET, &format!("{SECRETS_PATH}/{CA_SECRET}"))
-            .await
-            .respond(StatusCode::OK, &ca_secret(&material));
+        answer_existing_ca(&mut api, &material).await;
         answer_replica_count(&mut api).await;
         answer_owned_objects(&mut api, &material.root_cert).await;
         answer_status(&mut api, &mesh, "True", "Reconciled").await;
@@ -215,9 +220,7 @@ async fn webhook_ca_bundle_drift_is_re_applied_with_the_mesh_root() {
     let mesh = mesh(MESH_NAME);
     let material = test_root();
     let first = async {
-        api.expect(Method::GET, &format!("{SECRETS_PATH}/{CA_SECRET}"))
-            .await
-            .respond(StatusCode::OK, &ca_secret(&material));
+        answer_existing_ca(&mut api, &material).await;
         answer_replica_count(&mut api).await;
         answer_owned_objects(&mut api, &material.root_cert).await;
         answer_status(&mut api, &mesh, "True", "Reconciled").await
@@ -230,9 +233,7 @@ async fn webhook_ca_bundle_drift_is_re_applied_with_the_mesh_root() {
     let mut reconciled = mesh.clone();
     reconciled.status = Some(serde_json::from_value(status).unwrap());
     let second = async {
-        api.expect(Method::GET, &format!("{SECRETS_PATH}/{CA_SECRET}"))
-            .await
-            .respond(StatusCode::OK, &ca_secret(&material));
+        answer_existing_ca(&mut api, &material).await;
         answer_replica_count(&mut api).await;
         answer_owned_objects(&mut api, &material.root_cert).await;
         api.done().await;
