@@ -1,6 +1,6 @@
 # Trellis — build, test and run a service mesh on a real local Kubernetes.
 #   make up     cluster + images + operator + Mesh + demo app, then prints how to reach it
-#   make test   fmt, clippy, unit tests, manifest drift check, e2e on the real cluster
+#   make test   fmt, clippy, cargo deny, unit tests, manifest drift check, e2e on the real cluster
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
@@ -24,7 +24,7 @@ APT_PACKAGES := iptables iproute2 util-linux python3 socat curl ca-certificates
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: help deps build test unit lint fmt clippy structure manifests manifests-check images up down e2e \
-        kubeconfig install demo bench
+        kubeconfig install demo bench deny
 
 help:
 	@echo "make up          real local cluster + operator + Mesh + demo app"
@@ -57,6 +57,12 @@ structure:
 	bash scripts/structure-check.sh
 
 lint: fmt clippy structure
+
+# Licenses, bans, sources and advisories of every dependency (deny.toml), offline against the
+# RustSec snapshot (scripts/deny.sh installs cargo-deny once per machine).
+deny:
+	cargo fetch --locked -q
+	bash scripts/deny.sh
 
 # Unit and integration tests that need no cluster (the init netns tests need root and iptables).
 unit: deps
@@ -138,7 +144,7 @@ e2e: deps
 	  TRELLIS_CNI_BIN_DIR=$(KUBE_STATE)/cni-bin TRELLIS_CNI_CONF_DIR=$(KUBE_STATE)/cni \
 	  cargo test -p trellis-e2e -- --test-threads=1
 
-test: lint unit manifests-check e2e
+test: lint deny unit manifests-check e2e
 
 # Load benchmarks: trellis-proxy vs Envoy vs a direct connection, same topologies (one hop, two
 # hops plaintext, the mesh path with mutual TLS), one run, in a private network namespace (needs
