@@ -7,7 +7,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use trellis_init::{
-    CapturePlan, ExecError, Executor as _, IpFamily, SystemExecutor, apply, cleanup,
+    CapturePlan, ExecError, Executor as _, IpFamily, Ipv6Mode, SystemExecutor, apply, cleanup,
 };
 
 use crate::lookup::{self, LookupError};
@@ -19,6 +19,8 @@ use crate::protocol::{
 /// The plugin's effects on the world.
 pub trait Host {
     fn fetch_pod(&self, kubeconfig: &Path, pod: &PodRef) -> Result<Pod, LookupError>;
+    /// How the namespace's IPv6 must be handled, from the addresses the previous plugins gave it.
+    fn ipv6_mode(&self, netns: &Path) -> Result<Ipv6Mode, ExecError>;
     /// Makes the namespace's tables hold `plan`.
     fn apply_capture(&self, netns: &Path, plan: &CapturePlan) -> Result<(), ExecError>;
     /// Chains of `plan` absent from the namespace's tables.
@@ -34,6 +36,10 @@ pub struct SystemHost;
 impl Host for SystemHost {
     fn fetch_pod(&self, kubeconfig: &Path, pod: &PodRef) -> Result<Pod, LookupError> {
         lookup::fetch_pod(kubeconfig, pod, lookup::LOOKUP_DEADLINE)
+    }
+
+    fn ipv6_mode(&self, netns: &Path) -> Result<Ipv6Mode, ExecError> {
+        SystemExecutor::detect_in_netns(netns).ipv6_mode()
     }
 
     fn apply_capture(&self, netns: &Path, plan: &CapturePlan) -> Result<(), ExecError> {
@@ -150,7 +156,7 @@ fn decide(invocation: &Invocation, host: &dyn Host) -> Result<Option<CapturePlan
             // Failing closed: a pod started without its capture would bypass the mesh's policy.
             LookupError::Api { .. } => CniError::new(code::TRY_AGAIN_LATER, error.to_string()),
         })?;
-    let config = match pod::decide(&pod) {
+    let mut config = match pod::decide(&pod) {
         Ok(Decision::Capture(config)) => config,
         Ok(Decision::Skip(reason)) => {
             tracing::info!(reason, "not capturing");
@@ -169,6 +175,12 @@ fn decide(invocation: &Invocation, host: &dyn Host) -> Result<Option<CapturePlan
             format!("CNI_NETNS {} does not exist", invocation.netns.display()),
         ));
     }
+    // The pod's addresses, not its spec, say whether it has IPv6: the plugins before us have
+    // just assigned them.
+    config.ipv6 = host.ipv6_mode(&invocation.netns).map_err(|e| {
+        CniError::new(code::CAPTURE_FAILED, "reading the pod's addresses failed")
+            .with_details(e.to_string())
+    })?;
     tracing::info!(?config, "capturing");
     CapturePlan::new(&config)
         .map(Some)
@@ -223,6 +235,7 @@ mod tests {
     struct FakeHost {
         pod: Option<Value>,
         api_down: bool,
+        ipv6: Ipv6Mode,
         missing: Vec<String>,
         calls: RefCell<Vec<String>>,
     }
@@ -240,9 +253,18 @@ mod tests {
             Ok(serde_json::from_value(self.pod.clone().expect("pod to serve")).unwrap())
         }
 
+        fn ipv6_mode(&self, _netns: &Path) -> Result<Ipv6Mode, ExecError> {
+            Ok(self.ipv6)
+        }
+
         fn apply_capture(&self, netns: &Path, plan: &CapturePlan) -> Result<(), ExecError> {
+            let ipv6 = if plan.captures_ipv6() {
+                "capturing"
+            } else {
+                "rejecting"
+            };
             self.calls.borrow_mut().push(format!(
-                "apply {} {}",
+                "apply {} {} families, {ipv6} IPv6",
                 netns.display(),
                 plan.families().len()
             ));
@@ -317,7 +339,25 @@ mod tests {
         assert_eq!(answer, Some(prev_result()));
         assert_eq!(
             *host.calls.borrow(),
-            ["fetch cart".to_owned(), format!("apply {netns} 1")]
+            [
+                "fetch cart".to_owned(),
+                format!("apply {netns} 2 families, rejecting IPv6")
+            ]
+        );
+    }
+
+    #[test]
+    fn add_captures_ipv6_where_the_namespace_has_ipv6_addresses() {
+        let host = FakeHost {
+            pod: Some(injected_pod()),
+            ipv6: Ipv6Mode::Capture,
+            ..FakeHost::default()
+        };
+        let netns = existing_netns();
+        handle(&env("ADD", "shop", &netns), &stdin(), &host).unwrap();
+        assert_eq!(
+            host.calls.borrow().last(),
+            Some(&format!("apply {netns} 2 families, capturing IPv6"))
         );
     }
 

@@ -5,6 +5,16 @@
 pub const PROXY_UID: u32 = 1337;
 pub const PROXY_GID: u32 = 1337;
 
+/// Source address of the proxy's connections to its own application (Istio's inbound
+/// passthrough source). The capture rules let exactly these loopback connections through, so a
+/// forwarded inbound connection does not loop back into the proxy; it is not 127.0.0.1/`::1`, so
+/// an application cannot mistake mesh traffic for a local client.
+pub const INBOUND_PASSTHROUGH_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+/// The IPv6 counterpart of [`INBOUND_PASSTHROUGH_SOURCE_V4`]. IPv6 loopback holds only `::1`, so
+/// the capture setup assigns `::6/128` to `lo` when it captures IPv6.
+pub const INBOUND_PASSTHROUGH_SOURCE_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 /// Admin endpoint (`/ready`, `/config_dump`, `/quitquitquit`), bound to 127.0.0.1 only.

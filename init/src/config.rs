@@ -49,8 +49,25 @@ pub struct CaptureConfig {
     pub include_outbound_ip_ranges: CidrSelection,
     /// Outbound destination ranges never redirected; take precedence over the includes.
     pub exclude_outbound_ip_ranges: Vec<IpCidr>,
-    /// Also program ip6tables with the IPv6 half of the plan.
-    pub ipv6: bool,
+    /// What the IPv6 tables do: capture IPv6 as IPv4 is captured, or reject it.
+    pub ipv6: Ipv6Mode,
+}
+
+/// What happens to a pod's IPv6 traffic. Never "let it pass": the proxy sees only what the rules
+/// redirect to it, so uncaptured IPv6 would reach the application (and leave the pod) without
+/// mTLS, policy or telemetry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ipv6Mode {
+    /// The pod has IPv6 addresses: ip6tables redirects IPv6 to the proxy exactly as iptables does
+    /// IPv4, with `::1` for loopback and `::6` as the inbound passthrough's source.
+    Capture,
+    /// The pod has no IPv6 address of its own (at most link-local ones): every IPv6 packet but
+    /// loopback is rejected in the `filter` table, as istio-iptables does where it does not
+    /// capture IPv6, so a neighbour reaching the pod's link-local address meets no application.
+    #[default]
+    Reject,
+    /// The kernel has no IPv6 at all: there is no IPv6 traffic and no ip6tables to program.
+    Absent,
 }
 
 impl Default for CaptureConfig {
@@ -67,7 +84,7 @@ impl Default for CaptureConfig {
             exclude_outbound_ports: Vec::new(),
             include_outbound_ip_ranges: CidrSelection::All,
             exclude_outbound_ip_ranges: Vec::new(),
-            ipv6: false,
+            ipv6: Ipv6Mode::default(),
         }
     }
 }

@@ -1,11 +1,14 @@
-//! Putting a plan into the kernel: an [`Executor`] reads and writes a family's `nat` table, and
-//! [`apply`] / [`cleanup`] drive it with one atomic `iptables-restore` per family.
+//! Putting a plan into the kernel: an [`Executor`] reads and writes a family's tables (and gives
+//! loopback the IPv6 passthrough source), and [`apply`] / [`cleanup`] drive it with one atomic
+//! `iptables-restore` per family.
 
 use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
+use crate::config::Ipv6Mode;
+use crate::netns;
 use crate::plan::{CapturePlan, IpFamily, cleanup_text};
 
 /// Seconds `iptables-restore` waits for the xtables lock. The lock file is host-wide, so in the
@@ -13,12 +16,15 @@ use crate::plan::{CapturePlan, IpFamily, cleanup_text};
 /// pod creation for no reason.
 const XTABLES_LOCK_WAIT_SECONDS: u32 = 30;
 
-/// Reads and atomically rewrites the `nat` table of one IP family.
+/// Reads and atomically rewrites the tables of one IP family in a network namespace.
 pub trait Executor {
-    /// The current `nat` table, as `iptables-save -t nat` prints it (possibly empty).
+    /// The current tables, as `iptables-save` prints them (possibly empty).
     fn save(&self, family: IpFamily) -> Result<String, ExecError>;
     /// Applies `text` with `iptables-restore --noflush`, all of it or none of it.
     fn restore(&self, family: IpFamily, text: &str) -> Result<(), ExecError>;
+    /// Gives loopback the IPv6 inbound passthrough source (`::6/128`), which the proxy must be
+    /// able to bind before IPv6 is redirected to it.
+    fn add_ipv6_passthrough_source(&self) -> Result<(), ExecError>;
 }
 
 /// Why running iptables failed.
@@ -35,16 +41,27 @@ pub enum ExecError {
         status: ExitStatus,
         stderr: String,
     },
+    #[error("{action} in the network namespace: {source}")]
+    Namespace {
+        action: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Makes the tables hold exactly `plan`, leaving rules that are not ours alone. Each family is
 /// one restore transaction computed against that family's current table, so re-applying the same
 /// plan leaves identical tables and a changed plan replaces the old one without a gap.
 pub fn apply<E: Executor + ?Sized>(executor: &E, plan: &CapturePlan) -> Result<(), ExecError> {
+    if plan.captures_ipv6() {
+        executor.add_ipv6_passthrough_source()?;
+    }
     for family_plan in plan.families() {
         let family = family_plan.family();
         let current = executor.save(family)?;
         let text = family_plan.restore_text(&current);
+        if text.is_empty() {
+            continue;
+        }
         tracing::debug!(?family, %text, "restoring capture rules");
         executor.restore(family, &text)?;
         tracing::info!(?family, "capture rules applied");
@@ -157,6 +174,14 @@ impl SystemExecutor {
     pub fn backend(&self) -> Backend {
         self.backend
     }
+
+    /// How the namespace's IPv6 must be handled, from the addresses its interfaces hold.
+    pub fn ipv6_mode(&self) -> Result<Ipv6Mode, ExecError> {
+        netns::ipv6_mode(self.netns.as_deref()).map_err(|source| ExecError::Namespace {
+            action: "reading the IPv6 addresses",
+            source,
+        })
+    }
 }
 
 /// `binary`, run inside `netns` when one is given.
@@ -201,13 +226,22 @@ impl Executor for SystemExecutor {
     fn save(&self, family: IpFamily) -> Result<String, ExecError> {
         let binary = self.backend.binary(family, "save");
         let mut command = command_in(self.netns.as_deref(), &binary);
-        command.args(["-t", "nat"]).stdin(Stdio::null());
+        command.stdin(Stdio::null());
         let output = command.output().map_err(|source| ExecError::Io {
-            command: format!("{binary} -t nat"),
+            command: binary.clone(),
             source,
         })?;
-        check_status(format!("{binary} -t nat"), output.status, &output.stderr)?;
+        check_status(binary, output.status, &output.stderr)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    fn add_ipv6_passthrough_source(&self) -> Result<(), ExecError> {
+        netns::add_inbound_passthrough_source(self.netns.as_deref()).map_err(|source| {
+            ExecError::Namespace {
+                action: "adding the IPv6 passthrough source to loopback",
+                source,
+            }
+        })
     }
 
     fn restore(&self, family: IpFamily, text: &str) -> Result<(), ExecError> {

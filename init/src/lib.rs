@@ -2,24 +2,27 @@
 //!
 //! [`CaptureConfig`] says what to intercept (Istio's defaults and flag/annotation syntax);
 //! [`CapturePlan::new`] turns it into `nat` table rules in istio-iptables' layout (chains
-//! `TRELLIS_INBOUND`, `TRELLIS_IN_REDIRECT`, `TRELLIS_OUTPUT`, `TRELLIS_REDIRECT`) without touching
-//! the system; [`apply`] and [`cleanup`] put them into, or take them out of, the current network
-//! namespace through an [`Executor`], one atomic `iptables-restore` per IP family. The
-//! `trellis-init` binary and the `trellis-cni` plugin both drive this crate.
+//! `TRELLIS_INBOUND`, `TRELLIS_IN_REDIRECT`, `TRELLIS_OUTPUT`, `TRELLIS_REDIRECT`) for IPv4 and,
+//! when the pod has IPv6 addresses ([`SystemExecutor::ipv6_mode`]), for IPv6 — or else `filter`
+//! rules rejecting IPv6, never letting it pass uncaptured — without touching the system;
+//! [`apply`] and [`cleanup`] put them into, or take them out of, the current network namespace
+//! through an [`Executor`], one atomic `iptables-restore` per IP family. The `trellis-init`
+//! binary and the `trellis-cni` plugin both drive this crate.
 
 mod config;
 mod executor;
+mod netns;
 mod plan;
 pub mod validate;
 
 pub use config::{
     ALWAYS_EXCLUDED_INBOUND_PORTS, CaptureConfig, CidrSelection, ConfigError,
-    ISTIO_ENVOY_STATS_PORT, IpCidr, PortSelection, parse_cidr_list, parse_port_list,
+    ISTIO_ENVOY_STATS_PORT, IpCidr, Ipv6Mode, PortSelection, parse_cidr_list, parse_port_list,
 };
 pub use executor::{Backend, ExecError, Executor, SystemExecutor, apply, cleanup};
 pub use plan::{
     CapturePlan, FamilyPlan, IN_REDIRECT_CHAIN, INBOUND_CHAIN, IpFamily, OUTPUT_CHAIN,
-    OWNED_CHAINS, REDIRECT_CHAIN, cleanup_text,
+    OWNED_CHAINS, REDIRECT_CHAIN, REJECT_INBOUND_CHAIN, REJECT_OUTPUT_CHAIN, Table, cleanup_text,
 };
 
 #[cfg(test)]
@@ -221,26 +224,110 @@ mod tests {
     #[test]
     fn ipv6_plan_uses_ipv6_loopback_and_only_ipv6_ranges() {
         let config = CaptureConfig {
-            ipv6: true,
+            ipv6: Ipv6Mode::Capture,
             exclude_outbound_ip_ranges: parse_cidr_list("x", "10.96.0.0/12,fd00::/8").unwrap(),
             ..CaptureConfig::default()
         };
         let plan = CapturePlan::new(&config).unwrap();
         let families: Vec<IpFamily> = plan.families().iter().map(FamilyPlan::family).collect();
         assert_eq!(families, [IpFamily::V4, IpFamily::V6]);
+        assert!(plan.captures_ipv6());
         let v6 = plan.families()[1].render();
         assert!(v6.contains("-A TRELLIS_OUTPUT -d ::1/128 -j RETURN\n"));
         assert!(v6.contains("-A TRELLIS_OUTPUT -o lo -s ::6/128 -j RETURN\n"));
         assert!(v6.contains("-A TRELLIS_OUTPUT -d fd00::/8 -j RETURN\n"));
         assert!(!v6.contains("127.0.0.1") && !v6.contains("10.96.0.0"));
+        // IPv6 is redirected exactly as IPv4: the same rules once the addresses are swapped.
+        let v4 = plan.families()[0].render();
         assert_eq!(
-            CapturePlan::new(&CaptureConfig::default())
-                .unwrap()
-                .families()
-                .len(),
-            1,
-            "IPv6 off plans IPv4 only"
+            v6.replace("::6/128", "127.0.0.6/32")
+                .replace("::1/128", "127.0.0.1/32")
+                .replace("fd00::/8", "10.96.0.0/12"),
+            v4
         );
+    }
+
+    #[test]
+    fn uncaptured_ipv6_is_rejected_except_on_loopback() {
+        let plan = CapturePlan::new(&CaptureConfig::default()).unwrap();
+        assert!(!plan.captures_ipv6());
+        let v6 = &plan.families()[1];
+        assert_eq!(v6.family(), IpFamily::V6);
+        assert_eq!(
+            v6.render(),
+            "*filter\n\
+             :TRELLIS_REJECT_INBOUND - [0:0]\n\
+             :TRELLIS_REJECT_OUTPUT - [0:0]\n\
+             -A TRELLIS_REJECT_INBOUND -i lo -j RETURN\n\
+             -A TRELLIS_REJECT_INBOUND -j REJECT\n\
+             -A TRELLIS_REJECT_OUTPUT -o lo -j RETURN\n\
+             -A TRELLIS_REJECT_OUTPUT -j REJECT\n\
+             -I INPUT -j TRELLIS_REJECT_INBOUND\n\
+             -I OUTPUT -j TRELLIS_REJECT_OUTPUT\n\
+             COMMIT\n"
+        );
+        let absent = CaptureConfig {
+            ipv6: Ipv6Mode::Absent,
+            ..CaptureConfig::default()
+        };
+        assert_eq!(
+            CapturePlan::new(&absent).unwrap().families().len(),
+            1,
+            "a kernel without IPv6 gets IPv4 rules only"
+        );
+    }
+
+    /// `ip6tables-save` of a pod whose IPv6 was rejected, as iptables 1.8.9 prints it.
+    const SAVED_IPV6_REJECTED: &str = "\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:TRELLIS_REJECT_INBOUND - [0:0]
+:TRELLIS_REJECT_OUTPUT - [0:0]
+-A INPUT -j TRELLIS_REJECT_INBOUND
+-A OUTPUT -j TRELLIS_REJECT_OUTPUT
+-A TRELLIS_REJECT_INBOUND -i lo -j RETURN
+-A TRELLIS_REJECT_INBOUND -j REJECT --reject-with icmp6-port-unreachable
+-A TRELLIS_REJECT_OUTPUT -o lo -j RETURN
+-A TRELLIS_REJECT_OUTPUT -j REJECT --reject-with icmp6-port-unreachable
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+COMMIT
+";
+
+    #[test]
+    fn switching_ipv6_between_reject_and_capture_replaces_one_with_the_other() {
+        let capture = CapturePlan::new(&CaptureConfig {
+            ipv6: Ipv6Mode::Capture,
+            ..CaptureConfig::default()
+        })
+        .unwrap();
+        let text = capture.families()[1].restore_text(SAVED_IPV6_REJECTED);
+        let (nat, filter) = text.split_once("COMMIT\n*filter\n").expect("both tables");
+        assert!(
+            nat.starts_with("*nat\n:TRELLIS_INBOUND - [0:0]\n"),
+            "{text}"
+        );
+        assert_eq!(
+            filter,
+            ":TRELLIS_REJECT_INBOUND - [0:0]\n\
+             :TRELLIS_REJECT_OUTPUT - [0:0]\n\
+             -D INPUT -j TRELLIS_REJECT_INBOUND\n\
+             -D OUTPUT -j TRELLIS_REJECT_OUTPUT\n\
+             -X TRELLIS_REJECT_INBOUND\n\
+             -X TRELLIS_REJECT_OUTPUT\n\
+             COMMIT\n"
+        );
+
+        let reject = CapturePlan::new(&CaptureConfig::default()).unwrap();
+        let again = reject.families()[1].restore_text(SAVED_IPV6_REJECTED);
+        assert!(!again.contains("-I ") && !again.contains("-D "), "{again}");
+        assert!(!again.contains("*nat"), "nothing to do in nat: {again}");
     }
 
     #[test]
@@ -354,8 +441,22 @@ COMMIT
     }
 
     #[test]
-    fn rules_outside_the_nat_table_are_ignored() {
-        let saved = "*filter\n:TRELLIS_OUTPUT - [0:0]\n-A OUTPUT -j TRELLIS_OUTPUT\nCOMMIT\n";
+    fn chains_of_our_names_in_other_tables_are_ignored() {
+        let saved = "*filter\n:TRELLIS_OUTPUT - [0:0]\n-A OUTPUT -j TRELLIS_OUTPUT\nCOMMIT\n\
+                     *mangle\n:TRELLIS_REJECT_INBOUND - [0:0]\nCOMMIT\n";
         assert_eq!(cleanup_text(saved), None);
+        assert_eq!(
+            cleanup_text(SAVED_IPV6_REJECTED).as_deref(),
+            Some(
+                "*filter\n\
+                 :TRELLIS_REJECT_INBOUND - [0:0]\n\
+                 :TRELLIS_REJECT_OUTPUT - [0:0]\n\
+                 -D INPUT -j TRELLIS_REJECT_INBOUND\n\
+                 -D OUTPUT -j TRELLIS_REJECT_OUTPUT\n\
+                 -X TRELLIS_REJECT_INBOUND\n\
+                 -X TRELLIS_REJECT_OUTPUT\n\
+                 COMMIT\n"
+            )
+        );
     }
 }

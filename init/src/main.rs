@@ -11,9 +11,20 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use trellis_init::validate::{PROBE_TARGET, validate};
 use trellis_init::{
-    CaptureConfig, CapturePlan, CidrSelection, Executor as _, IpFamily, PortSelection,
+    CaptureConfig, CapturePlan, CidrSelection, Executor as _, IpFamily, Ipv6Mode, PortSelection,
     SystemExecutor, apply, cleanup, cleanup_text, parse_cidr_list, parse_port_list,
 };
+
+/// The `--ipv6` choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Ipv6Choice {
+    /// Capture IPv6 when the pod holds an IPv6 address beyond link-local, reject it otherwise.
+    Auto,
+    /// Capture IPv6 as IPv4 is captured.
+    Capture,
+    /// Reject all IPv6 but loopback.
+    Reject,
+}
 
 /// Installs (or removes) the iptables rules that send a pod's TCP traffic through its sidecar.
 #[derive(Parser, Debug)]
@@ -79,9 +90,11 @@ struct Args {
         default_value = ""
     )]
     exclude_outbound_ip_ranges: String,
-    /// Also capture IPv6 (programs ip6tables too); cleanup then removes the IPv6 rules as well.
-    #[arg(long, env = "TRELLIS_IPV6")]
-    ipv6: bool,
+    /// IPv6 is never left uncaptured: `auto` captures it exactly as IPv4 when the pod's
+    /// interfaces hold an IPv6 address beyond link-local and rejects it otherwise (a kernel
+    /// without IPv6 gets IPv4 rules only); `capture` and `reject` force either.
+    #[arg(long, env = "TRELLIS_IPV6", value_enum, default_value_t = Ipv6Choice::Auto)]
+    ipv6: Ipv6Choice,
     /// Print the restore text instead of changing anything. With --cleanup, reads the current
     /// tables and prints what cleanup would restore.
     #[arg(long, env = "TRELLIS_DRY_RUN")]
@@ -96,7 +109,7 @@ struct Args {
 }
 
 impl Args {
-    fn capture_config(&self) -> Result<CaptureConfig, trellis_init::ConfigError> {
+    fn capture_config(&self, ipv6: Ipv6Mode) -> Result<CaptureConfig, trellis_init::ConfigError> {
         Ok(CaptureConfig {
             proxy_uid: self.proxy_uid,
             proxy_gid: self.proxy_gid,
@@ -126,18 +139,19 @@ impl Args {
                 "exclude-outbound-ip-ranges",
                 &self.exclude_outbound_ip_ranges,
             )?,
-            ipv6: self.ipv6,
+            ipv6,
             ..CaptureConfig::default()
         })
     }
+}
 
-    fn families(&self) -> Vec<IpFamily> {
-        if self.ipv6 {
-            vec![IpFamily::V4, IpFamily::V6]
-        } else {
-            vec![IpFamily::V4]
-        }
-    }
+/// What to do with IPv6 in the namespace `executor` serves.
+fn ipv6_mode(choice: Ipv6Choice, executor: &SystemExecutor) -> anyhow::Result<Ipv6Mode> {
+    Ok(match choice {
+        Ipv6Choice::Auto => executor.ipv6_mode()?,
+        Ipv6Choice::Capture => Ipv6Mode::Capture,
+        Ipv6Choice::Reject => Ipv6Mode::Reject,
+    })
 }
 
 fn main() -> ExitCode {
@@ -165,10 +179,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
         tracing::info!("traffic capture is in place");
         return Ok(());
     }
+    let executor = SystemExecutor::detect();
     if args.cleanup {
-        let executor = SystemExecutor::detect();
+        // Both families were programmed, unless the kernel has no IPv6 to program.
+        let families: &[IpFamily] = match executor.ipv6_mode()? {
+            Ipv6Mode::Absent => &[IpFamily::V4],
+            Ipv6Mode::Capture | Ipv6Mode::Reject => &[IpFamily::V4, IpFamily::V6],
+        };
         if args.dry_run {
-            for family in args.families() {
+            for &family in families {
                 let current = executor.save(family)?;
                 println!("# {}", family.restore_command());
                 match cleanup_text(&current) {
@@ -178,15 +197,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        return cleanup(&executor, &args.families()).context("removing capture rules");
+        return cleanup(&executor, families).context("removing capture rules");
     }
 
-    let config = args.capture_config()?;
+    let config = args.capture_config(ipv6_mode(args.ipv6, &executor)?)?;
     tracing::info!(?config, "capture configuration");
     let plan = CapturePlan::new(&config)?;
     if args.dry_run {
         print!("{}", plan.render());
         return Ok(());
     }
-    apply(&SystemExecutor::detect(), &plan).context("applying capture rules")
+    apply(&executor, &plan).context("applying capture rules")
 }

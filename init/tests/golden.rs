@@ -5,7 +5,8 @@ use std::fs;
 use std::path::PathBuf;
 
 use trellis_init::{
-    CaptureConfig, CapturePlan, CidrSelection, PortSelection, cleanup_text, parse_cidr_list,
+    CaptureConfig, CapturePlan, CidrSelection, Ipv6Mode, PortSelection, cleanup_text,
+    parse_cidr_list,
 };
 
 /// `iptables-save -t nat` from a network namespace holding someone else's DNS rule and the plan
@@ -62,7 +63,8 @@ fn cases() -> Vec<(&'static str, &'static str, String)> {
     vec![
         (
             "defaults",
-            "Istio's injector defaults: all inbound and outbound TCP",
+            "Istio's injector defaults: all inbound and outbound TCP; IPv6 rejected (--ipv6=reject, \
+             or auto on a pod without IPv6 addresses)",
             plan_text(&default()),
         ),
         (
@@ -124,9 +126,10 @@ fn cases() -> Vec<(&'static str, &'static str, String)> {
         ),
         (
             "ipv6",
-            "--ipv6 --exclude-outbound-ip-ranges 10.96.0.0/12,fd00:10:96::/112",
+            "--ipv6=capture (or auto on a pod with IPv6 addresses) \
+             --exclude-outbound-ip-ranges 10.96.0.0/12,fd00:10:96::/112",
             plan_text(&CaptureConfig {
-                ipv6: true,
+                ipv6: Ipv6Mode::Capture,
                 exclude_outbound_ip_ranges: cidrs("10.96.0.0/12,fd00:10:96::/112"),
                 ..default()
             }),

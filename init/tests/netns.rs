@@ -23,6 +23,11 @@ const PEER_IP: &str = "10.254.0.1";
 const PEER_EXCLUDED_IP: &str = "10.254.0.3";
 /// Routed towards the peer but assigned nowhere: only a redirect can make connecting work.
 const UNASSIGNED_IP: &str = "10.254.0.77";
+/// The IPv6 counterparts of the addresses above, for a dual-stack pod.
+const POD_IP6: &str = "fd00:254::2";
+const PEER_IP6: &str = "fd00:254::1";
+const PEER_EXCLUDED_IP6: &str = "fd00:254::3";
+const UNASSIGNED_IP6: &str = "fd00:254::77";
 const PROXY_UID: &str = "1337";
 
 /// The system interpreter: pyenv-style shims under /root are unreadable once setpriv drops to the
@@ -112,10 +117,10 @@ impl Netns {
         run(self.command(TRELLIS_INIT).args(args))
     }
 
-    /// The `nat` table as a save command prints it, minus the timestamped comment lines and
+    /// The tables as a save command prints them, minus the timestamped comment lines and
     /// packet counters, which differ between two saves of the same rules.
-    fn nat_table(&self, save_command: &str) -> String {
-        run(self.command(save_command).args(["-t", "nat"]))
+    fn tables(&self, save_command: &str) -> String {
+        run(&mut self.command(save_command))
             .lines()
             .filter(|line| !line.starts_with('#'))
             .map(|line| match line.split_once(" [") {
@@ -156,6 +161,28 @@ impl Netns {
     fn connect_as(&self, uid: &str, gid: &str, ip: &str, port: u16) -> String {
         self.connect(self.command_as(uid, gid, python()), ip, port)
     }
+
+    /// [`Self::connect_as`] from the local address `source`.
+    fn connect_from_as(&self, uid: &str, source: &str, ip: &str, port: u16) -> String {
+        let mut client = self.command_as(uid, uid, python());
+        client.args(["-c", CLIENT_PY, ip, &port.to_string(), source]);
+        run(&mut client).trim().to_owned()
+    }
+
+    /// The link-local IPv6 address of `eth0` (`fe80::…%eth0`), which the kernel assigns itself
+    /// once the link is up.
+    fn link_local_address(&self) -> String {
+        let shown = run(self
+            .command("ip")
+            .args(["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"]));
+        let address = shown
+            .split_whitespace()
+            .skip_while(|word| *word != "inet6")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next())
+            .unwrap_or_else(|| panic!("no link-local address on eth0: {shown:?}"));
+        format!("{address}%eth0")
+    }
 }
 
 impl Drop for Netns {
@@ -177,7 +204,17 @@ struct PodNetwork {
 }
 
 impl PodNetwork {
+    /// An IPv4-only pod: besides loopback its only IPv6 addresses are link-local.
     fn new(test: &str) -> Self {
+        Self::build(test, false)
+    }
+
+    /// A dual-stack pod: the same, plus [`POD_IP6`] and the peers' IPv6 addresses.
+    fn dual_stack(test: &str) -> Self {
+        Self::build(test, true)
+    }
+
+    fn build(test: &str, dual_stack: bool) -> Self {
         require_root_and_tools();
         let prefix = format!("trellis-init-test-{}-{test}", std::process::id());
         let pod = Netns::create(format!("{prefix}-pod"));
@@ -210,6 +247,30 @@ impl PodNetwork {
             ]);
         }
         ip(&["-n", &peer.name, "link", "set", "eth0", "up"]);
+        if dual_stack {
+            // `nodad`: usable at once, not after duplicate address detection's second.
+            let add6 = |netns: &Netns, address: &str| {
+                ip(&[
+                    "-n",
+                    &netns.name,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{address}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+            };
+            add6(&pod, POD_IP6);
+            add6(&peer, PEER_IP6);
+            add6(&peer, PEER_EXCLUDED_IP6);
+            ip(&[
+                "-n", &pod.name, "-6", "route", "add", "default", "via", PEER_IP6,
+            ]);
+        }
+        wait_for_link_local(&pod);
+        wait_for_link_local(&peer);
 
         let listeners = vec![
             Listener::start(
@@ -220,7 +281,10 @@ impl PodNetwork {
                     (15021, "proxy-readiness"),
                 ],
             ),
-            Listener::start(pod.command_as("1000", "1000", python()), &[(9090, "app")]),
+            Listener::start(
+                pod.command_as("1000", "1000", python()),
+                &[(9090, "app"), (8080, "app-8080")],
+            ),
             Listener::start(peer.command(python()), &[(8080, "peer"), (5432, "peer")]),
         ];
         Self {
@@ -309,6 +373,30 @@ fn capture_redirects_and_exemptions_hold_for_real_connections() {
             format!("proxy-readiness {POD_IP}:15021"),
         ),
     ];
+    assert_cases(pod, cases);
+}
+
+/// Waits (bounded) until `netns`'s `eth0` has a usable link-local address: the kernel assigns it
+/// when the link comes up and keeps it tentative during duplicate address detection.
+fn wait_for_link_local(netns: &Netns) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let shown = run(netns
+            .command("ip")
+            .args(["-6", "addr", "show", "dev", "eth0", "scope", "link"]));
+        if shown.contains("inet6") && !shown.contains("tentative") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no link-local address: {shown}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Lists every case whose answer differs from the expected one, with the tables for context.
+fn assert_cases(pod: &Netns, cases: &[(&str, String, String)]) {
     let failures: Vec<String> = cases
         .iter()
         .filter(|(_, actual, expected)| actual != expected)
@@ -316,10 +404,172 @@ fn capture_redirects_and_exemptions_hold_for_real_connections() {
         .collect();
     assert!(
         failures.is_empty(),
-        "{}\nnat table:\n{}",
+        "{}\nIPv4 tables:\n{}\nIPv6 tables:\n{}",
         failures.join("\n"),
-        pod.nat_table("iptables-save")
+        pod.tables("iptables-save"),
+        pod.tables("ip6tables-save")
     );
+}
+
+/// A dual-stack pod's IPv6 meets exactly the IPv4 cases of the test above: `trellis-init`
+/// finds the pod's IPv6 address itself (`--ipv6` left at `auto`, as the injector and the CNI
+/// plugin leave it) and programs ip6tables like iptables, `::6` included. Before IPv6 was
+/// planned from the pod's addresses, every IPv6 case reached the peer or the app uncaptured.
+#[test]
+fn ipv6_is_captured_exactly_as_ipv4_in_a_dual_stack_pod() {
+    let network = PodNetwork::dual_stack("ipv6");
+    let (pod, peer) = (&network.pod, &network.peer);
+    assert_eq!(
+        pod.connect_as_root(PEER_IP6, 8080),
+        format!("peer [{PEER_IP6}]:8080"),
+        "before apply nothing is captured"
+    );
+
+    pod.trellis_init(&[
+        "--exclude-inbound-ports=9090",
+        "--exclude-outbound-ports=5432",
+        &format!("--exclude-outbound-ip-ranges={PEER_EXCLUDED_IP}/32,{PEER_EXCLUDED_IP6}/128"),
+    ]);
+
+    let bracketed = |ip: &str, port: u16| format!("[{ip}]:{port}");
+    let cases: &[(&str, String, String)] = &[
+        (
+            "outbound from the app goes to the outbound listener",
+            pod.connect_as_root(PEER_IP6, 8080),
+            format!("outbound-capture {}", bracketed(PEER_IP6, 8080)),
+        ),
+        (
+            "outbound to an address nobody holds is still captured",
+            pod.connect_as_root(UNASSIGNED_IP6, 80),
+            format!("outbound-capture {}", bracketed(UNASSIGNED_IP6, 80)),
+        ),
+        (
+            "the proxy uid is not captured",
+            pod.connect_as(PROXY_UID, "1000", PEER_IP6, 8080),
+            format!("peer {}", bracketed(PEER_IP6, 8080)),
+        ),
+        (
+            "the proxy gid is not captured",
+            pod.connect_as("1000", PROXY_UID, PEER_IP6, 8080),
+            format!("peer {}", bracketed(PEER_IP6, 8080)),
+        ),
+        (
+            "an excluded outbound port is not captured",
+            pod.connect_as_root(PEER_IP6, 5432),
+            format!("peer {}", bracketed(PEER_IP6, 5432)),
+        ),
+        (
+            "an excluded outbound range is not captured",
+            pod.connect_as_root(PEER_EXCLUDED_IP6, 8080),
+            format!("peer {}", bracketed(PEER_EXCLUDED_IP6, 8080)),
+        ),
+        (
+            "the app reaching itself on loopback is not captured",
+            pod.connect_as_root("::1", 9090),
+            "app [::1]:9090".to_owned(),
+        ),
+        (
+            "the app reaching its own pod IP is not captured",
+            pod.connect_as_root(POD_IP6, 9090),
+            format!("app {}", bracketed(POD_IP6, 9090)),
+        ),
+        (
+            "the proxy reaching its own pod IP is handed to the inbound side",
+            pod.connect_as(PROXY_UID, PROXY_UID, POD_IP6, 9090),
+            format!("inbound-capture {}", bracketed(POD_IP6, 9090)),
+        ),
+        (
+            "the proxy forwarding inbound from ::6 reaches the app",
+            pod.connect_from_as(PROXY_UID, "::6", POD_IP6, 8080),
+            format!("app-8080 {}", bracketed(POD_IP6, 8080)),
+        ),
+        (
+            "inbound to an app port goes to the inbound listener",
+            peer.connect_as_root(POD_IP6, 8080),
+            format!("inbound-capture {}", bracketed(POD_IP6, 8080)),
+        ),
+        (
+            "an excluded inbound port reaches the app",
+            peer.connect_as_root(POD_IP6, 9090),
+            format!("app {}", bracketed(POD_IP6, 9090)),
+        ),
+        (
+            "the proxy's readiness port is never captured",
+            peer.connect_as_root(POD_IP6, 15021),
+            format!("proxy-readiness {}", bracketed(POD_IP6, 15021)),
+        ),
+        (
+            "IPv4 is still captured",
+            peer.connect_as_root(POD_IP, 8080),
+            format!("inbound-capture {POD_IP}:8080"),
+        ),
+    ];
+    assert_cases(pod, cases);
+}
+
+/// Where IPv6 is not captured it does not pass: an IPv4-only pod (IPv6 only link-local, `auto`
+/// rejects) and a dual-stack pod told `--ipv6=reject` answer no IPv6 connection either way, while
+/// IPv4 is captured and IPv6 loopback still works. Before, a neighbour reached the app on the
+/// pod's link-local address and the app reached the network, both past the proxy.
+#[test]
+fn uncaptured_ipv6_is_rejected_never_passed() {
+    let network = PodNetwork::new("ipv6-reject");
+    let (pod, peer) = (&network.pod, &network.peer);
+    let pod_link_local = pod.link_local_address();
+    let peer_link_local = peer.link_local_address();
+    assert!(
+        peer.connect_as_root(&pod_link_local, 9090)
+            .starts_with("app "),
+        "before apply the app answers on its link-local address"
+    );
+    pod.trellis_init(&[]);
+    let refused = |answer: String| answer.starts_with("no connection");
+    let cases = [
+        (
+            "a neighbour reaching the app on its link-local address",
+            peer.connect_as_root(&pod_link_local, 9090),
+        ),
+        (
+            "a neighbour reaching a captured port on its link-local address",
+            peer.connect_as_root(&pod_link_local, 8080),
+        ),
+        (
+            "the app reaching a neighbour's link-local address",
+            pod.connect_as_root(&peer_link_local, 8080),
+        ),
+        (
+            "the proxy reaching a neighbour's link-local address",
+            pod.connect_as(PROXY_UID, PROXY_UID, &peer_link_local, 8080),
+        ),
+    ];
+    for (name, answer) in &cases {
+        assert!(
+            refused(answer.clone()),
+            "{name}: {answer}\n{}",
+            pod.tables("ip6tables-save")
+        );
+    }
+    assert_eq!(
+        pod.connect_as_root("::1", 9090),
+        "app [::1]:9090",
+        "IPv6 loopback works"
+    );
+    assert_eq!(
+        peer.connect_as_root(POD_IP, 8080),
+        format!("inbound-capture {POD_IP}:8080")
+    );
+
+    let dual = PodNetwork::dual_stack("ipv6-forced-reject");
+    dual.pod.trellis_init(&["--ipv6=reject"]);
+    for answer in [
+        dual.peer.connect_as_root(POD_IP6, 9090),
+        dual.pod.connect_as_root(PEER_IP6, 8080),
+    ] {
+        assert!(
+            refused(answer.clone()),
+            "--ipv6=reject let through: {answer}"
+        );
+    }
 }
 
 #[test]
@@ -352,7 +602,9 @@ fn include_lists_capture_only_what_they_name() {
 /// Someone else's rules in both families, so the test can tell "ours removed" from "table reset".
 fn seed_foreign_rules(netns: &Netns) {
     let foreign = "*nat\n:FOREIGN_DNS - [0:0]\n-A FOREIGN_DNS -j RETURN\n\
-                   -A OUTPUT -p udp --dport 53 -j FOREIGN_DNS\nCOMMIT\n";
+                   -A OUTPUT -p udp --dport 53 -j FOREIGN_DNS\nCOMMIT\n\
+                   *filter\n:FOREIGN_FILTER - [0:0]\n-A FOREIGN_FILTER -j RETURN\n\
+                   -A INPUT -p udp --dport 53 -j FOREIGN_FILTER\nCOMMIT\n";
     netns.restore("iptables-restore", foreign);
     netns.restore("ip6tables-restore", foreign);
 }
@@ -362,15 +614,10 @@ fn apply_is_idempotent_and_cleanup_restores_the_previous_table() {
     require_root_and_tools();
     let pod = Netns::create(format!("trellis-init-test-{}-idem", std::process::id()));
     seed_foreign_rules(&pod);
-    let tables = || {
-        (
-            pod.nat_table("iptables-save"),
-            pod.nat_table("ip6tables-save"),
-        )
-    };
+    let tables = || (pod.tables("iptables-save"), pod.tables("ip6tables-save"));
     let before = tables();
 
-    pod.trellis_init(&["--ipv6"]);
+    pod.trellis_init(&["--ipv6=capture"]);
     let applied = tables();
     assert_ne!(applied, before, "apply changed nothing");
     for table in [&applied.0, &applied.1] {
@@ -388,27 +635,27 @@ fn apply_is_idempotent_and_cleanup_restores_the_previous_table() {
     }
     assert!(applied.1.contains("-d ::1/128 -j RETURN"), "{}", applied.1);
 
-    pod.trellis_init(&["--ipv6"]);
+    pod.trellis_init(&["--ipv6=capture"]);
     assert_eq!(tables(), applied, "second apply changed the tables");
 
     pod.trellis_init(&[
-        "--ipv6",
+        "--ipv6=capture",
         "--include-inbound-ports=",
         "--exclude-outbound-ports=22",
     ]);
     let changed = tables();
     assert!(!changed.0.contains("TRELLIS_INBOUND"), "{}", changed.0);
     assert!(changed.0.contains("--dport 22 -j RETURN"), "{}", changed.0);
-    pod.trellis_init(&["--ipv6"]);
+    pod.trellis_init(&["--ipv6=capture"]);
     assert_eq!(
         tables(),
         applied,
         "re-applying the first config after a change"
     );
 
-    pod.trellis_init(&["--cleanup", "--ipv6"]);
+    pod.trellis_init(&["--cleanup"]);
     assert_eq!(tables(), before, "cleanup left a different table");
-    pod.trellis_init(&["--cleanup", "--ipv6"]);
+    pod.trellis_init(&["--cleanup"]);
     assert_eq!(tables(), before, "cleanup of a clean table changed it");
 }
 
@@ -420,23 +667,23 @@ fn backend_already_holding_rules_is_used() {
         "iptables-legacy-restore",
         "*nat\n:FOREIGN - [0:0]\n-A OUTPUT -p udp -j FOREIGN\nCOMMIT\n",
     );
-    let legacy_before = pod.nat_table("iptables-legacy-save");
-    let nft_before = pod.nat_table("iptables-nft-save");
+    let legacy_before = pod.tables("iptables-legacy-save");
+    let nft_before = pod.tables("iptables-nft-save");
 
     pod.trellis_init(&[]);
-    let legacy = pod.nat_table("iptables-legacy-save");
+    let legacy = pod.tables("iptables-legacy-save");
     assert!(
         legacy.contains("-A OUTPUT -p tcp -j TRELLIS_OUTPUT"),
         "{legacy}"
     );
     assert_eq!(
-        pod.nat_table("iptables-nft-save"),
+        pod.tables("iptables-nft-save"),
         nft_before,
         "nft was written to although legacy holds the rules"
     );
 
     pod.trellis_init(&["--cleanup"]);
-    assert_eq!(pod.nat_table("iptables-legacy-save"), legacy_before);
+    assert_eq!(pod.tables("iptables-legacy-save"), legacy_before);
 }
 
 #[test]
@@ -444,7 +691,7 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
     require_root_and_tools();
     let pod = Netns::create(format!("trellis-init-test-{}-dry", std::process::id()));
     seed_foreign_rules(&pod);
-    let before = pod.nat_table("iptables-save");
+    let before = pod.tables("iptables-save");
 
     let printed = pod.trellis_init(&["--dry-run"]);
     let golden = std::fs::read_to_string(concat!(
@@ -456,8 +703,8 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
         golden.split_once('\n').map(|(_description, plan)| plan),
         Some(printed.as_str())
     );
-    assert_eq!(pod.nat_table("iptables-save"), before);
+    assert_eq!(pod.tables("iptables-save"), before);
 
     pod.trellis_init(&["--dry-run", "--cleanup"]);
-    assert_eq!(pod.nat_table("iptables-save"), before);
+    assert_eq!(pod.tables("iptables-save"), before);
 }
