@@ -1,13 +1,15 @@
 //! What the two capture listeners share: the accept loop that stops when the drain starts, one
 //! task per connection (with TCP_NODELAY on the accepted socket), and recovering the original
 //! destination of a redirected connection (refusing connections that were not redirected, so a
-//! direct dial can never loop).
+//! direct dial can never loop). A listener on the IPv4 wildcard listens on the IPv6 wildcard too,
+//! so IPv6 the capture rules redirect meets the proxy exactly as IPv4 does.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -19,6 +21,9 @@ use crate::state::ProxyState;
 
 pub struct CaptureListener {
     listener: TcpListener,
+    /// The IPv6 wildcard on the same port, when `listener` is the IPv4 wildcard and the kernel
+    /// has IPv6: redirected IPv6 connections arrive here.
+    listener_v6: Option<TcpListener>,
     state: Arc<ProxyState>,
     /// `inbound` or `outbound`, for logs.
     direction: &'static str,
@@ -31,8 +36,15 @@ impl CaptureListener {
         direction: &'static str,
     ) -> io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
+        let listener_v6 = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                ipv6_wildcard(listener.local_addr()?.port(), direction)?
+            }
+            _ => None,
+        };
         Ok(Self {
             listener,
+            listener_v6,
             state,
             direction,
         })
@@ -54,6 +66,7 @@ impl CaptureListener {
         loop {
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
+                accepted = accept_if_bound(self.listener_v6.as_ref()) => accepted,
                 () = self.state.drain.started() => break,
             };
             match accepted {
@@ -74,6 +87,37 @@ impl CaptureListener {
             }
         }
         info!(direction, "listener stopped accepting");
+    }
+}
+
+/// Linux's `EAFNOSUPPORT`: the kernel was built or booted without IPv6.
+const ADDRESS_FAMILY_NOT_SUPPORTED: i32 = 97;
+
+/// A listener on `[::]:port` that takes IPv6 only (`IPV6_V6ONLY`), so that it can sit beside the
+/// IPv4 wildcard and each connection keeps its own family's addresses and original-destination
+/// lookup; `None` on a kernel without IPv6, where no IPv6 can be captured either.
+fn ipv6_wildcard(port: u16, direction: &str) -> io::Result<Option<TcpListener>> {
+    let socket = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
+        Ok(socket) => socket,
+        Err(e) if e.raw_os_error() == Some(ADDRESS_FAMILY_NOT_SUPPORTED) => {
+            info!(direction, "the kernel has no IPv6: listening on IPv4 only");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port).into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into()).map(Some)
+}
+
+/// The next connection on `listener`; never, without one.
+async fn accept_if_bound(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,13 +1,14 @@
 //! `trellis-proxy sidecar`: wires the config source, the identity, the listeners and the HTTP
 //! endpoints together, and drains on SIGTERM, `/quitquitquit` or the control plane's `exit`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
 use http::StatusCode;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
@@ -56,8 +57,8 @@ pub async fn run(args: SidecarArgs, log: LogControl) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the inbound listener on port {}", args.inbound_port))?;
     let admin = bind(LOCALHOST, args.admin_port, "admin").await?;
-    let metrics = bind(ANY, args.metrics_port, "metrics").await?;
-    let readiness = bind(ANY, args.readiness_port, "readiness").await?;
+    let metrics = bind_both_families(args.metrics_port, "metrics")?;
+    let readiness = bind_both_families(args.readiness_port, "readiness")?;
     state.listeners_bound.store(true, Ordering::Release);
     info!(
         outbound = %outbound.local_addr()?,
@@ -95,6 +96,30 @@ async fn bind(ip: IpAddr, port: u16, name: &str) -> anyhow::Result<TcpListener> 
     TcpListener::bind((ip, port))
         .await
         .with_context(|| format!("binding the {name} endpoint on {ip}:{port}"))
+}
+
+/// Binds `port` on every IPv4 and IPv6 address (a pod's probes and scrapes come to whichever
+/// address is its primary) with one dual-stack socket: IPv4 clients appear as IPv4-mapped IPv6,
+/// which these HTTP endpoints never look at. IPv4 only on a kernel without IPv6.
+fn bind_both_families(port: u16, name: &str) -> anyhow::Result<TcpListener> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let (socket, address) = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
+            Ok(socket) => {
+                socket.set_only_v6(false)?;
+                (socket, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
+            }
+            Err(_) => (
+                Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?,
+                SocketAddr::new(ANY, port),
+            ),
+        };
+        socket.set_reuse_address(true)?;
+        socket.bind(&address.into())?;
+        socket.set_nonblocking(true)?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    bind().with_context(|| format!("binding the {name} endpoint on port {port}"))
 }
 
 fn spawn_endpoints(

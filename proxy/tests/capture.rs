@@ -1,17 +1,21 @@
 //! The capture path end to end: inside a private network namespace, iptables REDIRECTs a
 //! client's connections to the real proxy's 15001/15006, which reads SO_ORIGINAL_DST and forwards.
-//! Needs root and `ip`/`iptables`; skipped (with a message) otherwise.
+//! The dual-stack test installs trellis-init's own rules (IPv4 and IPv6) in a pod namespace wired
+//! to a peer namespace. Needs root, `ip`, `iptables`/`ip6tables` and python3 (the peer's client);
+//! fails rather than skips without them.
 //!
-//! The test re-runs itself inside the namespace (`ip netns exec`), so every socket it and the
-//! proxy open live there; a guard deletes the namespace afterwards.
+//! Each test re-runs itself inside the (pod) namespace (`ip netns exec`), so every socket it and
+//! the proxy open live there; guards delete the namespaces afterwards.
 
 mod support;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
 use std::time::Duration;
 
 use support::{Netns, Ports, Proxy, connect_from, echo_server, http, sample};
+use trellis_init::{CaptureConfig, CapturePlan, Ipv6Mode, SystemExecutor, apply};
 
 const INSIDE: &str = "TRELLIS_PROXY_TEST_IN_NETNS";
 /// Connections from this source are redirected to the outbound listener...
@@ -183,4 +187,239 @@ fn inside_netns() {
     drop(open);
     let exit = proxy.wait_exit(Duration::from_secs(10));
     assert_eq!(exit.code(), Some(0), "{}", proxy.logs());
+}
+
+const DUAL_STACK_INSIDE: &str = "TRELLIS_PROXY_DUAL_STACK_TEST_IN_NETNS";
+/// The pod's and the peer's ends of the veth pair, in both families.
+const POD_IP: &str = "10.254.1.2";
+const PEER_IP: &str = "10.254.1.1";
+const POD_IP6: &str = "fd00:254:1::2";
+const PEER_IP6: &str = "fd00:254:1::1";
+/// The application's port the mesh serves, and the one an AuthorizationPolicy denies.
+const APP_PORT: u16 = 7000;
+const DENIED_PORT: u16 = 7001;
+
+/// Run by python3 in the peer namespace: connects to argv[1]:argv[2], sends `in`, half-closes,
+/// and prints everything read until the close (or why there was no connection).
+const PEER_CLIENT_PY: &str = r#"
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
+        conn.sendall(b"in")
+        conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := conn.recv(256):
+            answer += chunk
+        print(answer.decode() or "closed without answer")
+except OSError as error:
+    print(f"no connection: {error}")
+"#;
+
+/// A dual-stack pod: trellis-init's rules as the init container installs them (IPv6 found from
+/// the pod's own address, so captured), the real proxy on 15001/15006, an application on the pod's
+/// addresses and a peer pod on the other end of a veth pair. IPv6 then meets the proxy exactly as
+/// IPv4 does, case by case: inbound is forwarded from the passthrough source (`::6` as
+/// `127.0.0.6`) and counted, an AuthorizationPolicy DENY holds, and outbound goes through the
+/// proxy's REGISTRY_ONLY check (the original destination read with IP6T_SO_ORIGINAL_DST).
+/// Before IPv6 was captured, the peer reached the application directly over IPv6, past every
+/// policy.
+#[test]
+fn ipv6_is_captured_in_dual_stack_netns() {
+    if std::env::var_os(DUAL_STACK_INSIDE).is_some() {
+        dual_stack_inside();
+        return;
+    }
+    let create = |tag| {
+        let netns = Netns::create(tag)
+            .expect("cannot create a network namespace: this test needs root and iproute2");
+        assert!(netns.exec("ip", &["link", "set", "lo", "up"]).success());
+        netns
+    };
+    let pod = create("dual-stack-pod");
+    let peer = create("dual-stack-peer");
+    let ip = |args: &[&str]| {
+        let status = Command::new("ip").args(args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    };
+    ip(&[
+        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+        &peer.0,
+    ]);
+    for (netns, v4, v6) in [(&pod, POD_IP, POD_IP6), (&peer, PEER_IP, PEER_IP6)] {
+        ip(&[
+            "-n",
+            &netns.0,
+            "addr",
+            "add",
+            &format!("{v4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        // `nodad`: usable at once, not after duplicate address detection's second.
+        let v6 = format!("{v6}/64");
+        ip(&[
+            "-n", &netns.0, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
+        ]);
+        ip(&["-n", &netns.0, "link", "set", "eth0", "up"]);
+    }
+    ip(&["-n", &pod.0, "route", "add", "default", "via", PEER_IP]);
+    ip(&[
+        "-n", &pod.0, "-6", "route", "add", "default", "via", PEER_IP6,
+    ]);
+    pod.rerun_inside(DUAL_STACK_INSIDE);
+}
+
+/// The peer namespace of the pod namespace this process runs in (named alike by the outer run).
+fn peer_netns() -> String {
+    let output = Command::new("ip")
+        .args(["netns", "identify"])
+        .output()
+        .unwrap();
+    let pod = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        pod.contains("dual-stack-pod"),
+        "not in the test's pod namespace: {pod:?}"
+    );
+    pod.trim().replace("dual-stack-pod", "dual-stack-peer")
+}
+
+/// What the peer pod's client got from `ip`:`port`.
+fn from_peer(peer: &str, ip: &str, port: u16) -> String {
+    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            peer,
+            python,
+            "-c",
+            PEER_CLIENT_PY,
+            ip,
+            &port.to_string(),
+        ])
+        .output()
+        .expect("running the peer's client (python3)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+fn dual_stack_inside() {
+    // What trellis-init does in the pod: find the pod's IPv6 and install the rules.
+    let executor = SystemExecutor::detect();
+    let ipv6 = executor.ipv6_mode().unwrap();
+    assert_eq!(
+        ipv6,
+        Ipv6Mode::Capture,
+        "the pod's IPv6 address was not found"
+    );
+    let plan = CapturePlan::new(&CaptureConfig {
+        ipv6,
+        ..CaptureConfig::default()
+    })
+    .unwrap();
+    apply(&executor, &plan).unwrap();
+
+    let peer = peer_netns();
+    let config = format!(
+        r#"{{"version":"dual-stack-1","outboundTrafficPolicy":"REGISTRY_ONLY","services":[],
+            "inbound":{{"mtlsMode":"PERMISSIVE","authorization":{{"deny":[{{
+                "name":"demo.deny-port","rules":[{{"to":[{{"ports":[{DENIED_PORT}]}}]}}]}}]}}}}}}"#
+    );
+    let mut proxy = Proxy::with_config(Ports::well_known(), &config, &[]);
+    proxy.wait_ready();
+    let inbound_opened = |proxy: &Proxy| {
+        sample(
+            &proxy.scrape(),
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"destination\"", "response_flags=\"-\""],
+        )
+        .unwrap_or(0)
+    };
+    let outbound_blocked = |proxy: &Proxy| {
+        sample(
+            &proxy.scrape(),
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"source\"", "response_flags=\"NR\""],
+        )
+        .unwrap_or(0)
+    };
+
+    // The same cases for IPv4 and then IPv6, with the same expectations.
+    for (family, pod_ip, peer_ip, passthrough_source) in [
+        ("IPv4", POD_IP, PEER_IP, "127.0.0.6"),
+        ("IPv6", POD_IP6, PEER_IP6, "::6"),
+    ] {
+        let (_, app_peers) =
+            echo_server(&SocketAddr::new(pod_ip.parse().unwrap(), APP_PORT).to_string());
+        let (_, denied_peers) =
+            echo_server(&SocketAddr::new(pod_ip.parse().unwrap(), DENIED_PORT).to_string());
+
+        let before = inbound_opened(&proxy);
+        assert_eq!(
+            from_peer(&peer, pod_ip, APP_PORT),
+            "in|bye",
+            "{family}: inbound"
+        );
+        let seen = app_peers.lock().clone();
+        assert_eq!(
+            seen.iter().map(|p| p.ip().to_string()).collect::<Vec<_>>(),
+            [passthrough_source],
+            "{family}: the application must see the proxy's passthrough source, not the peer \
+             (the connection went around the proxy)\n{}",
+            proxy.logs()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while inbound_opened(&proxy) == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            inbound_opened(&proxy),
+            before + 1,
+            "{family}: inbound counted"
+        );
+
+        let denied = from_peer(&peer, pod_ip, DENIED_PORT);
+        assert!(
+            denied == "closed without answer" || denied.starts_with("no connection"),
+            "{family}: the DENY let the peer through: {denied}"
+        );
+        assert!(
+            denied_peers.lock().is_empty(),
+            "{family}: the denied app was reached"
+        );
+
+        // Outbound to an address no service holds: REGISTRY_ONLY closes it in the proxy. Not
+        // captured, the connection would be refused by the peer, where nothing listens.
+        let blocked_before = outbound_blocked(&proxy);
+        let mut outbound = TcpStream::connect((peer_ip, 8080))
+            .unwrap_or_else(|e| panic!("{family}: outbound did not reach the proxy: {e}"));
+        outbound
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        assert!(matches!(outbound.read(&mut buf), Ok(0) | Err(_)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while outbound_blocked(&proxy) == blocked_before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            outbound_blocked(&proxy),
+            blocked_before + 1,
+            "{family}: outbound not refused by the proxy\n{}",
+            proxy.logs()
+        );
+    }
+    assert!(
+        proxy.logs().contains(&format!("[{PEER_IP6}]:8080")),
+        "the proxy logs the IPv6 original destination\n{}",
+        proxy.logs()
+    );
 }

@@ -1,7 +1,7 @@
 //! Inbound HTTP: after the PeerAuthentication decision and TLS termination (`crate::inbound`),
 //! the connection is served as HTTP (HTTP/1.1 or HTTP/2; the mesh HTTP/2 inside mutual TLS) and
 //! each request is forwarded to the application on `127.0.0.1:<port>` from
-//! [`INBOUND_SOURCE`] over a pooled connection in the port's declared protocol.
+//! [`inbound_source`](super::inbound_source) over a pooled connection in the port's declared protocol.
 //!
 //! Before a request is forwarded, in this order:
 //! 1. identity headers are made unforgeable: a client-supplied `x-forwarded-client-cert` is
@@ -24,7 +24,7 @@ use hyper::service::service_fn;
 use tracing::info;
 use trellis_config::proxy::Protocol;
 
-use super::INBOUND_SOURCE;
+use super::inbound_source;
 use crate::authz::{self, ConnectionAttributes, HttpAttributes, Verdict};
 use crate::http::headers::{
     self, X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION,
@@ -122,7 +122,7 @@ impl Connection {
         headers::set_version(&mut req, version, &fallback_authority);
         let key = Key {
             addr: app,
-            source: Some(INBOUND_SOURCE),
+            source: Some(inbound_source(app.ip())),
             peer: None,
             wire,
         };
@@ -207,9 +207,13 @@ impl Connection {
     }
 
     async fn connect_app(&self, app: SocketAddr) -> anyhow::Result<BoxedIo> {
-        let stream = forward::connect(app, Some(INBOUND_SOURCE), self.state.connect_timeout)
-            .await
-            .map_err(|e| anyhow::anyhow!("connecting to the application on {app}: {e}"))?;
+        let stream = forward::connect(
+            app,
+            Some(inbound_source(app.ip())),
+            self.state.connect_timeout,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the application on {app}: {e}"))?;
         Ok(Box::new(stream))
     }
 }

@@ -1,5 +1,5 @@
 //! The inbound capture listener (15006): connections to the pod's ports, redirected by iptables,
-//! forwarded to the application from source 127.0.0.6 (which the capture rules exempt).
+//! forwarded to the application from source 127.0.0.6 or `::6` (which the capture rules exempt).
 //!
 //! The first bytes of each connection are peeked to tell a sidecar's mutual TLS (a ClientHello
 //! offering a mesh ALPN) from anything else; the port's PeerAuthentication mode then decides
@@ -14,13 +14,14 @@
 pub mod http;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tracing::debug;
 use trellis_config::SpiffeId;
 use trellis_config::proxy::{MESH_H2_ALPN, PeerAuthenticationMode, Protocol, ProxyConfig};
+use trellis_config::wellknown::{INBOUND_PASSTHROUGH_SOURCE_V4, INBOUND_PASSTHROUGH_SOURCE_V6};
 
 use crate::authz;
 use crate::capture::{self, CaptureListener, Refusal};
@@ -32,8 +33,14 @@ use crate::sniff::{self, Detected};
 use crate::state::ProxyState;
 use crate::tls::mtls;
 
-/// Source address of forwarded inbound connections, as in Istio's inbound passthrough.
-pub const INBOUND_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+/// Source address of forwarded inbound connections, as in Istio's inbound passthrough: 127.0.0.6,
+/// or `::6` towards an IPv6 application address (the capture rules let exactly these through).
+pub fn inbound_source(app: IpAddr) -> IpAddr {
+    match app {
+        IpAddr::V4(_) => INBOUND_PASSTHROUGH_SOURCE_V4.into(),
+        IpAddr::V6(_) => INBOUND_PASSTHROUGH_SOURCE_V6.into(),
+    }
+}
 
 pub struct Inbound(CaptureListener);
 
@@ -239,9 +246,9 @@ async fn terminate(
     }
 }
 
-/// Connects to the application from [`INBOUND_SOURCE`]; a failure is counted and logged.
+/// Connects to the application from [`inbound_source`]; a failure is counted and logged.
 async fn connect_app(state: &ProxyState, labels: &TcpLabels, dst: SocketAddr) -> Option<TcpStream> {
-    match forward::connect(dst, Some(INBOUND_SOURCE), state.connect_timeout).await {
+    match forward::connect(dst, Some(inbound_source(dst.ip())), state.connect_timeout).await {
         Ok(app) => Some(app),
         Err(e) => {
             Refusal::failure(
