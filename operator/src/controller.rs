@@ -47,7 +47,7 @@ pub async fn run(ctx: Arc<Context>) -> Result<()> {
     }
     let namespaces = Api::<Namespace>::all(ctx.client.clone());
     Controller::new(meshes, watcher::Config::default())
-        // Namespaces gaining the injection label need the trust-bundle ConfigMap.
+        // New namespaces, and relabelled ones, may need the trust-bundle ConfigMap.
         .watches(namespaces, watcher::Config::default(), |_| {
             Some(ObjectRef::<Mesh>::new(MESH_NAME))
         })
@@ -390,7 +390,8 @@ async fn ensure_root_cert_configmaps(
         .await?;
     // A namespace being deleted refuses new objects; it needs no trust bundle any more.
     for ns in namespaces.items.iter().filter(|ns| {
-        injector::injection_enabled(ns.labels()) && ns.metadata.deletion_timestamp.is_none()
+        injector::may_inject_in(&ns.name_any(), ns.labels(), &ctx.namespace)
+            && ns.metadata.deletion_timestamp.is_none()
     }) {
         let ns_name = ns.name_any();
         let configmap = json!({

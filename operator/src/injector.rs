@@ -1,7 +1,9 @@
-//! The sidecar injector: a mutating admission webhook for Pods. The pure part, [`inject`], turns
-//! a Pod and the active Mesh into the injected Pod; the webhook answers with the JSON patch
-//! between the two. [`webhook_configuration`] builds the MutatingWebhookConfiguration (its
-//! caBundle is the mesh root) that the Mesh controller applies.
+//! The sidecar injector: a mutating admission webhook for Pods. The pure parts: [`decide`], which
+//! pods get a sidecar (Istio's rules: namespace labels, the pod's own label, revisions, and the
+//! refusal of pods running as the proxy's uid or gid), and [`inject`], which turns a Pod and the
+//! active Mesh into the injected Pod; the webhook answers with the JSON patch between the two.
+//! [`webhook_configuration`] builds the MutatingWebhookConfiguration (its caBundle is the mesh
+//! root, its selectors Istio's) that the Mesh controller applies.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +18,7 @@ use k8s_openapi::api::core::v1::{
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    LabelSelector, LabelSelectorRequirement, OwnerReference,
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use trellis_api::mesh::{Interception, MeshSpec};
@@ -64,9 +66,24 @@ const CAPTURE_ANNOTATIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Kubernetes' own namespaces: never injected, and never sent to the injector where the API server
+/// labels namespaces with their name (see [`NAMESPACE_NAME_LABEL`]).
+pub const SYSTEM_NAMESPACES: &[&str] = &["kube-system", "kube-public", "kube-node-lease"];
+
+/// The label Kubernetes 1.21 and later set, immutably, on every namespace: its name. On 1.20 it
+/// does not exist, so selecting on it excludes nothing there (see the webhook configuration).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Istio's control-plane revision label, on a namespace or a pod.
+pub const REVISION_LABEL: &str = "istio.io/rev";
+
+/// The one revision Trellis answers to: the name Istio gives its default control plane (and the
+/// `default` revision tag), so `istio.io/rev: default` means what it means with Istio.
+pub const DEFAULT_REVISION: &str = "default";
+
 /// Namespaces the injector never touches, whatever their labels say.
 pub fn is_protected_namespace(namespace: &str, operator_namespace: &str) -> bool {
-    namespace == operator_namespace || namespace == "kube-system" || namespace == "kube-public"
+    namespace == operator_namespace || SYSTEM_NAMESPACES.contains(&namespace)
 }
 
 /// What injection needs besides the Pod.
@@ -82,17 +99,92 @@ pub struct InjectionParams {
 pub enum Decision {
     Inject,
     Skip(&'static str),
+    /// The pod or its namespace asks for a control-plane revision Trellis is not (anything but
+    /// [`DEFAULT_REVISION`]): admitted without a sidecar, as Istio without that revision would,
+    /// and said so in a warning and an event rather than silently.
+    UnknownRevision(String),
+    /// The pod would be injected but cannot be meshed safely; refused with this message.
+    Refuse(String),
 }
 
-/// Whether a pod in `namespace` (with `namespace_labels`) gets a sidecar.
+/// What a namespace's labels say about injection, read as Istio's webhook selectors read them.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NamespaceInjection<'a> {
+    /// `trellis.dev/inject` or `istio-injection` is `enabled`: every pod not opted out.
+    Enabled,
+    /// One of them is set to anything else: no pod, whatever it asks for.
+    Disabled,
+    /// Neither is set, `istio.io/rev` is: that revision's injector decides.
+    Revision(&'a str),
+    /// No injection label at all: each pod decides with its own labels.
+    Unset,
+}
+
+pub fn namespace_injection(labels: &BTreeMap<String, String>) -> NamespaceInjection<'_> {
+    let injection: Vec<&str> = [INJECT_LABEL, ISTIO_INJECTION_LABEL]
+        .iter()
+        .filter_map(|key| labels.get(*key).map(String::as_str))
+        .collect();
+    if injection.contains(&"enabled") {
+        NamespaceInjection::Enabled
+    } else if !injection.is_empty() {
+        NamespaceInjection::Disabled
+    } else if let Some(revision) = labels.get(REVISION_LABEL) {
+        NamespaceInjection::Revision(revision)
+    } else {
+        NamespaceInjection::Unset
+    }
+}
+
+/// Whether any pod of `namespace` may be injected: where the trust-bundle ConfigMap the proxies
+/// mount must exist. Pods opt in one by one, so this is every namespace that does not rule
+/// injection out.
+pub fn may_inject_in(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    operator_namespace: &str,
+) -> bool {
+    !is_protected_namespace(namespace, operator_namespace)
+        && match namespace_injection(labels) {
+            NamespaceInjection::Enabled | NamespaceInjection::Unset => true,
+            NamespaceInjection::Disabled => false,
+            NamespaceInjection::Revision(revision) => revision == DEFAULT_REVISION,
+        }
+}
+
+/// The pod's own answer in `sidecar.istio.io/inject` (label, or the older annotation), spelled as
+/// Istio accepts it: `true`, `yes`, `y`, `on` (any case) say yes, an empty value says nothing,
+/// anything else says no. A pod whose label and annotation disagree is not injected (the CNI
+/// plugin reads a `false` in either the same way).
+fn pod_choice(meta: &ObjectMeta) -> Option<bool> {
+    let answers: Vec<bool> = [&meta.labels, &meta.annotations]
+        .into_iter()
+        .filter_map(|map| lookup(map, ISTIO_INJECT_ANNOTATION))
+        .filter(|value| !value.is_empty())
+        .map(|value| {
+            ["true", "yes", "y", "on"]
+                .iter()
+                .any(|yes| value.eq_ignore_ascii_case(yes))
+        })
+        .collect();
+    if answers.contains(&false) {
+        Some(false)
+    } else {
+        answers.first().copied()
+    }
+}
+
+/// Whether a pod in `namespace` (with `namespace_labels`) gets a sidecar: Istio's rules, which
+/// [`webhook_configuration`]'s selectors mirror so that the API server sends exactly the pods
+/// that may need one.
 pub fn decide(
     pod: &Pod,
     namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
-    params: &InjectionParams,
+    operator_namespace: &str,
 ) -> Decision {
     let meta = &pod.metadata;
-    if is_protected_namespace(namespace, &params.operator_namespace) {
+    if is_protected_namespace(namespace, operator_namespace) {
         return Decision::Skip("protected namespace");
     }
     if lookup(&meta.annotations, STATUS_ANNOTATION).is_some() {
@@ -105,25 +197,102 @@ pub fn decide(
     {
         return Decision::Skip("host network pod");
     }
-    // Istio honours the opt-out as an annotation or a label.
-    let pod_choice = lookup(&meta.annotations, ISTIO_INJECT_ANNOTATION)
-        .or_else(|| lookup(&meta.labels, ISTIO_INJECT_ANNOTATION));
-    match pod_choice {
-        Some("false") => return Decision::Skip("pod opted out"),
-        Some("true") => return Decision::Inject,
-        _ => {}
+    let choice = pod_choice(meta);
+    // As Istio's: a namespace injection label wins over any revision; a namespace revision over
+    // the pod's; a pod in an unlabelled namespace opts in with the inject label or a revision.
+    let (revision, opted_in) = match namespace_injection(namespace_labels) {
+        NamespaceInjection::Enabled => (None, true),
+        NamespaceInjection::Disabled => return Decision::Skip("namespace disables injection"),
+        NamespaceInjection::Revision(revision) => (Some(revision), true),
+        NamespaceInjection::Unset => match lookup(&meta.labels, REVISION_LABEL) {
+            Some(revision) => (Some(revision), true),
+            None => (None, choice == Some(true)),
+        },
+    };
+    if choice == Some(false) {
+        return Decision::Skip("pod opted out");
     }
-    if injection_enabled(namespace_labels) {
-        Decision::Inject
-    } else {
-        Decision::Skip("namespace not labelled for injection")
+    if let Some(revision) = revision.filter(|r| *r != DEFAULT_REVISION) {
+        return Decision::UnknownRevision(revision.to_owned());
+    }
+    if !opted_in {
+        return Decision::Skip("namespace not labelled for injection");
+    }
+    match runs_as_proxy_identity(pod) {
+        Some(message) => Decision::Refuse(message),
+        None => Decision::Inject,
     }
 }
 
-/// Namespaces whose pods get sidecars: ours or Istio's label.
-pub fn injection_enabled(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(INJECT_LABEL).map(String::as_str) == Some("enabled")
-        || labels.get(ISTIO_INJECTION_LABEL).map(String::as_str) == Some("enabled")
+/// Why the pod cannot be meshed because some of its own containers would run as the proxy's uid
+/// or gid: the capture rules exempt traffic of that owner (it is how the proxy's own traffic
+/// leaves the pod), so that container's traffic would pass the sidecar uncaptured and unchecked.
+/// `fsGroup` and `supplementalGroups` count too: an owner match on a gid can also cover a
+/// socket's supplementary groups. An image whose own `USER` is 1337 is not visible here.
+fn runs_as_proxy_identity(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let pod_context = spec.security_context.clone().unwrap_or_default();
+    let uid = i64::from(PROXY_UID);
+    let gid = i64::from(PROXY_GID);
+    let refuse = |what: String| {
+        Some(format!(
+            "trellis injector: {what}, the sidecar's own identity: the capture rules let that \
+             identity's traffic through uncaptured, so it would bypass the sidecar and every mesh \
+             policy. Run it as another uid and gid, or opt the pod out of injection with \
+             sidecar.istio.io/inject: \"false\""
+        ))
+    };
+    let containers = [
+        (
+            "initContainers",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
+        ("containers", spec.containers.as_slice()),
+    ];
+    for (list, containers) in containers {
+        for (index, container) in containers.iter().enumerate() {
+            let context = container.security_context.clone().unwrap_or_default();
+            for (field, own, inherited, proxy) in [
+                (
+                    "runAsUser",
+                    context.run_as_user,
+                    pod_context.run_as_user,
+                    uid,
+                ),
+                (
+                    "runAsGroup",
+                    context.run_as_group,
+                    pod_context.run_as_group,
+                    gid,
+                ),
+            ] {
+                let path = match own {
+                    Some(_) => format!("spec.{list}[{index}].securityContext.{field}"),
+                    None => format!("spec.securityContext.{field}"),
+                };
+                if own.or(inherited) == Some(proxy) {
+                    return refuse(format!(
+                        "container {:?} would run with {field} {proxy} ({path})",
+                        container.name
+                    ));
+                }
+            }
+        }
+    }
+    if pod_context.fs_group == Some(gid) {
+        return refuse(format!("the pod's spec.securityContext.fsGroup is {gid}"));
+    }
+    if pod_context
+        .supplemental_groups
+        .iter()
+        .flatten()
+        .any(|group| *group == gid)
+    {
+        return refuse(format!(
+            "the pod's spec.securityContext.supplementalGroups hold {gid}"
+        ));
+    }
+    None
 }
 
 fn lookup<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
@@ -184,6 +353,11 @@ fn init_container(pod: &Pod, mesh: &MeshSpec) -> Container {
         PROXY_UID.to_string(),
         "--proxy-gid".to_owned(),
         PROXY_GID.to_string(),
+        // The pod's IP families exist only once its network does, after admission: trellis-init
+        // reads them from the pod's interfaces, capturing IPv6 where the pod has an IPv6 address
+        // and rejecting it elsewhere (never letting it pass uncaptured).
+        "--ipv6".to_owned(),
+        "auto".to_owned(),
     ];
     for (annotation, flag) in CAPTURE_ANNOTATIONS {
         if let Some(value) = annotations.get(*annotation) {
@@ -475,48 +649,115 @@ pub fn inject(pod: &Pod, params: &InjectionParams) -> Pod {
     injected
 }
 
-/// The webhook configuration that sends Pod creations in labelled namespaces to [`INJECT_PATH`]
-/// of the operator's Service in `operator_namespace`.
+/// Names of the injector's webhooks, the Istio webhook each mirrors in brackets.
+pub mod webhook_names {
+    /// `trellis.dev/inject: enabled` namespaces.
+    pub const NAMESPACE: &str = "namespace.sidecar-injector.trellis.dev";
+    /// `istio-injection: enabled` namespaces [namespace.sidecar-injector.istio.io].
+    pub const ISTIO_NAMESPACE: &str = "istio-namespace.sidecar-injector.trellis.dev";
+    /// `istio.io/rev: default` namespaces [rev.namespace.sidecar-injector.istio.io].
+    pub const REVISION_NAMESPACE: &str = "rev.namespace.sidecar-injector.trellis.dev";
+    /// `istio.io/rev: default` pods in unlabelled namespaces [rev.object…].
+    pub const REVISION_OBJECT: &str = "rev.object.sidecar-injector.trellis.dev";
+    /// `sidecar.istio.io/inject: "true"` pods in unlabelled namespaces [object…].
+    pub const OBJECT: &str = "object.sidecar-injector.trellis.dev";
+    /// Namespaces asking for another revision: answered with a warning and an event.
+    pub const UNKNOWN_REVISION_NAMESPACE: &str =
+        "unknown-rev.namespace.sidecar-injector.trellis.dev";
+    /// Pods (in unlabelled namespaces) asking for another revision: the same answer.
+    pub const UNKNOWN_REVISION_OBJECT: &str = "unknown-rev.object.sidecar-injector.trellis.dev";
+}
+
+/// The webhook configuration that sends Pod creations to [`INJECT_PATH`] of the operator's
+/// Service in `operator_namespace`, with Istio's namespace/object selector pairs so that a pod
+/// can opt in by its own label in an unlabelled namespace, and [`decide`] sees exactly the pods
+/// whose labels may ask for a sidecar.
+///
+/// Failure policies: a pod that asks for the mesh is refused while the injector is unreachable
+/// (`Fail`, Istio's choice: a workload whose AuthorizationPolicy lives in its sidecar must not
+/// start without it); a pod asking for an unknown revision is only told about it, so those
+/// webhooks `Ignore` an outage. No webhook matches a pod that asks for nothing, so an outage
+/// never blocks pods of plain namespaces, nor any other kind of object. Kubernetes' own
+/// namespaces and the operator's are excluded by name where the API server labels namespaces
+/// with it (1.21+); on older servers they are excluded by carrying no injection label (the
+/// install manifest labels the operator's namespace `trellis.dev/inject: disabled`).
 pub fn webhook_configuration(
     operator_namespace: &str,
     ca_bundle: &str,
     owner: &OwnerReference,
 ) -> MutatingWebhookConfiguration {
-    let webhook = |name: &str, label: &str| MutatingWebhook {
-        name: name.to_owned(),
-        admission_review_versions: vec!["v1".to_owned(), "v1beta1".to_owned()],
-        client_config: WebhookClientConfig {
-            ca_bundle: Some(ByteString(ca_bundle.as_bytes().to_vec())),
-            service: Some(ServiceReference {
-                name: OPERATOR_NAME.to_owned(),
-                namespace: operator_namespace.to_owned(),
-                path: Some(INJECT_PATH.to_owned()),
-                port: Some(443),
-            }),
-            ..WebhookClientConfig::default()
-        },
-        // Istio's choice: a pod that should be meshed is never started without its sidecar.
-        // Only labelled namespaces are sent here, so kube-system and our own are never blocked.
-        failure_policy: Some("Fail".to_owned()),
-        namespace_selector: Some(LabelSelector {
-            match_expressions: Some(vec![LabelSelectorRequirement {
-                key: label.to_owned(),
-                operator: "In".to_owned(),
-                values: Some(vec!["enabled".to_owned()]),
-            }]),
+    use webhook_names::*;
+    let requirement = |key: &str, operator: &str, values: &[&str]| LabelSelectorRequirement {
+        key: key.to_owned(),
+        operator: operator.to_owned(),
+        values: (!values.is_empty()).then(|| values.iter().map(|v| (*v).to_owned()).collect()),
+    };
+    let is = |key: &str, value: &str| requirement(key, "In", &[value]);
+    let is_not = |key: &str, value: &str| requirement(key, "NotIn", &[value]);
+    let exists = |key: &str| requirement(key, "Exists", &[]);
+    let absent = |key: &str| requirement(key, "DoesNotExist", &[]);
+    let never_protected = {
+        let mut names: Vec<&str> = SYSTEM_NAMESPACES.to_vec();
+        names.push(operator_namespace);
+        requirement(NAMESPACE_NAME_LABEL, "NotIn", &names)
+    };
+    let unlabelled = || {
+        vec![
+            absent(INJECT_LABEL),
+            absent(ISTIO_INJECTION_LABEL),
+            absent(REVISION_LABEL),
+        ]
+    };
+    let not_opted_out = || is_not(ISTIO_INJECT_ANNOTATION, "false");
+    let webhook = |name: &str,
+                   namespace: Vec<LabelSelectorRequirement>,
+                   object: Vec<LabelSelectorRequirement>,
+                   failure_policy: &str| {
+        let selector = |match_expressions| LabelSelector {
+            match_expressions: Some(match_expressions),
             ..LabelSelector::default()
-        }),
-        reinvocation_policy: Some("Never".to_owned()),
-        rules: Some(vec![RuleWithOperations {
-            api_groups: Some(vec![String::new()]),
-            api_versions: Some(vec!["v1".to_owned()]),
-            operations: Some(vec!["CREATE".to_owned()]),
-            resources: Some(vec!["pods".to_owned()]),
-            scope: Some("Namespaced".to_owned()),
-        }]),
-        side_effects: "None".to_owned(),
-        timeout_seconds: Some(10),
-        ..MutatingWebhook::default()
+        };
+        let mut namespace = namespace;
+        namespace.push(never_protected.clone());
+        MutatingWebhook {
+            name: name.to_owned(),
+            admission_review_versions: vec!["v1".to_owned(), "v1beta1".to_owned()],
+            client_config: WebhookClientConfig {
+                ca_bundle: Some(ByteString(ca_bundle.as_bytes().to_vec())),
+                service: Some(ServiceReference {
+                    name: OPERATOR_NAME.to_owned(),
+                    namespace: operator_namespace.to_owned(),
+                    path: Some(INJECT_PATH.to_owned()),
+                    port: Some(443),
+                }),
+                ..WebhookClientConfig::default()
+            },
+            failure_policy: Some(failure_policy.to_owned()),
+            namespace_selector: Some(selector(namespace)),
+            object_selector: Some(selector(object)),
+            reinvocation_policy: Some("Never".to_owned()),
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec![String::new()]),
+                api_versions: Some(vec!["v1".to_owned()]),
+                operations: Some(vec!["CREATE".to_owned()]),
+                resources: Some(vec!["pods".to_owned()]),
+                scope: Some("Namespaced".to_owned()),
+            }]),
+            side_effects: "None".to_owned(),
+            timeout_seconds: Some(10),
+            ..MutatingWebhook::default()
+        }
+    };
+    let revision_namespace = |revision: Vec<LabelSelectorRequirement>| {
+        let mut requirements = revision;
+        requirements.extend([absent(INJECT_LABEL), absent(ISTIO_INJECTION_LABEL)]);
+        requirements
+    };
+    let unknown_revision = || {
+        vec![
+            exists(REVISION_LABEL),
+            is_not(REVISION_LABEL, DEFAULT_REVISION),
+        ]
     };
     MutatingWebhookConfiguration {
         metadata: kube::api::ObjectMeta {
@@ -525,10 +766,47 @@ pub fn webhook_configuration(
             ..Default::default()
         },
         webhooks: Some(vec![
-            webhook("namespace.sidecar-injector.trellis.dev", INJECT_LABEL),
             webhook(
-                "istio-namespace.sidecar-injector.trellis.dev",
-                ISTIO_INJECTION_LABEL,
+                NAMESPACE,
+                vec![is(INJECT_LABEL, "enabled")],
+                vec![not_opted_out()],
+                "Fail",
+            ),
+            webhook(
+                ISTIO_NAMESPACE,
+                vec![is(ISTIO_INJECTION_LABEL, "enabled")],
+                vec![not_opted_out()],
+                "Fail",
+            ),
+            webhook(
+                REVISION_NAMESPACE,
+                revision_namespace(vec![is(REVISION_LABEL, DEFAULT_REVISION)]),
+                vec![not_opted_out()],
+                "Fail",
+            ),
+            webhook(
+                REVISION_OBJECT,
+                unlabelled(),
+                vec![not_opted_out(), is(REVISION_LABEL, DEFAULT_REVISION)],
+                "Fail",
+            ),
+            webhook(
+                OBJECT,
+                unlabelled(),
+                vec![is(ISTIO_INJECT_ANNOTATION, "true"), absent(REVISION_LABEL)],
+                "Fail",
+            ),
+            webhook(
+                UNKNOWN_REVISION_NAMESPACE,
+                revision_namespace(unknown_revision()),
+                vec![not_opted_out()],
+                "Ignore",
+            ),
+            webhook(
+                UNKNOWN_REVISION_OBJECT,
+                unlabelled(),
+                [vec![not_opted_out()], unknown_revision()].concat(),
+                "Ignore",
             ),
         ]),
     }
@@ -566,7 +844,6 @@ mod tests {
 
     #[test]
     fn decides_like_istio() {
-        let p = params(Interception::InitContainer, false);
         let on = labels(&[("trellis.dev/inject", "enabled")]);
         let istio_on = labels(&[("istio-injection", "enabled")]);
         let off = labels(&[]);
@@ -612,12 +889,223 @@ mod tests {
         ];
         for (pod, ns, ns_labels, expected) in cases {
             assert_eq!(
-                decide(&pod, ns, ns_labels, &p),
+                decide(&pod, ns, ns_labels, "trellis-system"),
                 expected,
                 "{ns} {:?}",
                 pod.metadata.annotations
             );
         }
+    }
+
+    /// Whether `selector` selects `labels` (matchLabels and the four expression operators).
+    fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+        let pairs = selector.match_labels.iter().flatten();
+        let expressions = selector.match_expressions.iter().flatten();
+        pairs.into_iter().all(|(k, v)| labels.get(k) == Some(v))
+            && expressions.into_iter().all(|e| {
+                let value = labels.get(&e.key);
+                let listed = |v: &String| e.values.iter().flatten().any(|x| x == v);
+                match e.operator.as_str() {
+                    "In" => value.is_some_and(listed),
+                    "NotIn" => !value.is_some_and(listed),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    other => panic!("unknown operator {other}"),
+                }
+            })
+    }
+
+    /// What happens to a pod created with `pod_labels` in namespace `name` with `ns_labels`,
+    /// the API server's selection and [`decide`] together: the webhooks that select it, and the
+    /// decision (`None` when no webhook sends it).
+    fn admission(
+        name: &str,
+        ns_labels: &[(&str, &str)],
+        pod_labels: &[(&str, &str)],
+    ) -> (Vec<(String, String)>, Option<Decision>) {
+        let owner = OwnerReference::default();
+        let configuration = webhook_configuration("trellis-system", "PEM", &owner);
+        let mut ns_labels = labels(ns_labels);
+        // As a 1.21+ API server labels every namespace.
+        ns_labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
+        let mut p = pod(json!({}));
+        p.metadata.labels = Some(labels(pod_labels));
+        let selected: Vec<(String, String)> = configuration
+            .webhooks
+            .unwrap()
+            .into_iter()
+            .filter(|w| {
+                selects(w.namespace_selector.as_ref().unwrap(), &ns_labels)
+                    && selects(w.object_selector.as_ref().unwrap(), &labels(pod_labels))
+            })
+            .map(|w| (w.name, w.failure_policy.unwrap()))
+            .collect();
+        let decision =
+            (!selected.is_empty()).then(|| decide(&p, name, &ns_labels, "trellis-system"));
+        (selected, decision)
+    }
+
+    #[test]
+    fn a_pod_opts_in_by_its_own_label_as_with_istios_object_selectors() {
+        use Decision::*;
+        type Label = (&'static str, &'static str);
+        const INJECT: Label = ("sidecar.istio.io/inject", "true");
+        const OPT_OUT: Label = ("sidecar.istio.io/inject", "false");
+        const NO: Label = ("sidecar.istio.io/inject", "no");
+        const DEFAULT: Label = ("istio.io/rev", "default");
+        const CANARY: Label = ("istio.io/rev", "canary");
+        let unknown = || UnknownRevision("canary".to_owned());
+        let cases: Vec<(&[Label], &[Label], Option<Decision>)> = vec![
+            // A namespace label decides for every pod but those opting out.
+            (&[("istio-injection", "enabled")], &[], Some(Inject)),
+            (&[("trellis.dev/inject", "enabled")], &[], Some(Inject)),
+            (&[("istio-injection", "enabled")], &[OPT_OUT], None),
+            (
+                &[("istio-injection", "enabled")],
+                &[NO],
+                Some(Skip("pod opted out")),
+            ),
+            (&[("istio-injection", "enabled"), CANARY], &[], Some(Inject)),
+            // The pod's label opts it in where the namespace says nothing (the bug fixed here:
+            // the namespace selector used to filter such pods out before the label was read).
+            (&[], &[INJECT], Some(Inject)),
+            (&[], &[], None),
+            (&[], &[OPT_OUT], None),
+            // A namespace that disables injection wins over the pod.
+            (&[("istio-injection", "disabled")], &[INJECT], None),
+            (&[("trellis.dev/inject", "disabled")], &[INJECT], None),
+            // Revisions: `default` is ours; another is admitted uninjected, with a warning.
+            (&[DEFAULT], &[], Some(Inject)),
+            (&[DEFAULT], &[OPT_OUT], None),
+            (&[CANARY], &[], Some(unknown())),
+            (&[CANARY], &[INJECT], Some(unknown())),
+            (&[], &[DEFAULT], Some(Inject)),
+            (&[], &[CANARY], Some(unknown())),
+            (&[], &[INJECT, CANARY], Some(unknown())),
+            (&[], &[OPT_OUT, DEFAULT], None),
+        ];
+        for (ns_labels, pod_labels, expected) in cases {
+            let (selected, decision) = admission("demo", ns_labels, pod_labels);
+            assert_eq!(
+                decision, expected,
+                "namespace {ns_labels:?}, pod {pod_labels:?}: {selected:?}"
+            );
+            // An unknown revision never blocks a pod; a pod to inject is never let through
+            // uninjected while the injector is down.
+            let fails_closed = selected.iter().any(|(_, policy)| policy == "Fail");
+            match decision {
+                Some(UnknownRevision(_)) => assert!(!fails_closed, "{selected:?}"),
+                Some(Inject) => assert!(fails_closed, "{selected:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn system_namespaces_and_the_operators_are_never_sent_to_the_injector() {
+        for namespace in [
+            "kube-system",
+            "kube-public",
+            "kube-node-lease",
+            "trellis-system",
+        ] {
+            for ns_labels in [
+                &[("istio-injection", "enabled")][..],
+                &[("istio.io/rev", "default")],
+                &[],
+            ] {
+                let (selected, _) =
+                    admission(namespace, ns_labels, &[("sidecar.istio.io/inject", "true")]);
+                assert!(
+                    selected.is_empty(),
+                    "{namespace} {ns_labels:?}: {selected:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn trust_bundles_go_wherever_a_pod_may_be_injected() {
+        let may =
+            |ns: &str, pairs: &[(&str, &str)]| may_inject_in(ns, &labels(pairs), "trellis-system");
+        assert!(may("demo", &[]), "a pod may opt in anywhere");
+        assert!(may("demo", &[("istio-injection", "enabled")]));
+        assert!(may("demo", &[("istio.io/rev", "default")]));
+        assert!(!may("demo", &[("istio.io/rev", "canary")]));
+        assert!(!may("demo", &[("trellis.dev/inject", "disabled")]));
+        assert!(!may("kube-system", &[("istio-injection", "enabled")]));
+        assert!(!may("trellis-system", &[]));
+    }
+
+    #[test]
+    fn app_container_running_as_1337_is_refused() {
+        let in_mesh = labels(&[("istio-injection", "enabled")]);
+        let with = |spec: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+        };
+        let app = |context: serde_json::Value| json!({"name": "app", "image": "a", "securityContext": context});
+        let refused = [
+            (
+                with(json!({"containers": [app(json!({"runAsUser": 1337}))]})),
+                "container \"app\" would run with runAsUser 1337 (spec.containers[0].securityContext.runAsUser)",
+            ),
+            (
+                with(
+                    json!({"containers": [{"name": "ok", "image": "o"}, app(json!({"runAsGroup": 1337}))]}),
+                ),
+                "container \"app\" would run with runAsGroup 1337 (spec.containers[1].securityContext.runAsGroup)",
+            ),
+            (
+                with(
+                    json!({"securityContext": {"runAsUser": 1337}, "containers": [app(json!({}))]}),
+                ),
+                "container \"app\" would run with runAsUser 1337 (spec.securityContext.runAsUser)",
+            ),
+            (
+                with(
+                    json!({"initContainers": [app(json!({"runAsUser": 1337}))], "containers": [{"name": "ok", "image": "o"}]}),
+                ),
+                "(spec.initContainers[0].securityContext.runAsUser)",
+            ),
+            (
+                with(json!({"securityContext": {"fsGroup": 1337}, "containers": [app(json!({}))]})),
+                "fsGroup is 1337",
+            ),
+            (
+                with(
+                    json!({"securityContext": {"supplementalGroups": [10, 1337]}, "containers": [app(json!({}))]}),
+                ),
+                "supplementalGroups hold 1337",
+            ),
+        ];
+        for (pod, fragment) in refused {
+            match decide(&pod, "demo", &in_mesh, "trellis-system") {
+                Decision::Refuse(message) => {
+                    assert!(message.contains(fragment), "{message}");
+                    assert!(message.contains("bypass the sidecar"), "{message}");
+                }
+                other => panic!("{fragment}: {other:?}"),
+            }
+        }
+        let allowed = [
+            // The pod-level uid is overridden by the only container.
+            with(
+                json!({"securityContext": {"runAsUser": 1337}, "containers": [app(json!({"runAsUser": 1000}))]}),
+            ),
+            with(json!({"containers": [app(json!({"runAsUser": 1338, "runAsGroup": 1338}))]})),
+        ];
+        for pod in allowed {
+            assert_eq!(
+                decide(&pod, "demo", &in_mesh, "trellis-system"),
+                Decision::Inject
+            );
+        }
+        // Outside the mesh uid 1337 is nobody's business.
+        let plain = with(json!({"containers": [app(json!({"runAsUser": 1337}))]}));
+        assert_eq!(
+            decide(&plain, "demo", &labels(&[]), "trellis-system"),
+            Decision::Skip("namespace not labelled for injection")
+        );
     }
 
     #[test]
@@ -636,6 +1124,10 @@ mod tests {
             args.windows(2)
                 .any(|w| w == ["--exclude-inbound-ports", "9090"]),
             "{args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["--ipv6", "auto"]),
+            "IPv6 is planned from the pod's addresses: {args:?}"
         );
         let caps = init[0]
             .security_context

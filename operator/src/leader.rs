@@ -9,7 +9,8 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-const LEASE_NAME: &str = "trellis-operator-leader";
+/// The Lease the replicas elect their leader with; the operator's Role may update it alone.
+pub const LEASE_NAME: &str = "trellis-operator-leader";
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 const RETRY: Duration = Duration::from_secs(2);
 

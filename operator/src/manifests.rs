@@ -25,8 +25,12 @@ use trellis_api::networking::{
 use trellis_api::security::{self, SECURITY_EXTRA_VERSIONS, SECURITY_GROUP};
 use trellis_api::{AuthorizationPolicy, Mesh, PeerAuthentication};
 use trellis_config::wellknown::{
-    CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, OPERATOR_NAME, OPERATOR_NAMESPACE, WEBHOOK_PORT,
+    CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, INJECT_LABEL, OPERATOR_NAME, OPERATOR_NAMESPACE,
+    ROOT_CERT_CONFIGMAP, WEBHOOK_PORT,
 };
+
+use crate::controller::CA_SECRET;
+use crate::{cni, injector, leader, validation};
 
 /// Port of the operator's own `/metrics`, `/healthz` and `/readyz`.
 pub const HEALTH_PORT: u16 = 8080;
@@ -63,19 +67,32 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
     }
 }
 
-const READ: &[&str] = &["get", "list", "watch"];
-const WRITE: &[&str] = &[
-    "get", "list", "watch", "create", "update", "patch", "delete",
-];
+/// A rule for the objects named `names` only. `create` may be among `verbs` for objects the
+/// operator writes with server-side apply: the API server authorizes an apply that creates its
+/// object as `create` of that name, while a plain `POST` carries no name and so is never allowed
+/// by a named grant.
+fn named_rule(groups: &[&str], resources: &[&str], names: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        resource_names: Some(names.iter().map(|s| (*s).to_owned()).collect()),
+        ..rule(groups, resources, verbs)
+    }
+}
 
+const READ: &[&str] = &["get", "list", "watch"];
+/// What server-side apply of one named object needs.
+const APPLY: &[&str] = &["create", "patch"];
+
+/// The operator's cluster-wide rights: reading what it compiles into proxy config, and writing
+/// only objects it owns, by name. No Secrets, no RBAC objects, no `escalate`, `bind` or
+/// `impersonate`, no wildcard.
 fn cluster_role() -> ClusterRole {
     ClusterRole {
         metadata: meta(OPERATOR_NAME, None),
         rules: Some(vec![
-            rule(&["trellis.dev"], &["meshes", "meshes/status"], WRITE),
-            rule(&[""], &["services", "endpoints", "namespaces"], READ),
-            // Pods that started without CNI capture are deleted so their controller recreates them.
-            rule(&[""], &["pods"], &["get", "list", "watch", "delete"]),
+            rule(&["trellis.dev"], &["meshes"], READ),
+            rule(&["trellis.dev"], &["meshes/status"], &["patch"]),
+            // Pods: discovery, the proxies' identity checks, the CNI repair loop's watch.
+            rule(&[""], &["services", "namespaces", "pods"], READ),
             rule(&["discovery.k8s.io"], &["endpointslices"], READ),
             rule(&[SECURITY_GROUP], &["peerauthentications"], READ),
             rule(&[SECURITY_GROUP], &["authorizationpolicies"], READ),
@@ -85,16 +102,22 @@ fn cluster_role() -> ClusterRole {
                 &["virtualservices", "destinationrules", "serviceentries"],
                 READ,
             ),
-            // Published in every meshed namespace: the trust bundle proxies bootstrap with.
-            rule(&[""], &["configmaps"], WRITE),
+            // The trust bundle proxies bootstrap with, in each namespace where a pod may be
+            // injected: which namespaces that is changes with every pod's labels, and RBAC cannot
+            // select namespaces by label, so the grant is by name in every namespace.
+            named_rule(&[""], &["configmaps"], &[ROOT_CERT_CONFIGMAP], APPLY),
             rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
-            rule(
+            named_rule(
                 &["admissionregistration.k8s.io"],
-                &[
-                    "mutatingwebhookconfigurations",
-                    "validatingwebhookconfigurations",
-                ],
-                WRITE,
+                &["mutatingwebhookconfigurations"],
+                &[injector::WEBHOOK_CONFIGURATION],
+                APPLY,
+            ),
+            named_rule(
+                &["admissionregistration.k8s.io"],
+                &["validatingwebhookconfigurations"],
+                &[validation::WEBHOOK_CONFIGURATION],
+                APPLY,
             ),
             rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
         ]),
@@ -102,14 +125,44 @@ fn cluster_role() -> ClusterRole {
     }
 }
 
-/// Secrets and Leases only in the operator's own namespace.
+/// Name of the ClusterRole (and its binding) that lets the operator delete pods.
+pub const CNI_REPAIR_ROLE: &str = "trellis-operator-cni-repair";
+
+/// Pod deletion, for the CNI repair loop alone (it deletes meshed pods that started before the
+/// plugin was in place, so their controller recreates them captured). RBAC cannot narrow a
+/// delete to pods by label or owner, nor to namespaces chosen at run time, so it is its own
+/// ClusterRole: a cluster that never uses `interception: cni` may delete the binding, and the
+/// repair loop (which has nothing to repair there) would only count failures.
+fn cni_repair_cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(CNI_REPAIR_ROLE, None),
+        rules: Some(vec![rule(&[""], &["pods"], &["delete"])]),
+        ..ClusterRole::default()
+    }
+}
+
+/// Rights in the operator's own namespace: its CA Secret (created once, then rotated in place;
+/// `get` of any Secret there for a user's `caSecret`), its leader Lease and the CNI installer
+/// DaemonSet. `create` by `POST` cannot be limited by name, so it is granted here only.
 fn namespace_role() -> Role {
     Role {
         metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
         rules: Some(vec![
-            rule(&[""], &["secrets"], WRITE),
-            rule(&["coordination.k8s.io"], &["leases"], WRITE),
-            rule(&["apps"], &["daemonsets"], WRITE),
+            rule(&[""], &["secrets"], &["get", "create"]),
+            named_rule(&[""], &["secrets"], &[CA_SECRET], &["update"]),
+            rule(&["coordination.k8s.io"], &["leases"], &["create"]),
+            named_rule(
+                &["coordination.k8s.io"],
+                &["leases"],
+                &[leader::LEASE_NAME],
+                &["get", "update"],
+            ),
+            named_rule(
+                &["apps"],
+                &["daemonsets"],
+                &[cni::DAEMONSET],
+                &["get", "create", "patch", "delete"],
+            ),
         ]),
     }
 }
@@ -129,6 +182,19 @@ fn subject() -> Subject {
         name: OPERATOR_NAME.to_owned(),
         namespace: Some(OPERATOR_NAMESPACE.to_owned()),
         ..Subject::default()
+    }
+}
+
+/// Binds the ClusterRole `name` to the operator's ServiceAccount.
+fn cluster_role_binding(name: &str) -> ClusterRoleBinding {
+    ClusterRoleBinding {
+        metadata: meta(name, None),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "ClusterRole".to_owned(),
+            name: name.to_owned(),
+        },
+        subjects: Some(vec![subject()]),
     }
 }
 
@@ -254,16 +320,28 @@ fn with_extra_versions(mut crd: CustomResourceDefinition) -> CustomResourceDefin
     crd
 }
 
+/// The operator's namespace, labelled so that no injection webhook selects it even on servers
+/// that do not label namespaces with their name (before 1.21): pods there never wait for the
+/// operator's own webhook.
+fn operator_namespace() -> Namespace {
+    let mut metadata = meta(OPERATOR_NAMESPACE, None);
+    metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECT_LABEL.to_owned(), "disabled".to_owned());
+    Namespace {
+        metadata,
+        ..Namespace::default()
+    }
+}
+
 /// Every object of the install manifest, in apply order.
 pub fn objects() -> Vec<serde_json::Value> {
     fn value(object: impl Serialize) -> serde_json::Value {
         serde_json::to_value(object).expect("manifest objects always serialize")
     }
     vec![
-        value(Namespace {
-            metadata: meta(OPERATOR_NAMESPACE, None),
-            ..Namespace::default()
-        }),
+        value(operator_namespace()),
         value(Mesh::crd()),
         value(peer_authentication_crd()),
         value(authorization_policy_crd()),
@@ -276,15 +354,9 @@ pub fn objects() -> Vec<serde_json::Value> {
             ..ServiceAccount::default()
         }),
         value(cluster_role()),
-        value(ClusterRoleBinding {
-            metadata: meta(OPERATOR_NAME, None),
-            role_ref: RoleRef {
-                api_group: Some("rbac.authorization.k8s.io".to_owned()),
-                kind: "ClusterRole".to_owned(),
-                name: OPERATOR_NAME.to_owned(),
-            },
-            subjects: Some(vec![subject()]),
-        }),
+        value(cluster_role_binding(OPERATOR_NAME)),
+        value(cni_repair_cluster_role()),
+        value(cluster_role_binding(CNI_REPAIR_ROLE)),
         value(namespace_role()),
         value(RoleBinding {
             metadata: meta(OPERATOR_NAME, Some(OPERATOR_NAMESPACE)),
@@ -354,6 +426,8 @@ mod tests {
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
+                "ClusterRole",
+                "ClusterRoleBinding",
                 "Role",
                 "RoleBinding",
                 "Service",
@@ -369,6 +443,164 @@ mod tests {
             rendered.lines().filter(|l| *l == "---").count(),
             kinds.len()
         );
+    }
+
+    /// Whether `rules` allow `verb` on `group`/`resource` (named `name`, when the request names
+    /// one): RBAC's own reading, where a rule with resourceNames never matches an unnamed request.
+    fn allows(
+        rules: &[PolicyRule],
+        group: &str,
+        resource: &str,
+        verb: &str,
+        name: Option<&str>,
+    ) -> bool {
+        rules.iter().any(|r| {
+            let has = |list: &Option<Vec<String>>, item: &str| {
+                list.iter().flatten().any(|x| x == item || x == "*")
+            };
+            has(&r.api_groups, group)
+                && has(&r.resources, resource)
+                && r.verbs.iter().any(|v| v == verb || v == "*")
+                && match (&r.resource_names, name) {
+                    (None, _) => true,
+                    (Some(names), _) if names.is_empty() => true,
+                    (Some(names), Some(name)) => names.iter().any(|n| n == name),
+                    (Some(_), None) => false,
+                }
+        })
+    }
+
+    #[test]
+    fn the_operator_writes_only_what_it_owns_and_cannot_escalate() {
+        let cluster = cluster_role().rules.unwrap();
+        let namespaced = namespace_role().rules.unwrap();
+        let repair = cni_repair_cluster_role().rules.unwrap();
+        for rule in cluster.iter().chain(&namespaced).chain(&repair) {
+            let everything = [&rule.api_groups, &rule.resources, &Some(rule.verbs.clone())];
+            assert!(
+                everything
+                    .iter()
+                    .all(|l| !l.iter().flatten().any(|x| x == "*")),
+                "no wildcard: {rule:?}"
+            );
+            for verb in ["escalate", "bind", "impersonate", "deletecollection"] {
+                assert!(!rule.verbs.iter().any(|v| v == verb), "{verb}: {rule:?}");
+            }
+            assert!(
+                !rule
+                    .api_groups
+                    .iter()
+                    .flatten()
+                    .any(|g| g == "rbac.authorization.k8s.io"),
+                "no RBAC objects: {rule:?}"
+            );
+        }
+        let writes = ["create", "update", "patch", "delete"];
+        // ConfigMaps: the trust bundle, by name, in any namespace; nothing else, no POST.
+        for verb in ["create", "patch"] {
+            assert!(
+                allows(&cluster, "", "configmaps", verb, Some(ROOT_CERT_CONFIGMAP)),
+                "{verb}"
+            );
+        }
+        for verb in writes {
+            assert!(
+                !allows(&cluster, "", "configmaps", verb, Some("coredns")),
+                "{verb}"
+            );
+            assert!(
+                !allows(&cluster, "", "configmaps", verb, None),
+                "{verb} without a name"
+            );
+        }
+        assert!(!allows(&cluster, "", "configmaps", "get", Some("coredns")));
+        // Webhook configurations: our two, each only under its own kind.
+        for (resource, ours, other) in [
+            (
+                "mutatingwebhookconfigurations",
+                injector::WEBHOOK_CONFIGURATION,
+                validation::WEBHOOK_CONFIGURATION,
+            ),
+            (
+                "validatingwebhookconfigurations",
+                validation::WEBHOOK_CONFIGURATION,
+                injector::WEBHOOK_CONFIGURATION,
+            ),
+        ] {
+            let group = "admissionregistration.k8s.io";
+            assert!(
+                allows(&cluster, group, resource, "patch", Some(ours)),
+                "{resource}"
+            );
+            for verb in writes {
+                assert!(
+                    !allows(&cluster, group, resource, verb, Some(other)),
+                    "{resource} {verb}"
+                );
+                assert!(!allows(
+                    &cluster,
+                    group,
+                    resource,
+                    verb,
+                    Some("istio-sidecar-injector")
+                ));
+                assert!(
+                    !allows(&cluster, group, resource, verb, None),
+                    "{resource} {verb}"
+                );
+            }
+        }
+        // Secrets: none cluster-wide; in our namespace created, read, and only ours rewritten.
+        for verb in [
+            "get", "list", "watch", "create", "update", "patch", "delete",
+        ] {
+            assert!(
+                !allows(&cluster, "", "secrets", verb, Some(CA_SECRET)),
+                "{verb}"
+            );
+        }
+        assert!(allows(
+            &namespaced,
+            "",
+            "secrets",
+            "update",
+            Some(CA_SECRET)
+        ));
+        assert!(!allows(&namespaced, "", "secrets", "update", Some("other")));
+        assert!(!allows(&namespaced, "", "secrets", "list", None));
+        assert!(!allows(
+            &namespaced,
+            "",
+            "secrets",
+            "delete",
+            Some(CA_SECRET)
+        ));
+        // Pods: read everywhere, deleted only through the CNI repair role, never written.
+        assert!(!allows(&cluster, "", "pods", "delete", Some("p")));
+        assert!(allows(&repair, "", "pods", "delete", Some("p")));
+        for verb in ["create", "update", "patch"] {
+            assert!(!allows(
+                &cluster.iter().chain(&repair).cloned().collect::<Vec<_>>(),
+                "",
+                "pods",
+                verb,
+                Some("p")
+            ));
+        }
+        // The Mesh: read, and only its status written.
+        assert!(allows(
+            &cluster,
+            "trellis.dev",
+            "meshes/status",
+            "patch",
+            Some("default")
+        ));
+        for verb in writes {
+            assert!(
+                !allows(&cluster, "trellis.dev", "meshes", verb, Some("default")),
+                "{verb}"
+            );
+        }
     }
 
     #[test]

@@ -83,7 +83,8 @@ async fn answer_replica_count(api: &mut ApiServer) {
 
 /// Answers what the active Mesh's reconcile applies once its CA is loaded, checking that each
 /// object is a forced apply owned by the Mesh and trusts exactly `root`: the trust-bundle
-/// ConfigMap of the one live labelled namespace, both webhook configurations; then the CNI
+/// ConfigMap of each live namespace where a pod may be injected (not the disabled, the system
+/// or the terminating one), both webhook configurations; then the CNI
 /// installer is looked up (absent: interception is `initContainer`).
 async fn answer_owned_objects(api: &mut ApiServer, root: &str) {
     api.expect(Method::GET, "/api/v1/namespaces").await.respond(
@@ -91,6 +92,8 @@ async fn answer_owned_objects(api: &mut ApiServer, root: &str) {
         &json!({"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": [
             {"metadata": {"name": "demo", "labels": {"istio-injection": "enabled"}}},
             {"metadata": {"name": "plain"}},
+            {"metadata": {"name": "opted-out", "labels": {"istio-injection": "disabled"}}},
+            {"metadata": {"name": "kube-system"}},
             {"metadata": {
                 "name": "leaving",
                 "labels": {"trellis.dev/inject": "enabled"},
@@ -98,16 +101,19 @@ async fn answer_owned_objects(api: &mut ApiServer, root: &str) {
             }},
         ]}),
     );
-    let configmap = api
-        .expect(
-            Method::PATCH,
-            "/api/v1/namespaces/demo/configmaps/trellis-ca-root-cert",
-        )
-        .await;
-    configmap.assert_forced_apply();
-    assert_owned_by_the_mesh(&configmap.body);
-    assert_eq!(configmap.body["data"]["root-cert.pem"], root);
-    configmap.echo();
+    // Pods opt in one by one with their own label, so an unlabelled namespace gets one too.
+    for namespace in ["demo", "plain"] {
+        let configmap = api
+            .expect(
+                Method::PATCH,
+                &format!("/api/v1/namespaces/{namespace}/configmaps/trellis-ca-root-cert"),
+            )
+            .await;
+        configmap.assert_forced_apply();
+        assert_owned_by_the_mesh(&configmap.body);
+        assert_eq!(configmap.body["data"]["root-cert.pem"], root);
+        configmap.echo();
+    }
     for (resource, name) in [
         (
             "mutatingwebhookconfigurations",
