@@ -500,6 +500,18 @@ fn injected_pod_is_captured_behind_the_bridge_plugin() {
         format!("outbound-capture {outside}:8080"),
         "an outbound connection from the pod reaches the proxy's outbound listener\n{nat}"
     );
+    // The bridge network is IPv4-only: the plugin found no IPv6 address in the pod's namespace
+    // and rejects IPv6 there rather than let it pass uncaptured.
+    let ipv6 = run(&mut sandbox.netns.command("ip6tables-save"));
+    for jump in [
+        "-A INPUT -j TRELLIS_REJECT_INBOUND",
+        "-A OUTPUT -j TRELLIS_REJECT_OUTPUT",
+    ] {
+        assert!(
+            ipv6.contains(jump),
+            "{jump:?} missing from ip6tables:\n{ipv6}"
+        );
+    }
 
     let checked = sandbox.trellis("CHECK", &args, &prev_result);
     assert!(
@@ -527,6 +539,11 @@ fn injected_pod_is_captured_behind_the_bridge_plugin() {
         assert_eq!(deleted.stdout, "", "DEL prints nothing");
         let nat = sandbox.netns.nat_table();
         assert!(!nat.contains("TRELLIS"), "{round} DEL left rules:\n{nat}");
+        let ipv6 = run(&mut sandbox.netns.command("ip6tables-save"));
+        assert!(
+            !ipv6.contains("TRELLIS"),
+            "{round} DEL left IPv6 rules:\n{ipv6}"
+        );
     }
     drop(proxy);
 

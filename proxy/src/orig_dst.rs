@@ -1,4 +1,5 @@
-//! The original destination of a connection redirected by iptables (`SO_ORIGINAL_DST`).
+//! The original destination of a connection redirected by iptables: `SO_ORIGINAL_DST` for IPv4,
+//! `IP6T_SO_ORIGINAL_DST` (ip6tables) for IPv6, chosen by the family the listener accepted it on.
 
 use std::io;
 use std::net::SocketAddr;
