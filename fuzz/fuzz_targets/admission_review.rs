@@ -35,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
             native_sidecars,
             ..PARAMS.clone()
         };
-        if injector::decide(&pod, &namespace, &labels, &params) == Decision::Inject {
+        if injector::decide(&pod, &namespace, &labels, &params.operator_namespace)
+            == Decision::Inject
+        {
             let injected = injector::inject(&pod, &params);
             let before = serde_json::to_value(&pod).expect("a decoded pod encodes");
             let after = serde_json::to_value(&injected).expect("an injected pod encodes");
