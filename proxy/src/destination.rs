@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use trellis_config::mesh::OutboundTrafficMode;
 use trellis_config::proxy::{Endpoint, ProxyConfig, Service, ServicePort};
 
+use crate::host::Authority;
+
 /// A destination address matched against the config.
 #[derive(Debug, Clone, Copy)]
 pub struct Destination<'a> {
@@ -54,12 +56,13 @@ pub fn lookup(config: &ProxyConfig, dst: SocketAddr) -> Option<Destination<'_>> 
 }
 
 /// Finds the service without addresses that names `host` (an HTTP authority or a TLS server
-/// name; a port in it is ignored) and has a port numbered `port`. No address identifies such a
-/// service, so Istio matches it by name on the port the application dialled, whatever address
-/// the application resolved. An exact hostname beats a wildcard (`*.example.com`), a longer
+/// name, normalised by [`Authority::parse`]: case, a trailing dot and a port do not matter)
+/// and has a port numbered `port`. No address identifies such a service, so Istio matches it
+/// by name on the port the application dialled, whatever address the application resolved. An exact hostname beats a wildcard (`*.example.com`), a longer
 /// wildcard a shorter one; among equals the config's first.
 pub fn lookup_host<'a>(config: &'a ProxyConfig, host: &str, port: u16) -> Option<Destination<'a>> {
-    let host = strip_port(host).trim_end_matches('.');
+    let authority = Authority::parse(host);
+    let host = authority.host();
     if host.is_empty() {
         return None;
     }
@@ -99,15 +102,6 @@ fn name_matches(name: &str, host: &str) -> Option<usize> {
     host.get(at..)
         .filter(|tail| tail.eq_ignore_ascii_case(suffix))
         .map(|_| suffix.len())
-}
-
-/// `host` of `host:port` (a bracketed IPv6 literal keeps its brackets; a bare IPv6 address is
-/// left whole).
-pub fn strip_port(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() && !host.ends_with(':') => host,
-        _ => authority,
-    }
 }
 
 /// Whether an outbound connection to `dst` may leave: always under `ALLOW_ANY`, only to a known

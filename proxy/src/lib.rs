@@ -23,6 +23,7 @@ pub mod control_plane;
 pub(crate) mod destination;
 pub(crate) mod drain;
 pub(crate) mod forward;
+pub(crate) mod host;
 pub(crate) mod http;
 pub(crate) mod http_server;
 pub mod identity;

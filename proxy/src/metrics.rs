@@ -1,6 +1,13 @@
 //! Istio-standard metrics in the Prometheus/OpenMetrics text format: TCP (`istio_tcp_*`) for
 //! opaque connections, requests (`istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes`) for HTTP.
+//!
+//! Every label value is bounded, so no client or upstream can mint series: values come from the
+//! config (services, namespaces, policies, clusters), the proxy itself (reporter, protocol,
+//! flags) or a verified certificate (principals), never from what a request or response says.
+//! The two that come from the wire are bounded here: `response_code` is a status (at most 900
+//! values) and `grpc_response_status` one of gRPC's 17 codes ([`grpc_status`]). Methods,
+//! hosts and paths are never labels (they go to the access log only).
 
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -45,6 +52,18 @@ pub mod values {
         grpc = "grpc";
         mutual_tls = super::MUTUAL_TLS;
         plaintext = super::PLAINTEXT;
+    }
+}
+
+/// The `grpc_response_status` of a `grpc-status` value from the wire: the code when it is one
+/// of gRPC's (`0`–`16`), else `2` (UNKNOWN, what a gRPC client makes of a status it cannot
+/// read), so an upstream cannot mint a series per value it sends.
+pub fn grpc_status(value: &str) -> LabelValue {
+    match value.parse::<u8>() {
+        Ok(code @ 0..=16) if value.len() <= 2 && value.bytes().all(|b| b.is_ascii_digit()) => {
+            code.to_string().into()
+        }
+        _ => "2".into(),
     }
 }
 
@@ -446,6 +465,24 @@ impl Drop for ConnectionMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_statuses_from_the_wire_are_bounded_to_grpc_codes() {
+        for (wire, label) in [
+            ("0", "0"),
+            ("14", "14"),
+            ("16", "16"),
+            ("17", "2"),
+            ("014", "2"),
+            ("+1", "2"),
+            ("-1", "2"),
+            ("", "2"),
+            ("unavailable", "2"),
+            ("4294967296", "2"),
+        ] {
+            assert_eq!(&*grpc_status(wire), label, "{wire:?}");
+        }
+    }
 
     #[test]
     fn encodes_istio_names_and_labels() {

@@ -18,7 +18,16 @@
 //!     data, and some treat `\` as `/`), so any choice the proxy made would be wrong for some
 //!     application and `/admin%2Fconfig` could reach `/admin/config` past a rule on `/admin/*`.
 //!     Rejecting is the only choice safe for all; legitimate clients do not send them in paths,
-//!   - a malformed escape (`%` not followed by two hex digits);
+//!   - a malformed escape (`%` not followed by two hex digits),
+//!   - `;` and `%3B`/`%3b`: path parameters (RFC 3986 §3.3, "matrix parameters", Java's
+//!     `;jsessionid=`). Servlet containers and frameworks (Tomcat, Jetty, Spring) cut a
+//!     segment at `;` before routing, and some do so after decoding, so `/admin;x=1` serves
+//!     `/admin` past a rule on exactly `/admin`, `/admin;/users` serves `/admin/users` past one
+//!     on `/admin/*`, and `/public/..;/admin` serves `/admin` while it is no dot segment here.
+//!     Envoy and Istio keep `;` as data and leave this to the application; stripping the
+//!     parameters would change what other applications get. Rejecting, the choice Spring
+//!     Security's firewall makes by default, is safe for every application; a `;` in the query
+//!     is data and passes;
 //! * decodes percent-escapes of unreserved characters only (`A-Z a-z 0-9 - . _ ~`, RFC 3986
 //!   §2.3), so `/%61dmin` is `/admin` and `%2E%2E` is a `..` segment; other escapes stay encoded
 //!   with uppercase hex digits (`%3a` → `%3A`), the RFC's normal form, so one resource has one
@@ -78,6 +87,11 @@ pub enum PathError {
     Backslash,
     #[error("the request path contains a malformed percent-escape at byte {0}")]
     MalformedEscape(usize),
+    #[error(
+        "the request path contains a path parameter ({0}); it is rejected because applications \
+         disagree on whether it is part of the segment"
+    )]
+    PathParameter(String),
 }
 
 /// Normalises an origin-form request target (path and optional query). See the module doc.
@@ -104,7 +118,7 @@ pub fn normalize(path_and_query: &str) -> Result<NormalizedPath, PathError> {
 }
 
 /// Decodes escapes of unreserved characters; keeps the others (uppercased); rejects escaped
-/// slashes, encoded NUL, raw backslashes and malformed escapes.
+/// slashes, encoded NUL, raw backslashes, path parameters and malformed escapes.
 fn decode_unreserved(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
@@ -112,6 +126,7 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
     while i < bytes.len() {
         match bytes[i] {
             b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::PathParameter(";".to_owned())),
             b'%' => {
                 let escape = bytes
                     .get(i + 1..i + 3)
@@ -125,6 +140,7 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
                         return Err(PathError::EscapedSlash(path[i..i + 3].to_owned()));
                     }
                     0 => return Err(PathError::EncodedNul),
+                    b';' => return Err(PathError::PathParameter(path[i..i + 3].to_owned())),
                     _ if is_unreserved(value) => out.push(char::from(value)),
                     // Writing into a String cannot fail.
                     _ => {
@@ -235,6 +251,15 @@ mod tests {
             ("/a%", PathError::MalformedEscape(2)),
             ("/a%4", PathError::MalformedEscape(2)),
             ("/a%zz", PathError::MalformedEscape(2)),
+            ("/admin;x=1", PathError::PathParameter(";".into())),
+            ("/public/..;/admin", PathError::PathParameter(";".into())),
+            ("/admin;/users", PathError::PathParameter(";".into())),
+            ("/;", PathError::PathParameter(";".into())),
+            ("/admin%3Bx=1", PathError::PathParameter("%3B".into())),
+            (
+                "/public/..%3b/admin",
+                PathError::PathParameter("%3b".into()),
+            ),
             ("a/b", PathError::NotOriginForm),
             ("*", PathError::NotOriginForm),
             ("", PathError::NotOriginForm),
@@ -246,10 +271,10 @@ mod tests {
     }
 
     #[test]
-    fn an_escaped_slash_in_the_query_is_data() {
-        let normalized = normalize("/search?q=a%2Fb%5C").unwrap();
+    fn an_escaped_slash_or_a_semicolon_in_the_query_is_data() {
+        let normalized = normalize("/search?q=a%2Fb%5C;c%3B").unwrap();
         assert_eq!(normalized.path, "/search");
-        assert_eq!(normalized.path_and_query(), "/search?q=a%2Fb%5C");
+        assert_eq!(normalized.path_and_query(), "/search?q=a%2Fb%5C;c%3B");
     }
 
     #[test]

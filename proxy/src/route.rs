@@ -21,6 +21,7 @@ use trellis_config::traffic::{
 };
 
 use crate::destination::Destination;
+use crate::host::Authority;
 
 /// What the matcher reads from an HTTP request and its connection.
 #[derive(Debug, Clone, Copy)]
@@ -30,7 +31,8 @@ pub struct RequestAttributes<'a> {
     pub path: &'a str,
     /// Raw query string without `?` (not percent-decoded, as Envoy's query matcher).
     pub query: &'a str,
-    pub authority: &'a str,
+    /// Normalised once ([`Authority::parse`]): what `authority` matches and redirects see.
+    pub authority: &'a Authority,
     /// `http` or `https`.
     pub scheme: &'a str,
     pub headers: &'a HeaderMap,
@@ -118,7 +120,10 @@ pub fn http_block_matches(block: &HttpMatch, request: &RequestAttributes<'_>) ->
     single(&block.uri, request.path, block.ignore_uri_case)
         && single(&block.scheme, request.scheme, false)
         && single(&block.method, request.method, false)
-        && single(&block.authority, request.authority, false)
+        && block
+            .authority
+            .as_ref()
+            .is_none_or(|m| authority_matches(m, request.authority))
         && block.port.is_none_or(|port| port == request.port)
         && block
             .source_namespace
@@ -135,6 +140,14 @@ pub fn http_block_matches(block: &HttpMatch, request: &RequestAttributes<'_>) ->
             .query_params
             .iter()
             .all(|(name, m)| query_value(request.query, name).is_some_and(|v| m.matches(v, false)))
+}
+
+/// An `authority` match compares the normalised authority, with its port and without it, so
+/// neither case, a trailing dot nor a port added to the request steps around the route.
+/// Envoy compares the raw `:authority` case-sensitively; a host is case-insensitive, so exact
+/// and prefix patterns ignore case and a regex sees the lower-cased authority.
+fn authority_matches(m: &StringMatch, authority: &Authority) -> bool {
+    m.matches(authority.host(), true) || m.matches(authority.as_str(), true)
 }
 
 fn labels_match(wanted: &BTreeMap<String, String>, have: &BTreeMap<String, String>) -> bool {
@@ -280,13 +293,14 @@ fn envoy_substitution(rewrite: &str) -> String {
 /// The `Location` of a redirect: each part the redirect names replaces the request's.
 pub fn redirect_location(redirect: &Redirect, request: &RequestAttributes<'_>) -> String {
     let scheme = redirect.scheme.as_deref().unwrap_or(request.scheme);
-    let authority = redirect.authority.as_deref().unwrap_or(request.authority);
-    let host = crate::destination::strip_port(authority);
+    let rewritten = redirect.authority.as_deref().map(Authority::parse);
+    let authority = rewritten.as_ref().unwrap_or(request.authority);
+    let host = authority.host();
     let port = match redirect.port {
         Some(RedirectPort::Number(port)) => Some(port),
         Some(RedirectPort::FromRequestPort) => Some(request.port),
         Some(RedirectPort::FromProtocolDefault) => None,
-        None => authority_port(authority),
+        None => authority.port(),
     };
     let default_port = if scheme == "https" { 443 } else { 80 };
     let path = redirect.uri.as_deref().unwrap_or(request.path);
@@ -299,12 +313,6 @@ pub fn redirect_location(redirect: &Redirect, request: &RequestAttributes<'_>) -
         Some(port) => format!("{scheme}://{host}:{port}{path}{query}"),
         None => format!("{scheme}://{host}{path}{query}"),
     }
-}
-
-fn authority_port(authority: &str) -> Option<u16> {
-    authority
-        .rsplit_once(':')
-        .and_then(|(host, port)| (!host.ends_with(':')).then(|| port.parse().ok()).flatten())
 }
 
 /// What a route's fault injection does to one request.

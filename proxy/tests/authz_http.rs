@@ -1,6 +1,6 @@
 //! AuthorizationPolicy on HTTP with the real proxy binary: a server sidecar (static config, pod
 //! address 127.0.0.20, port declared `http`, PERMISSIVE) in front of a small HTTP application
-//! on 127.0.0.1 that answers with the request target it received. Plaintext clients connect
+//! on the pod address that answers with the request target it received. Plaintext clients connect
 //! from 127.0.0.7 over real sockets; a REDIRECT rule sends them to the inbound listener.
 //!
 //! It proves the seed example (ALLOW GET: GET 200, POST 403 `RBAC: access denied`) and that the
@@ -35,10 +35,10 @@ fn http_requests_are_authorized_on_their_normalised_path() {
     netns.rerun_inside(INSIDE);
 }
 
-/// An HTTP/1.1 application on 127.0.0.1:`port` answering every request `200` with the request
-/// target it received as the body (keep-alive, as the proxy pools connections).
+/// An HTTP/1.1 application on every address, port `port`, answering every request `200` with the
+/// request target it received as the body (keep-alive, as the proxy pools connections).
 fn target_echo_app(port: u16) {
-    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };

@@ -2,12 +2,13 @@
 //! rules (as `tests/mtls.rs`): proxy A is the client pod's sidecar (outbound 15001), proxy B the
 //! server pod's (inbound 15006, pod address 127.0.0.20). The backend is the demo server
 //! (`trellis-demo`: HTTP/1.1 + h2c, gRPC echo and server streaming, WebSocket echo, streaming
-//! `/echo`) listening on 127.0.0.1, where B forwards. A's connections to B pass through a tap that
-//! counts them. Certificates come from an in-test CA.
+//! `/echo`) listening on every address: B forwards to the pod address, and the `split` service
+//! reaches it directly on 127.0.0.1. A's connections to B pass through a tap that counts them.
+//! Certificates come from an in-test CA.
 //!
 //! ```text
 //! client (127.0.0.5) ─REDIRECT→ A:15001 ─→ 127.0.0.20:port ─REDIRECT→ tap:15050
-//!     tap (from 127.0.0.7) ─REDIRECT→ B:15006 ─(from 127.0.0.6)→ demo server 127.0.0.1:port
+//!     tap (from 127.0.0.7) ─REDIRECT→ B:15006 ─(from 127.0.0.6)→ demo server 127.0.0.20:port
 //! ```
 //!
 //! Needs root, iproute2 and iptables.
@@ -44,7 +45,7 @@ const TAP_PORT: u16 = 15050;
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/server";
 
-/// Demo server ports on 127.0.0.1 (B's application).
+/// Demo server ports (B's application, on every address).
 const HTTP_PORT: u16 = 7200;
 const GRPC_PORT: u16 = 7201;
 /// Declared by no service: protocol sniffed on both sides.
@@ -164,7 +165,7 @@ async fn start_backends() {
         true,
     ));
     for port in [HTTP_PORT, GRPC_PORT, UNDECLARED_PORT] {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
             .await
             .unwrap();
         tokio::spawn(trellis_demo::server::serve_http(
@@ -174,7 +175,6 @@ async fn start_backends() {
             Duration::from_secs(1),
         ));
     }
-    // Opaque TCP is forwarded to the pod address (HTTP to 127.0.0.1): listen on both.
     let greeting = tokio::net::TcpListener::bind(("0.0.0.0", GREETING_PORT))
         .await
         .unwrap();
@@ -477,7 +477,8 @@ fn http_grpc_and_websocket_cross_two_sidecars() {
         .find(|l| l["grpc_status"] == "5")
         .expect("the failing gRPC call is logged");
     assert_eq!(grpc_line["method"], "POST");
-    assert_eq!(grpc_line["upstream_host"], "127.0.0.1:7201");
+    // B reaches its application on the pod address, never on loopback.
+    assert_eq!(grpc_line["upstream_host"], "127.0.0.20:7201");
     assert_eq!(grpc_line["response_flags"], "-");
 }
 

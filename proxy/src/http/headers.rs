@@ -1,5 +1,13 @@
 //! Header handling shared by both directions: hop-by-hop headers (RFC 9110 §7.6.1), the
-//! forwarding headers the proxy adds, and moving a request between HTTP/1.1 and HTTP/2 form.
+//! proxy's internal `x-trellis-*` headers, the forwarding headers the proxy adds, and moving a
+//! request between HTTP/1.1 and HTTP/2 form.
+//!
+//! Internal headers are the proxy's own word: `x-trellis-reason` on a response it made, and
+//! `x-trellis-app-version` between two sidecars (which selects the HTTP version spoken to the
+//! application). Nobody else may speak it, so [`strip_internal`] removes every `x-trellis-*`
+//! header, whatever follows the prefix, from what crosses a trust boundary: requests from the
+//! network and from the application, and responses from an application or any upstream that
+//! is not a sidecar met over mesh mutual TLS (which has already removed its application's).
 
 use http::header::{CONNECTION, HOST, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Request, Uri, Version};
@@ -11,21 +19,22 @@ pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwa
 pub const X_TRELLIS_REASON: HeaderName = HeaderName::from_static("x-trellis-reason");
 /// Between sidecars only: the HTTP version the application spoke, so the inbound side can
 /// speak it to the application on a port whose protocol is not declared (the hop itself is
-/// always HTTP/2). Removed by the inbound side.
+/// always HTTP/2). Honoured only from a peer over mesh mutual TLS; removed by the inbound side.
 pub const X_TRELLIS_APP_VERSION: HeaderName = HeaderName::from_static("x-trellis-app-version");
+/// The prefix of every internal header.
+const INTERNAL_PREFIX: &str = "x-trellis-";
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Hop-by-hop by definition (RFC 9113 §3.2.1): it only accompanies an `h2c` upgrade.
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Removes hop-by-hop headers: those named by `Connection`, `Connection` itself, the standard
-/// ones, and `TE` unless it is `trailers` (which gRPC needs end to end).
+/// ones (`HTTP2-Settings` included), and `TE` unless it is `trailers` (which gRPC needs end to
+/// end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = tokens(headers, &CONNECTION)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -36,6 +45,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         PROXY_CONNECTION,
         TRANSFER_ENCODING,
         UPGRADE,
+        HTTP2_SETTINGS,
     ] {
         headers.remove(name);
     }
@@ -47,17 +57,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a request asks for an HTTP/1.1 protocol upgrade (WebSocket and the like).
-pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(UPGRADE)
-        && req
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+/// The comma-separated tokens of every value of `name`, trimmed (values that are not text are
+/// skipped).
+pub fn tokens<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'h str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// Removes every internal `x-trellis-*` header (see the module doc).
+pub fn strip_internal(headers: &mut HeaderMap) {
+    let internal: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with(INTERNAL_PREFIX))
+        .cloned()
+        .collect();
+    for name in internal {
+        headers.remove(name);
+    }
 }
 
 /// [`strip_hop_by_hop`] for an upgrade request or its `101` response: the `Upgrade` header and
@@ -196,27 +217,40 @@ mod tests {
 
     #[test]
     fn upgrade_requests_keep_their_upgrade_headers() {
-        let mut req = Request::new(());
-        *req.headers_mut() = headers(&[
+        let mut map = headers(&[
             ("connection", "keep-alive, Upgrade"),
             ("upgrade", "websocket"),
             ("keep-alive", "1"),
         ]);
-        assert!(is_upgrade(&req));
-        strip_hop_by_hop_keep_upgrade(req.headers_mut());
-        assert_eq!(names(req.headers()), ["connection", "upgrade"]);
-        assert_eq!(req.headers()[CONNECTION], "upgrade");
+        strip_hop_by_hop_keep_upgrade(&mut map);
+        assert_eq!(names(&map), ["connection", "upgrade"]);
+        assert_eq!(map[CONNECTION], "upgrade");
+    }
 
-        let mut plain = Request::new(());
-        plain
-            .headers_mut()
-            .insert(UPGRADE, HeaderValue::from_static("h2c"));
-        assert!(!is_upgrade(&plain), "Upgrade without Connection: upgrade");
-        *plain.version_mut() = Version::HTTP_2;
-        plain
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        assert!(!is_upgrade(&plain), "HTTP/2 has no Upgrade");
+    #[test]
+    fn an_h2c_upgrade_loses_every_header_that_asks_for_it() {
+        let mut map = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+            ("host", "a"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(names(&map), ["host"]);
+    }
+
+    #[test]
+    fn internal_headers_are_stripped_whatever_their_suffix() {
+        let mut map = headers(&[
+            ("x-trellis-reason", "rbac_access_denied"),
+            ("X-Trellis-App-Version", "HTTP/2"),
+            ("x-trellis-anything-new", "1"),
+            ("x-trellis", "not internal: no dash after the prefix"),
+            ("x-trellisx", "2"),
+            ("x-user", "alice"),
+        ]);
+        strip_internal(&mut map);
+        assert_eq!(names(&map), ["x-trellis", "x-trellisx", "x-user"]);
     }
 
     #[test]

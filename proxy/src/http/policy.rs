@@ -21,6 +21,7 @@ use super::Body;
 use super::headers::X_TRELLIS_REASON;
 use super::pool::SendError;
 use super::telemetry::GRPC_STATUS;
+use crate::host::Authority;
 use crate::route::retry::Outcome;
 
 /// Envoy's body for a fault-injected abort.
@@ -54,15 +55,10 @@ pub fn apply_edits(headers: &mut HeaderMap, edits: &HeaderEdits) {
 /// A mirror's authority: `-shadow` appended to the host, before any port (Envoy's
 /// `shadow_policy` does the same, so the mirror's server can tell copies from originals).
 pub fn shadow_authority(authority: &str) -> String {
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') && port.parse::<u16>().is_ok() => {
-            format!("{host}-shadow:{port}")
-        }
-        _ if authority.ends_with(']') => format!("{authority}-shadow"),
-        Some((host, port)) if host.ends_with(']') && port.parse::<u16>().is_ok() => {
-            format!("{host}-shadow:{port}")
-        }
-        _ => format!("{authority}-shadow"),
+    let authority = Authority::parse(authority);
+    match authority.port() {
+        Some(port) => format!("{}-shadow:{port}", authority.host()),
+        None => format!("{}-shadow", authority.host()),
     }
 }
 

@@ -35,6 +35,8 @@ pub enum Reason {
     NoCluster,
     /// A circuit breaker of the cluster (`connectionPool` limit) refused the request.
     UpstreamOverflow,
+    /// A `CONNECT` request: the proxy opens no such tunnel (`crate::http::upgrade`).
+    ConnectNotAllowed,
 }
 
 impl Reason {
@@ -43,6 +45,7 @@ impl Reason {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::NotInRegistry => StatusCode::BAD_GATEWAY,
             Self::InvalidPath => StatusCode::BAD_REQUEST,
+            Self::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RbacAccessDenied => StatusCode::FORBIDDEN,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NoCluster | Self::UpstreamOverflow => StatusCode::SERVICE_UNAVAILABLE,
@@ -55,7 +58,7 @@ impl Reason {
     /// Envoy's response flag.
     pub fn flag(self) -> &'static str {
         match self {
-            Self::NoRoute | Self::NotInRegistry => flags::NO_ROUTE,
+            Self::NoRoute | Self::NotInRegistry | Self::ConnectNotAllowed => flags::NO_ROUTE,
             Self::NoHealthyUpstream => flags::NO_HEALTHY_UPSTREAM,
             Self::UpstreamConnectFailure => flags::UPSTREAM_FAILURE,
             Self::UpstreamReset => flags::UPSTREAM_CONNECTION_TERMINATION,
@@ -80,6 +83,7 @@ impl Reason {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::NoCluster => "no_cluster",
             Self::UpstreamOverflow => "upstream_overflow",
+            Self::ConnectNotAllowed => "connect_not_allowed",
         }
     }
 
@@ -98,6 +102,7 @@ impl Reason {
             Self::UpstreamTimeout => "upstream request timeout",
             Self::NoCluster => "no cluster for the route's destination",
             Self::UpstreamOverflow => "upstream overflow: a connection pool limit was reached",
+            Self::ConnectNotAllowed => "CONNECT is not allowed through the mesh proxy",
         }
     }
 
@@ -148,6 +153,7 @@ mod tests {
             (Reason::UpstreamTimeout, 504, "UT", "upstream_timeout"),
             (Reason::NoCluster, 503, "NC", "no_cluster"),
             (Reason::UpstreamOverflow, 503, "UO", "upstream_overflow"),
+            (Reason::ConnectNotAllowed, 405, "NR", "connect_not_allowed"),
         ];
         for (reason, status, flag, code) in table {
             assert_eq!(reason.flag(), flag);

@@ -1,22 +1,27 @@
 //! Inbound HTTP: after the PeerAuthentication decision and TLS termination (`crate::inbound`),
 //! the connection is served as HTTP (HTTP/1.1 or HTTP/2; the mesh HTTP/2 inside mutual TLS) and
-//! each request is forwarded to the application on `127.0.0.1:<port>` from
-//! [`inbound_source`](super::inbound_source) over a pooled connection in the port's declared protocol.
+//! each request is forwarded to the application on the address it was sent to (the pod's,
+//! [`super::connect_app`]) over a pooled connection in the port's declared protocol.
 //!
 //! Before a request is forwarded, in this order:
-//! 1. identity headers are made unforgeable: a client-supplied `x-forwarded-client-cert` is
-//!    always removed, and set from the verified peer certificate when there is one (as Envoy
-//!    does);
-//! 2. the path is normalised once with [`crate::path::normalize`] (`400 invalid_path` when it
-//!    cannot be), and the normalised path is what is both authorized and forwarded;
-//! 3. the workload's AuthorizationPolicies decide ([`crate::authz::evaluate`]); a denial is
+//! 1. `CONNECT` is refused and only a WebSocket upgrade is honoured ([`crate::http::upgrade`]);
+//! 2. identity and internal headers are made unforgeable: a client-supplied
+//!    `x-forwarded-client-cert` is always removed, and set from the verified peer certificate
+//!    when there is one (as Envoy does); every `x-trellis-*` header is removed, the application
+//!    version a peer sidecar tells being read first, and only over mesh mutual TLS;
+//! 3. the path is normalised once with [`crate::path::normalize`] (`400 invalid_path` when it
+//!    cannot be), and the authority with [`crate::host::Authority`]; the normalised forms are
+//!    what is both authorized and forwarded;
+//! 4. the workload's AuthorizationPolicies decide ([`crate::authz::evaluate`]); a denial is
 //!    answered `403 RBAC: access denied`.
+//!
+//! The application's `x-trellis-*` response headers are removed too: only the proxy speaks them.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::HeaderValue;
+use http::header::{HOST, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -26,6 +31,7 @@ use trellis_config::proxy::Protocol;
 
 use super::inbound_source;
 use crate::authz::{self, ConnectionAttributes, HttpAttributes, Verdict};
+use crate::host::Authority;
 use crate::http::headers::{
     self, X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION,
 };
@@ -35,11 +41,8 @@ use crate::http::telemetry::Record;
 use crate::http::telemetry::body::{Counted, Observed};
 use crate::http::upgrade;
 use crate::metrics::TcpLabels;
+use crate::path;
 use crate::state::ProxyState;
-use crate::{forward, path};
-
-/// Where the application listens, as in Istio's inbound forwarding.
-const APP_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// One inbound HTTP connection, as the connection handler learned it.
 pub struct Connection {
@@ -74,9 +77,19 @@ impl Connection {
 
     async fn proxy(&self, mut req: Request<Incoming>) -> Response<Observed> {
         let mut record = Record::start(self.state.clone(), self.labels.clone(), &req, self.peer);
+        if upgrade::is_connect(&req) {
+            info!(peer = %self.peer, "CONNECT refused");
+            return record.reply(Reason::ConnectNotAllowed);
+        }
         let headers = req.headers_mut();
         record.request_id = headers::ensure_request_id(headers);
-        let app_version = headers.remove(X_TRELLIS_APP_VERSION);
+        // Only a peer sidecar, over mesh mutual TLS, may tell the application's version.
+        let app_version = self
+            .peer_principal
+            .is_some()
+            .then(|| headers.get(X_TRELLIS_APP_VERSION).cloned())
+            .flatten();
+        headers::strip_internal(headers);
         headers.remove(X_FORWARDED_CLIENT_CERT);
         if let Some(xfcc) = self.forwarded_client_cert() {
             headers.insert(X_FORWARDED_CLIENT_CERT, xfcc);
@@ -88,9 +101,9 @@ impl Connection {
             return record.reply(reason);
         }
 
-        let app = SocketAddr::new(APP_HOST, self.dst.port());
+        let app = self.dst;
         record.upstream = Some(app);
-        let upgrading = headers::is_upgrade(&req);
+        let upgrading = upgrade::is_websocket(&req);
         let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
         let wire = self.app_wire(app_version.as_ref(), req.version());
         let request_bytes = record.request_bytes();
@@ -109,7 +122,7 @@ impl Connection {
                 Err(e) => Err(SendError::Connect(e)),
             };
             return match sent {
-                Ok(response) => upgrade::respond(record, downstream_upgrade, response),
+                Ok(response) => upgrade::respond(record, downstream_upgrade, response, false),
                 Err(e) => record.fail(&e),
             };
         }
@@ -134,13 +147,14 @@ impl Connection {
         {
             Ok(mut response) => {
                 headers::strip_hop_by_hop(response.headers_mut());
+                headers::strip_internal(response.headers_mut());
                 record.respond(response.map(|b| b.map_err(Into::into).boxed_unsync()))
             }
             Err(e) => record.fail(&e),
         }
     }
 
-    /// Normalises the request's path in place and authorizes the request.
+    /// Normalises the request's path and authority in place and authorizes the request.
     fn admit(&self, req: &mut Request<Incoming>) -> Result<(), Reason> {
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let normalized = match path::normalize(target) {
@@ -150,10 +164,21 @@ impl Connection {
                 return Err(Reason::InvalidPath);
             }
         };
+        let authority = Authority::parse(&headers::authority(req).unwrap_or_default());
         let mut parts = req.uri().clone().into_parts();
         parts.path_and_query = normalized.path_and_query().parse().ok();
+        if parts.authority.is_some()
+            && let Ok(normalized) = authority.as_str().parse()
+        {
+            parts.authority = Some(normalized);
+        }
         if let Ok(uri) = Uri::from_parts(parts) {
             *req.uri_mut() = uri;
+        }
+        if req.headers().contains_key(HOST)
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(HOST, host);
         }
         let config = self.state.current_config();
         let connection = ConnectionAttributes {
@@ -162,12 +187,11 @@ impl Connection {
             destination_port: self.dst.port(),
             sni: self.sni.as_deref(),
         };
-        let authority = headers::authority(req).unwrap_or_default();
         let request = HttpAttributes {
             method: req.method().as_str(),
             path: &normalized.path,
-            authority: &authority,
-            host: host_without_port(&authority),
+            authority: authority.as_str(),
+            host: authority.host(),
             headers: req.headers(),
         };
         match authz::evaluate(&config.inbound.authorization, &connection, Some(&request)) {
@@ -207,45 +231,9 @@ impl Connection {
     }
 
     async fn connect_app(&self, app: SocketAddr) -> anyhow::Result<BoxedIo> {
-        let stream = forward::connect(
-            app,
-            Some(inbound_source(app.ip())),
-            self.state.connect_timeout,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to the application on {app}: {e}"))?;
+        let stream = super::connect_app(app, self.state.connect_timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to the application on {app}: {e}"))?;
         Ok(Box::new(stream))
-    }
-}
-
-/// `host` of `host:port` (`[v6]` of `[v6]:port`).
-fn host_without_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority
-            .find(']')
-            .map_or(authority, |end| &authority[..=end]);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hosts_lose_their_port() {
-        for (authority, host) in [
-            ("reviews:9080", "reviews"),
-            ("reviews", "reviews"),
-            ("10.0.0.1:80", "10.0.0.1"),
-            ("[::1]:8080", "[::1]"),
-            ("[::1]", "[::1]"),
-            ("", ""),
-        ] {
-            assert_eq!(host_without_port(authority), host, "{authority}");
-        }
     }
 }

@@ -1,5 +1,6 @@
 //! The inbound capture listener (15006): connections to the pod's ports, redirected by iptables,
-//! forwarded to the application from source 127.0.0.6 or `::6` (which the capture rules exempt).
+//! forwarded to the application from source 127.0.0.6 or `::6` (which the capture rules exempt)
+//! on the address they were sent to, the pod's ([`connect_app`]).
 //!
 //! The first bytes of each connection are peeked to tell a sidecar's mutual TLS (a ClientHello
 //! offering a mesh ALPN) from anything else; the port's PeerAuthentication mode then decides
@@ -16,6 +17,7 @@ pub mod http;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -124,7 +126,7 @@ async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, dst
                 };
                 http.serve(stream).await;
             } else if authz::admit_tcp(&state, &labels, peer, dst, None, None)
-                && let Some(app) = connect_app(&state, &labels, dst).await
+                && let Some(app) = forward_to_app(&state, &labels, dst).await
             {
                 capture::serve(&state, labels, stream, app, peer, dst).await;
             }
@@ -240,15 +242,28 @@ async fn terminate(
         };
         http.serve(stream).await;
     } else if authz::admit_tcp(state, &labels, peer, dst, Some(&peer_id), sni.as_deref())
-        && let Some(app) = connect_app(state, &labels, dst).await
+        && let Some(app) = forward_to_app(state, &labels, dst).await
     {
         capture::serve(state, labels, stream, app, peer, dst).await;
     }
 }
 
-/// Connects to the application from [`inbound_source`]; a failure is counted and logged.
-async fn connect_app(state: &ProxyState, labels: &TcpLabels, dst: SocketAddr) -> Option<TcpStream> {
-    match forward::connect(dst, Some(inbound_source(dst.ip())), state.connect_timeout).await {
+/// Connects to the application on `dst`, the address the connection or request was sent to
+/// (the pod's address and port), from [`inbound_source`]. Never on loopback: an application
+/// that listens on `127.0.0.1` only is not reachable from the network through the sidecar, as
+/// with Istio since 1.10 (and as without a mesh); it must listen on the pod's address (or all
+/// addresses) to be served.
+pub(crate) async fn connect_app(dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    forward::connect(dst, Some(inbound_source(dst.ip())), timeout).await
+}
+
+/// [`connect_app`] for an opaque connection; a failure is counted and logged.
+async fn forward_to_app(
+    state: &ProxyState,
+    labels: &TcpLabels,
+    dst: SocketAddr,
+) -> Option<TcpStream> {
+    match connect_app(dst, state.connect_timeout).await {
         Ok(app) => Some(app),
         Err(e) => {
             Refusal::failure(

@@ -9,7 +9,12 @@
 //!
 //! An HTTP/1.1 upgrade (WebSocket) crosses the mutual TLS hop as HTTP/1.1 on a connection of its
 //! own (ALPN [`MESH_ALPN`]); the inbound side serves it as HTTP, so it authorizes the upgrade
-//! request like any other, and after the `101` both sidecars splice the upgraded streams.
+//! request like any other, and after the `101` both sidecars splice the upgraded streams. No
+//! other upgrade is honoured and `CONNECT` is refused ([`crate::http::upgrade`]).
+//!
+//! The request's authority is normalised once ([`Authority`]) for routing and forwarding. The
+//! application's `x-trellis-*` headers are removed before routing, and an upstream's unless the
+//! upstream is a sidecar met over mesh mutual TLS ([`crate::http::headers`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,6 +38,7 @@ use trellis_config::traffic::{
 };
 
 use crate::destination::{self, Destination};
+use crate::host::Authority;
 use crate::http::headers::{self, X_FORWARDED_PROTO, X_TRELLIS_APP_VERSION, X_TRELLIS_REASON};
 use crate::http::pool::{self, BoxedIo, Key, Pool, SendError, Wire};
 use crate::http::replay::ReplayBody;
@@ -162,18 +168,23 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
     let state = &connection.state;
     // The snapshot this request uses to its end, whatever config arrives meanwhile.
     let config = state.current_config();
-    let authority = headers::authority(&req).unwrap_or_default();
-    let route = route(&config, connection.dst, &authority);
+    let authority = Authority::parse(&headers::authority(&req).unwrap_or_default());
+    let route = route(&config, connection.dst, authority.as_str());
     let found = match route {
         Route::Service(found) => Some(found),
         Route::Passthrough(_) | Route::OutsideRegistry => None,
     };
     let labels = super::labels(state, found.as_ref());
     let mut record = Record::start(state.clone(), labels, &req, connection.peer);
+    if upgrade::is_connect(&req) {
+        info!(peer = %connection.peer, dst = %connection.dst, "CONNECT refused");
+        return record.reply(Reason::ConnectNotAllowed);
+    }
     record.request_id = headers::ensure_request_id(req.headers_mut());
+    headers::strip_internal(req.headers_mut());
     let plan = match route {
         Route::OutsideRegistry => {
-            info!(peer = %connection.peer, dst = %connection.dst, authority,
+            info!(peer = %connection.peer, dst = %connection.dst, %authority,
                   "request for a host outside the registry refused (REGISTRY_ONLY): 502");
             return record.reply(Reason::NotInRegistry);
         }
@@ -199,7 +210,7 @@ async fn proxy(connection: &Connection, mut req: Request<Incoming>) -> Response<
             &target.service.namespace,
         );
     }
-    forward(connection, &config, record, req, plan).await
+    forward(connection, &config, record, req, &authority, plan).await
 }
 
 /// What a matched route (or the default route) does with a request that goes upstream.
@@ -260,7 +271,7 @@ fn plan_route<'a>(
     config: &'a ProxyConfig,
     found: Destination<'a>,
     req: &Request<Incoming>,
-    authority: &str,
+    authority: &Authority,
 ) -> Result<Plan<'a>, Answer> {
     let state = &connection.state;
     let port = found.port.port;
@@ -452,19 +463,18 @@ fn edit_response(plan: &Plan<'_>, cors_origin: Option<&HeaderValue>, headers: &m
     }
 }
 
-fn head_of(parts: http::request::Parts, fallback_authority: String, upgrading: bool) -> Head {
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or(fallback_authority);
+/// The request as routed: its normalised `authority` (the dialled address when it named none).
+fn head_of(
+    parts: http::request::Parts,
+    authority: &Authority,
+    dialled: SocketAddr,
+    upgrading: bool,
+) -> Head {
+    let authority = if authority.is_empty() {
+        dialled.to_string()
+    } else {
+        authority.as_str().to_owned()
+    };
     let mut head = Head {
         authority,
         path_and_query: parts
@@ -492,6 +502,7 @@ async fn forward(
     config: &Arc<ProxyConfig>,
     record: Record,
     mut req: Request<Incoming>,
+    authority: &Authority,
     plan: Plan<'_>,
 ) -> Response<Observed> {
     let state = &connection.state;
@@ -520,11 +531,11 @@ async fn forward(
         }
     }
 
-    let upgrading = headers::is_upgrade(&req);
+    let upgrading = upgrade::is_websocket(&req);
     let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let request_bytes = record.request_bytes();
     let (parts, body) = req.into_parts();
-    let mut head = head_of(parts, connection.dst.to_string(), upgrading);
+    let mut head = head_of(parts, authority, connection.dst, upgrading);
     edit_head(&plan, &mut head);
     let body = Counted::new(body, request_bytes)
         .map_err(Into::into)
@@ -612,6 +623,9 @@ fn respond(
     match ended.result {
         TryResult::Response(mut response) => {
             headers::strip_hop_by_hop(response.headers_mut());
+            if ended.security.is_none() {
+                headers::strip_internal(response.headers_mut());
+            }
             edit_response(plan, cors_origin, response.headers_mut());
             if let Some(cookie) = &plan.set_cookie {
                 response
@@ -942,7 +956,12 @@ async fn upgrade(
         Err(e) => Err(SendError::Connect(e)),
     };
     match sent {
-        Ok(response) => upgrade::respond(record, downstream_upgrade, response),
+        Ok(response) => upgrade::respond(
+            record,
+            downstream_upgrade,
+            response,
+            upstream.mesh.is_some(),
+        ),
         Err(e) => record.fail(&e),
     }
 }

@@ -93,11 +93,12 @@ fn with_decision<T>(
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
+    let authority = crate::host::Authority::parse(req.authority);
     let attributes = RequestAttributes {
         method: req.method,
         path: req.path,
         query: req.query,
-        authority: req.authority,
+        authority: &authority,
         scheme: req.scheme,
         headers: &headers,
         source_labels: &labels,
@@ -245,6 +246,34 @@ fn every_match_field_selects_its_route() {
         (json!({"method": {"exact": "POST"}}), get(), false),
         (json!({"authority": {"prefix": "reviews"}}), get(), true),
         (json!({"authority": {"exact": "ratings"}}), get(), false),
+        // The normalised authority, with its port and without it: case, a trailing dot and a
+        // port do not step around an authority match.
+        (json!({"authority": {"exact": "reviews"}}), get(), true),
+        (json!({"authority": {"exact": "reviews:9080"}}), get(), true),
+        (
+            json!({"authority": {"exact": "admin.example.com"}}),
+            Req {
+                authority: "ADMIN.Example.com.:80",
+                ..get()
+            },
+            true,
+        ),
+        (
+            json!({"authority": {"regex": "admin\\.example\\.com"}}),
+            Req {
+                authority: "Admin.example.com.",
+                ..get()
+            },
+            true,
+        ),
+        (
+            json!({"authority": {"exact": "admin.example.com"}}),
+            Req {
+                authority: "admin.example.com.evil",
+                ..get()
+            },
+            false,
+        ),
         (
             json!({"headers": {"end-user": {"exact": "jason"}}}),
             Req {
@@ -601,7 +630,7 @@ fn rewrites_redirects_faults_mirrors_and_cors() {
         method: "GET",
         path: "/old",
         query: "a=1",
-        authority: "shop:8080",
+        authority: &crate::host::Authority::parse("Shop.:8080"),
         scheme: "http",
         headers: &headers,
         source_labels: &labels,

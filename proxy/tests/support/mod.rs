@@ -523,12 +523,21 @@ impl MeshCa {
     }
 }
 
-/// An HTTP/1.1 application on 127.0.0.1:`port` (keep-alive, as the proxy pools connections)
-/// answering every request `200` with the request head it received (request line and headers)
-/// as the body. Returns the heads it saw, so a test can prove a request never reached it.
+/// An HTTP/1.1 application on every address, port `port` (keep-alive, as the proxy pools
+/// connections) answering every request `200` with the request head it received (request line
+/// and headers) as the body. Returns the heads it saw, so a test can prove a request never
+/// reached it.
 pub fn recording_http_app(port: u16) -> std::sync::Arc<parking_lot::Mutex<Vec<String>>> {
+    recording_http_app_on("0.0.0.0", port)
+}
+
+/// [`recording_http_app`] listening on `ip` only (`127.0.0.1`: an application bound to loopback).
+pub fn recording_http_app_on(
+    ip: &str,
+    port: u16,
+) -> std::sync::Arc<parking_lot::Mutex<Vec<String>>> {
     use std::io::BufRead;
-    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let listener = TcpListener::bind((ip, port)).unwrap();
     let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
     let record = seen.clone();
     std::thread::spawn(move || {

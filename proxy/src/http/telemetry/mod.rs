@@ -18,7 +18,7 @@ use tracing::warn;
 use super::Body;
 use super::pool::SendError;
 use super::reply::Reason;
-use crate::metrics::{RequestLabels, RequestSample, TcpLabels, values};
+use crate::metrics::{self, RequestLabels, RequestSample, TcpLabels, values};
 use crate::state::ProxyState;
 use body::Observed;
 
@@ -133,7 +133,7 @@ impl Record {
                 grpc_response_status: self
                     .grpc_status
                     .as_deref()
-                    .map_or_else(values::empty, Into::into),
+                    .map_or_else(values::empty, metrics::grpc_status),
             },
             duration_ms: self.started.elapsed().as_secs_f64() * 1_000.0,
             request_bytes: self.request_bytes.load(Ordering::Relaxed),
