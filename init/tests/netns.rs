@@ -12,6 +12,7 @@ use std::path::Path;
 
 use probes::{CLIENT_PY, Listener, run};
 use std::process::{Command, Stdio};
+use trellis_init::{Ipv6Mode, SystemExecutor};
 
 const TRELLIS_INIT: &str = env!("CARGO_BIN_EXE_trellis-init");
 
@@ -167,6 +168,15 @@ impl Netns {
         let mut client = self.command_as(uid, uid, python());
         client.args(["-c", CLIENT_PY, ip, &port.to_string(), source]);
         run(&mut client).trim().to_owned()
+    }
+
+    /// How the CNI plugin, running on the host, judges this namespace's IPv6: it enters the
+    /// namespace to read its addresses, which must not be the host's.
+    fn ipv6_mode_seen_from_the_host(&self) -> Ipv6Mode {
+        let path = format!("/var/run/netns/{}", self.name);
+        SystemExecutor::detect_in_netns(Path::new(&path))
+            .ipv6_mode()
+            .expect("reading the namespace's IPv6 addresses")
     }
 
     /// The link-local IPv6 address of `eth0` (`fe80::…%eth0`), which the kernel assigns itself
@@ -420,6 +430,11 @@ fn ipv6_is_captured_exactly_as_ipv4_in_a_dual_stack_pod() {
     let network = PodNetwork::dual_stack("ipv6");
     let (pod, peer) = (&network.pod, &network.peer);
     assert_eq!(
+        pod.ipv6_mode_seen_from_the_host(),
+        Ipv6Mode::Capture,
+        "the CNI plugin's view from the host"
+    );
+    assert_eq!(
         pod.connect_as_root(PEER_IP6, 8080),
         format!("peer [{PEER_IP6}]:8080"),
         "before apply nothing is captured"
@@ -515,6 +530,11 @@ fn ipv6_is_captured_exactly_as_ipv4_in_a_dual_stack_pod() {
 fn uncaptured_ipv6_is_rejected_never_passed() {
     let network = PodNetwork::new("ipv6-reject");
     let (pod, peer) = (&network.pod, &network.peer);
+    assert_eq!(
+        pod.ipv6_mode_seen_from_the_host(),
+        Ipv6Mode::Reject,
+        "the CNI plugin's view from the host"
+    );
     let pod_link_local = pod.link_local_address();
     let peer_link_local = peer.link_local_address();
     assert!(
