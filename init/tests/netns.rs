@@ -171,7 +171,8 @@ impl Netns {
     }
 
     /// How the CNI plugin, running on the host, judges this namespace's IPv6: it enters the
-    /// namespace to read its addresses, which must not be the host's.
+    /// namespace to read its addresses, which must not be the host's (a host with IPv6 addresses
+    /// of its own would make an IPv4-only pod look dual-stack, a host without any the reverse).
     fn ipv6_mode_seen_from_the_host(&self) -> Ipv6Mode {
         let path = format!("/var/run/netns/{}", self.name);
         SystemExecutor::detect_in_netns(Path::new(&path))
