@@ -87,7 +87,8 @@ images: build
 	img cni      --entrypoint '["/trellis-cni"]'      --binary $(BIN_DIR)/trellis-cni:/trellis-cni; \
 	img cli      --entrypoint '["/trellisctl"]'       --binary $(BIN_DIR)/trellisctl:/trellisctl; \
 	img demo     --entrypoint '["/demo-server"]'      --binary $(BIN_DIR)/demo-server:/demo-server \
-	             --binary $(BIN_DIR)/demo-client:/demo-client --binary $(BIN_DIR)/cluster-dns:/cluster-dns
+	             --binary $(BIN_DIR)/demo-client:/demo-client --binary $(BIN_DIR)/cluster-dns:/cluster-dns \
+	             --binary $(BIN_DIR)/ext-authz:/ext-authz
 	@if $(CLUSTER) status >/dev/null 2>&1 && [ -z "$${KUBECONFIG:-}" ]; then \
 	  for n in $(IMAGE_NAMES); do $(CLUSTER) image $(REGISTRY)/$$n:$(VERSION) $(IMAGES_DIR)/$$n.tar; done; \
 	else \

@@ -2,6 +2,8 @@
 //! declares the whole mesh — data-plane version, identity, mTLS default, interception mode,
 //! proxy settings, certificate lifetimes and outbound policy.
 
+use std::collections::BTreeMap;
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -66,6 +68,13 @@ pub struct MeshSpec {
     pub certificates: CertificateSettings,
     #[serde(default)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// External authorizers, named by `AuthorizationPolicy` action `CUSTOM` in
+    /// `provider.name`: Istio's MeshConfig `extensionProviders`, of the kinds
+    /// `envoyExtAuthzHttp` and `envoyExtAuthzGrpc`. A sidecar asks the authorizer about every
+    /// HTTP request a CUSTOM policy's rules match, before DENY and ALLOW policies; an opaque
+    /// TCP connection a CUSTOM policy matches is denied (the authorizer is not asked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extension_providers: Vec<ExtensionProvider>,
 }
 
 fn default_trust_domain() -> String {
@@ -239,6 +248,94 @@ fn default_root_ttl() -> String {
 pub struct OutboundTrafficPolicy {
     #[serde(default)]
     pub mode: OutboundTrafficMode,
+}
+
+/// One `extensionProviders[]` entry: a name and exactly one provider kind.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    /// Unique among the providers; CUSTOM policies refer to it.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// An authorizer speaking Envoy's ext_authz HTTP protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_http: Option<EnvoyExtAuthzHttpProvider>,
+    /// An authorizer serving Envoy's `envoy.service.auth.v3.Authorization/Check` over gRPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_grpc: Option<EnvoyExtAuthzGrpcProvider>,
+}
+
+/// Istio's `EnvoyExternalAuthorizationHttpProvider`, without `includeRequestBodyInCheck`,
+/// `headersToDownstreamOnAllow` and the deprecated `includeHeadersInCheck`. Header patterns
+/// are exact, `prefix*` or `*suffix` names, compared ignoring case.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvoyExtAuthzHttpProvider {
+    /// `[<namespace>/]<hostname>` of the authorizer (`ext-authz.foo.svc.cluster.local`). The
+    /// sidecar dials the hostname in plaintext, from outside its own traffic capture.
+    #[schemars(length(min = 1))]
+    pub service: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+    /// How long the sidecar waits for the answer (default `600s`); then the check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub timeout: Option<String>,
+    /// Put before the request's path in the check request: `/check` checks `/admin` as
+    /// `/check/admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^/"))]
+    pub path_prefix: Option<String>,
+    /// Allow the request when the check fails (the authorizer cannot be reached, times out or
+    /// answers 5xx); by default it is denied with `statusOnError`.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// The HTTP status a client gets when the check fails (default `403`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[2-5][0-9][0-9]$"))]
+    pub status_on_error: Option<String>,
+    /// Client request headers sent to the authorizer besides `Host`, the method, the path
+    /// and `Content-Length: 0` (the body is never sent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_request_headers_in_check: Vec<String>,
+    /// Fixed headers added to every check request, overriding the client's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub include_additional_headers_in_check: BTreeMap<String, String>,
+    /// The authorizer's response headers set on an allowed request before it goes to the
+    /// application (replacing the client's). Without it the request goes on unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    /// The authorizer's response headers a denied client gets, with its status and body.
+    /// Without it every header but `Host` is passed on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_downstream_on_deny: Vec<String>,
+}
+
+/// Istio's `EnvoyExternalAuthorizationGrpcProvider`, without `includeRequestBodyInCheck`. An
+/// OK answer's `ok_response` headers are set on (or appended to) the request and its
+/// `headers_to_remove` removed; a denial's `denied_response` status (default 403, 401 for
+/// `UNAUTHENTICATED`), headers and body go to the client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvoyExtAuthzGrpcProvider {
+    /// `[<namespace>/]<hostname>` of the authorizer. The sidecar dials the hostname with
+    /// plaintext HTTP/2, from outside its own traffic capture.
+    #[schemars(length(min = 1))]
+    pub service: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+    /// How long the sidecar waits for the answer (default `600s`); then the check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub timeout: Option<String>,
+    /// Allow the request when the check fails (the authorizer cannot be reached, times out or
+    /// answers with a gRPC error); by default it is denied with `statusOnError`.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// The HTTP status a client gets when the check fails (default `403`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[2-5][0-9][0-9]$"))]
+    pub status_on_error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -21,6 +21,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct InboundAuthorization {
+    /// CUSTOM policies: a request one matches is first checked with its external authorizer,
+    /// before DENY and ALLOW policies are looked at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custom: Vec<CustomPolicy>,
     /// DENY policies: any match denies, before ALLOW policies are looked at.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<Policy>,
@@ -34,14 +38,18 @@ pub struct InboundAuthorization {
 
 impl InboundAuthorization {
     pub fn is_empty(&self) -> bool {
-        self.deny.is_empty() && self.audit.is_empty() && self.allow.is_empty()
+        self.custom.is_empty()
+            && self.deny.is_empty()
+            && self.audit.is_empty()
+            && self.allow.is_empty()
     }
 
-    /// Every policy with its action, DENY first (evaluation order).
+    /// Every policy with its action, CUSTOM first, then DENY (evaluation order).
     pub fn policies(&self) -> impl Iterator<Item = (Action, &Policy)> {
-        self.deny
+        self.custom
             .iter()
-            .map(|p| (Action::Deny, p))
+            .map(|c| (Action::Custom, &c.policy))
+            .chain(self.deny.iter().map(|p| (Action::Deny, p)))
             .chain(self.audit.iter().map(|p| (Action::Audit, p)))
             .chain(self.allow.iter().map(|p| (Action::Allow, p)))
     }
@@ -51,16 +59,30 @@ impl InboundAuthorization {
         for (_, policy) in self.policies() {
             policy.validate()?;
         }
+        for custom in &self.custom {
+            custom.provider.validate()?;
+        }
         Ok(())
     }
 }
 
-/// The actions a compiled policy can have (CUSTOM never reaches a proxy).
+/// The actions a compiled policy can have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
     Allow,
     Deny,
     Audit,
+    /// Asks an external authorizer about what it matches; matched like a DENY (what cannot be
+    /// evaluated widens the match, so more is checked, never less).
+    Custom,
+}
+
+/// A CUSTOM policy with the external authorizer its `provider.name` names.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomPolicy {
+    pub policy: Policy,
+    pub provider: crate::ext_authz::ExtAuthzProvider,
 }
 
 /// One AuthorizationPolicy. No rules = never matches; a rule with nothing in it matches
@@ -431,6 +453,8 @@ pub enum AuthorizationError {
     InvalidPolicy { policy: String, reason: String },
     #[error("{0:?} is not an IP address or CIDR block")]
     InvalidIpBlock(String),
+    #[error(transparent)]
+    InvalidProvider(#[from] crate::ext_authz::ProviderError),
 }
 
 #[cfg(test)]

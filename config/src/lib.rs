@@ -1,6 +1,6 @@
 //! Trellis config model: everything a proxy needs to know and nothing about Kubernetes. The
 //! compiled proxy configuration the control plane streams ([`proxy`], with its [`traffic`] and
-//! [`authz`] parts), the control-plane wire format ([`protocol`]), SPIFFE identities
+//! [`authz`] parts, CUSTOM policies' external authorizers in [`ext_authz`]), the control-plane wire format ([`protocol`]), SPIFFE identities
 //! ([`identity`]), the mesh-wide modes a config carries ([`mesh`]) and the well-known ports,
 //! labels and names ([`wellknown`]).
 //!
@@ -9,6 +9,7 @@
 //! `trellis-api`, which depends on this crate.
 
 pub mod authz;
+pub mod ext_authz;
 pub mod identity;
 pub mod mesh;
 pub mod protocol;

@@ -2,7 +2,7 @@
 //! demo clients from two namespaces (two SPIFFE identities). Istio's seed example (ALLOW GET on
 //! `app: productpage`: GET 200, POST 403), a DENY on one caller's principal, an ALLOW by
 //! namespace, the empty-spec ALLOW that denies everything, and the `Unsupported` Event on a
-//! CUSTOM policy.
+//! policy with a field Trellis does not enforce (CUSTOM has its own suite, `ext_authz`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -233,35 +233,40 @@ async fn authorization_policies_allow_deny_and_report_what_is_unsupported() -> a
     );
     drop(deny_all);
 
-    // CUSTOM needs an external authorizer Trellis does not have: reported, and (like Istio with
-    // an unknown provider) it denies what its rules match.
-    let _custom = authorization_policy(
+    // `source.serviceAccounts` is not enforced: reported, and dropped from the DENY rule, which
+    // then denies /admin to everyone (wider, never narrower).
+    let _unsupported = authorization_policy(
         &server_ns.name,
-        "ext-authz",
+        "unsupported",
         serde_json::json!({
-            "action": "CUSTOM",
-            "provider": {"name": "opa"},
-            "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}],
+            "action": "DENY",
+            "rules": [{
+                "from": [{"source": {"serviceAccounts": ["other/sa"]}}],
+                "to": [{"operation": {"paths": ["/admin*"]}}],
+            }],
         }),
     )?;
     let events = wait_for(
-        "the Unsupported event on the CUSTOM policy",
+        "the Unsupported event on the policy",
         Duration::from_secs(60),
         || {
             let namespace = server_ns.name.clone();
             async move {
-                let events = unsupported_events(&namespace, "ext-authz")?;
+                let events = unsupported_events(&namespace, "unsupported")?;
                 Ok((!events.is_empty()).then_some(events))
             }
         },
     )
     .await?;
-    assert!(events.iter().any(|m| m.contains("CUSTOM")), "{events:?}");
-    wait_for_policies(&server_ns.name, &server, &[qualified("ext-authz")]).await?;
+    assert!(
+        events.iter().any(|m| m.contains("serviceAccounts")),
+        "{events:?}"
+    );
+    wait_for_policies(&server_ns.name, &server, &[qualified("unsupported")]).await?;
     assert_eq!(
         callers.call(&client, &callers.first_ns, "GET").await?,
         only("200"),
-        "the CUSTOM rules match /admin only"
+        "the DENY rules match /admin only"
     );
 
     // A misspelt field is refused by the API server (through the validating webhook) for any

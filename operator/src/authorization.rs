@@ -15,9 +15,13 @@
 //! * `targetRef`/`targetRefs`: the policy is for a gateway, waypoint or Service, not for
 //!   sidecars; Istio does not apply it to sidecars, and neither does Trellis.
 //! * An action this version does not know: the policy is left out.
-//! * CUSTOM: Trellis has no external authorizers, which for Istio is a CUSTOM policy with an
-//!   invalid provider: it becomes a DENY of what its rules match (Istio names those rules
-//!   `deny-due-to-bad-CUSTOM-action`), so it fails closed.
+//! * CUSTOM naming a provider the `Mesh` does not define (validly) in
+//!   `spec.extensionProviders`: like Istio with an invalid provider, it becomes a DENY of what
+//!   its rules match (Istio names those rules `deny-due-to-bad-CUSTOM-action`), so it fails
+//!   closed. With a known provider it reaches the proxy with the provider attached
+//!   ([`CustomPolicy`]); a workload may have CUSTOM policies of several providers, and a
+//!   request is checked with each provider whose policy it matches, as Istio does since it
+//!   allows several providers per workload.
 //! * An unsupported field or value in a rule (`requestPrincipals`/`notRequestPrincipals` and
 //!   `request.auth.*` keys — Trellis has no RequestAuthentication —, `serviceAccounts`,
 //!   `experimental.envoy.filters.*`, unknown `when` keys, path templates, a `*` inside a value,
@@ -44,9 +48,10 @@ use trellis_api::security::{
     AuthorizationSource,
 };
 use trellis_config::authz::{
-    Action, Condition, InboundAuthorization, IpBlock, Operation, Policy, Rule, Source, StringMatch,
-    Values,
+    Action, Condition, CustomPolicy, InboundAuthorization, IpBlock, Operation, Policy, Rule,
+    Source, StringMatch, Values,
 };
+use trellis_config::ext_authz::ExtAuthzProvider;
 use trellis_config::wellknown::OPERATOR_NAME;
 
 /// Event reason for everything a policy asks that Trellis cannot enforce as written.
@@ -108,6 +113,7 @@ pub fn for_workload<'a>(
     policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
     root_namespace: &str,
     workload: &Workload,
+    providers: &BTreeMap<String, ExtAuthzProvider>,
 ) -> InboundAuthorization {
     let mut applicable: Vec<&AuthorizationPolicy> = policies
         .into_iter()
@@ -115,14 +121,21 @@ pub fn for_workload<'a>(
         .collect();
     applicable.sort_by_key(|policy| policy_name(policy));
     let mut compiled = InboundAuthorization::default();
-    for policy in applicable {
-        let Some((action, policy)) = compile(policy, workload.addresses.as_deref()).policy else {
+    for source in applicable {
+        let Some((action, policy)) = compile(source, workload.addresses.as_deref()).policy else {
             continue;
         };
         match action {
             Action::Deny => compiled.deny.push(policy),
             Action::Audit => compiled.audit.push(policy),
             Action::Allow => compiled.allow.push(policy),
+            Action::Custom => match providers.get(&source.spec.provider.name) {
+                Some(provider) => compiled.custom.push(CustomPolicy {
+                    policy,
+                    provider: provider.clone(),
+                }),
+                None => compiled.deny.push(policy),
+            },
         }
     }
     compiled
@@ -164,14 +177,7 @@ pub fn compile(policy: &AuthorizationPolicy, addresses: Option<&[IpAddr]>) -> Co
         AuthorizationAction::Allow => Action::Allow,
         AuthorizationAction::Deny => Action::Deny,
         AuthorizationAction::Audit => Action::Audit,
-        AuthorizationAction::Custom => {
-            issues.push(format!(
-                "CUSTOM action (provider {:?}): Trellis has no external authorizers, so like \
-                 Istio with an unknown provider it denies what the rules match",
-                spec.provider.name
-            ));
-            Action::Deny
-        }
+        AuthorizationAction::Custom => Action::Custom,
         AuthorizationAction::Unknown => {
             return Compiled {
                 policy: None,
@@ -682,7 +688,7 @@ mod tests {
                 policy_name(policy)
             );
         }
-        let applied = for_workload(table.iter().map(|(p, _)| p), ROOT, &web);
+        let applied = for_workload(table.iter().map(|(p, _)| p), ROOT, &web, &BTreeMap::new());
         let names: Vec<_> = applied.allow.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,
@@ -726,7 +732,7 @@ mod tests {
             policy("demo", "deny-all", json!({"action": "DENY", "rules": [{}]})),
             policy("demo", "allow-nothing", json!({})),
         ];
-        let compiled = for_workload(&policies, ROOT, &workload("demo", "web"));
+        let compiled = for_workload(&policies, ROOT, &workload("demo", "web"), &BTreeMap::new());
         compiled.validate().unwrap();
         let expected: InboundAuthorization = serde_json::from_value(json!({
             "deny": [
@@ -861,7 +867,7 @@ mod tests {
     }
 
     #[test]
-    fn custom_fails_closed_and_target_refs_and_unknown_actions_are_left_out() {
+    fn custom_gets_its_provider_or_fails_closed_and_target_refs_and_unknown_actions_are_left_out() {
         let custom = policy(
             "demo",
             "ext",
@@ -869,17 +875,36 @@ mod tests {
         );
         let compiled = compile(&custom, None);
         let (action, policy) = compiled.policy.unwrap();
-        assert_eq!(action, Action::Deny, "CUSTOM denies what it matches");
+        assert_eq!(action, Action::Custom);
+        assert_eq!(compiled.issues, Vec::<String>::new());
         assert_eq!(
             policy.rules[0].to[0].paths,
             [StringMatch::Prefix("/admin".into())]
         );
-        assert!(
-            compiled.issues[0].contains("CUSTOM"),
-            "{:?}",
-            compiled.issues
+        let opa: ExtAuthzProvider = serde_json::from_value(json!({
+            "name": "opa", "host": "opa.authz.svc.cluster.local", "port": 9191,
+            "timeoutMs": 1000, "failOpen": false, "statusOnError": 403, "protocol": {"kind": "grpc"}
+        }))
+        .unwrap();
+        let web = workload("demo", "web");
+        let known = for_workload(
+            [&custom],
+            ROOT,
+            &web,
+            &BTreeMap::from([("opa".to_owned(), opa.clone())]),
         );
-        assert!(compiled.issues[0].contains("opa"), "{:?}", compiled.issues);
+        assert_eq!(
+            known.custom,
+            [CustomPolicy {
+                policy: policy.clone(),
+                provider: opa
+            }]
+        );
+        assert!(known.deny.is_empty());
+        // Istio's `deny-due-to-bad-CUSTOM-action`: an unknown provider denies what it matches.
+        let unknown = for_workload([&custom], ROOT, &web, &BTreeMap::new());
+        assert_eq!(unknown.deny, [policy]);
+        assert!(unknown.custom.is_empty());
 
         for spec in [
             json!({"targetRef": {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "gw"}, "action": "DENY", "rules": [{}]}),
@@ -903,7 +928,8 @@ mod tests {
             for_workload(
                 [&policy_with(json!({"action": "REWRITE"}))],
                 ROOT,
-                &workload("demo", "web")
+                &workload("demo", "web"),
+                &BTreeMap::new()
             ),
             InboundAuthorization::default()
         );

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use trellis_api::{AuthorizationPolicy, PeerAuthentication};
 use trellis_config::SpiffeId;
 use trellis_config::authz::Action;
+use trellis_config::ext_authz::ExtAuthzProvider;
 use trellis_config::protocol::{
     CertificateRequest, CertificateResponse, ControlMessage, MAX_REQUEST_BYTES, POD_NAME_HEADER,
     PROXY_VERSION_HEADER,
@@ -73,6 +74,8 @@ pub struct Snapshot {
     pub peer_authentications: PolicyIndex,
     /// Every AuthorizationPolicy; each stream compiles those that apply to its workload.
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// The Mesh's valid external authorizers by name, for CUSTOM policies.
+    pub ext_authz_providers: BTreeMap<String, ExtAuthzProvider>,
     /// During a root rotation: proxies whose certificate was issued before this are told to
     /// renew, right after this snapshot (and its trust bundle) on the same stream.
     pub renew_issued_before: Option<time::OffsetDateTime>,
@@ -163,6 +166,7 @@ pub fn publish_snapshots(
                     mesh_default,
                     peer_authentications: index,
                     authorization_policies: discovery.authorization_policies(),
+                    ext_authz_providers: crate::ext_authz::Providers::of(&state.spec).by_name,
                     renew_issued_before: state
                         .root_rotation
                         .as_ref()
@@ -505,6 +509,7 @@ impl ControlPlane {
             snapshot.authorization_policies.iter().map(Arc::as_ref),
             &self.root_namespace,
             &authorization::Workload::of(namespace, pod.as_deref()),
+            &snapshot.ext_authz_providers,
         );
         (resolution.inbound, resolution.undeclared_ports)
     }

@@ -126,6 +126,10 @@ async fn reconcile_active(mesh: &Mesh, ctx: &Context) -> Result<bool> {
     let spec = &mesh.spec;
     let workload_ttl = workload_ttl(&spec.certificates.workload_ttl)?;
     let root_ttl = duration_field(&spec.certificates.root_ttl, "spec.certificates.rootTtl")?;
+    let ext_authz_errors = crate::ext_authz::Providers::of(spec).errors;
+    if !ext_authz_errors.is_empty() {
+        return Err(Error::InvalidSpec(ext_authz_errors.join("; ")));
+    }
     let (ca, root_rotation, entered) = ensure_ca(ctx, spec, root_ttl, workload_ttl).await?;
     if let Some(phase) = entered {
         let status = root_rotation

@@ -14,6 +14,7 @@ pub mod controller;
 pub mod discovery;
 pub(crate) mod env;
 pub(crate) mod error;
+pub(crate) mod ext_authz;
 pub mod https;
 pub mod injector;
 pub mod leader;

@@ -5,6 +5,10 @@
 //! one function here with effects (it counts and logs a denial; the caller closes).
 //!
 //! Evaluation order, as Istio's:
+//! 0. CUSTOM policies come first. For an HTTP request the caller asks the external authorizers
+//!    of those that match ([`custom_checks`], `crate::ext_authz`) before calling [`evaluate`];
+//!    an opaque TCP connection that one matches is denied by [`evaluate`] (the authorizer is
+//!    not asked about connections, so they fail closed).
 //! 1. AUDIT policies that match are logged (target `trellis::audit`); they never decide.
 //! 2. Any matching DENY policy denies.
 //! 3. No ALLOW policy: allow. ALLOW policies present: allow if one matches, else deny with
@@ -36,8 +40,8 @@ use http::HeaderMap;
 use tracing::info;
 use trellis_config::SpiffeId;
 use trellis_config::authz::{
-    Action, Condition, InboundAuthorization, IpBlock, Operation, Policy, Rule, Source, StringMatch,
-    Values,
+    Action, Condition, CustomPolicy, InboundAuthorization, IpBlock, Operation, Policy, Rule,
+    Source, StringMatch, Values,
 };
 
 use crate::capture::Refusal;
@@ -103,6 +107,16 @@ pub fn evaluate(
             "AuthorizationPolicy AUDIT matched"
         );
     }
+    if request.is_none()
+        && let Some(custom) = policy
+            .custom
+            .iter()
+            .find(|c| policy_matches(&c.policy, Action::Custom, &peer))
+    {
+        return Verdict::Deny {
+            policy: custom.policy.name.clone(),
+        };
+    }
     if let Some(deny) = policy
         .deny
         .iter()
@@ -124,6 +138,22 @@ pub fn evaluate(
             policy: NO_ALLOW_MATCHED.to_owned(),
         }
     }
+}
+
+/// The CUSTOM policies an HTTP request matches, in order: their external authorizers must allow
+/// it before [`evaluate`] decides. A CUSTOM policy is matched like a DENY (what cannot be
+/// evaluated is dropped from its rules, so more requests are checked, never fewer).
+pub fn custom_checks<'p>(
+    policy: &'p InboundAuthorization,
+    connection: &ConnectionAttributes,
+    request: &HttpAttributes,
+) -> Vec<&'p CustomPolicy> {
+    let peer = Peer::new(connection, Some(request));
+    policy
+        .custom
+        .iter()
+        .filter(|c| policy_matches(&c.policy, Action::Custom, &peer))
+        .collect()
 }
 
 /// Decides an opaque TCP connection (a port that is not served as HTTP) with Istio's TCP
@@ -999,5 +1029,55 @@ mod tests {
             Some("spiffe://other.domain/ns/foo/sa/bar"),
             None
         ));
+    }
+
+    #[test]
+    fn custom_policies_are_checked_for_http_and_deny_tcp() {
+        let provider = json!({"name": "opa", "host": "opa.authz", "port": 9191, "timeoutMs": 500,
+            "failOpen": false, "statusOnError": 403, "protocol": {"kind": "grpc"}});
+        let compiled: InboundAuthorization = serde_json::from_value(json!({
+            "custom": [
+                {"policy": {"name": "foo.ext-admin", "rules": [{"to": [{"paths": [{"prefix": "/admin"}]}]}]},
+                 "provider": provider},
+                {"policy": {"name": "foo.ext-bar", "rules": [{"from": [{"principals": [{"exact": "cluster.local/ns/foo/sa/bar"}]}]}]},
+                 "provider": provider}
+            ]
+        }))
+        .unwrap();
+        compiled.validate().unwrap();
+        let checked = |principal, method, path| {
+            let request = request(method, path, &[]);
+            let attributes = HttpAttributes {
+                method: request.method,
+                path: request.path,
+                authority: request.authority,
+                host: "web.foo.svc.cluster.local",
+                headers: &request.headers,
+            };
+            custom_checks(&compiled, &connection(principal), &attributes)
+                .iter()
+                .map(|c| c.policy.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(checked(None, "GET", "/admin/x"), ["foo.ext-admin"]);
+        assert_eq!(
+            checked(Some(FOO_BAR), "GET", "/admin/x"),
+            ["foo.ext-admin", "foo.ext-bar"]
+        );
+        assert_eq!(checked(None, "GET", "/public"), Vec::<String>::new());
+        // HTTP: CUSTOM alone never denies in `evaluate` (the authorizer decides).
+        assert!(decide(
+            &compiled,
+            None,
+            Some(&request("GET", "/admin/x", &[]))
+        ));
+        // TCP: the authorizer is not asked; a matching CUSTOM policy (its HTTP-only fields
+        // dropped, as in a DENY) denies the connection.
+        assert_eq!(
+            evaluate(&compiled, &connection(None), None),
+            Verdict::Deny {
+                policy: "foo.ext-admin".into()
+            }
+        );
     }
 }

@@ -22,6 +22,7 @@ pub(crate) mod config_file;
 pub mod control_plane;
 pub(crate) mod destination;
 pub(crate) mod drain;
+pub(crate) mod ext_authz;
 pub(crate) mod forward;
 pub(crate) mod host;
 pub(crate) mod http;

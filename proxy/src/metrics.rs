@@ -86,6 +86,8 @@ pub mod flags {
     pub const DOWNSTREAM_CONNECTION_TERMINATION: &str = "DC";
     /// Denied by an AuthorizationPolicy.
     pub const RBAC: &str = "RBAC";
+    /// Denied by an external authorizer (AuthorizationPolicy CUSTOM), or its check failed.
+    pub const UNAUTHORIZED_EXTERNAL_SERVICE: &str = "UAEX";
     /// The route's timeout (or the last per-try timeout) passed before a response.
     pub const UPSTREAM_REQUEST_TIMEOUT: &str = "UT";
     /// Every retry the route allows was used and the last try failed too.

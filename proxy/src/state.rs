@@ -72,6 +72,8 @@ pub struct ProxyState {
     pub upstreams: Arc<Upstreams>,
     /// Whether every HTTP request is logged as one JSON line on stdout.
     pub access_log: bool,
+    /// Connections to the external authorizers of CUSTOM policies.
+    pub ext_authz: crate::ext_authz::client::Clients,
     /// The label set of an outbound connection or request before its destination is known:
     /// `reporter="source"`, this workload as the source. Built once; requests copy it.
     pub outbound_labels: TcpLabels,
@@ -115,6 +117,7 @@ impl ProxyState {
             pool: Pool::default(),
             upstreams,
             access_log: args.access_log,
+            ext_authz: Default::default(),
         }
     }
 

@@ -1,5 +1,6 @@
-//! Shared code for the Trellis demo applications (`demo-server`, `demo-client`
-//! and `cluster-dns`): request behaviour controls, gRPC framing, the
+//! Shared code for the Trellis demo applications (`demo-server`, `demo-client`,
+//! `cluster-dns` and `ext-authz`): request behaviour controls, the external
+//! authorizer (on envoy-types' ext_authz definitions), gRPC framing, the
 //! WebSocket echo and client (on tokio-tungstenite), cluster-dns's answers
 //! (on hickory-proto), the demo HTTP server itself, and the client's
 //! protocol modes.
@@ -8,6 +9,7 @@ pub mod body;
 pub mod client;
 pub mod control;
 pub mod dns;
+pub mod ext_authz;
 pub mod grpc;
 pub mod server;
 pub mod size;

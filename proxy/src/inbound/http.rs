@@ -12,8 +12,10 @@
 //! 3. the path is normalised once with [`crate::path::normalize`] (`400 invalid_path` when it
 //!    cannot be), and the authority with [`crate::host::Authority`]; the normalised forms are
 //!    what is both authorized and forwarded;
-//! 4. the workload's AuthorizationPolicies decide ([`crate::authz::evaluate`]); a denial is
-//!    answered `403 RBAC: access denied`.
+//! 4. the external authorizers of the CUSTOM policies the request matches are asked
+//!    ([`crate::ext_authz`]), then the other AuthorizationPolicies decide
+//!    ([`crate::authz::evaluate`]); a policy's denial is answered `403 RBAC: access denied`, an
+//!    authorizer's with its own response.
 //!
 //! The application's `x-trellis-*` response headers are removed too: only the proxy speaks them.
 
@@ -41,8 +43,8 @@ use crate::http::telemetry::Record;
 use crate::http::telemetry::body::{Counted, Observed};
 use crate::http::upgrade;
 use crate::metrics::TcpLabels;
-use crate::path;
 use crate::state::ProxyState;
+use crate::{ext_authz, path};
 
 /// One inbound HTTP connection, as the connection handler learned it.
 pub struct Connection {
@@ -97,8 +99,10 @@ impl Connection {
         if !headers.contains_key(X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         }
-        if let Err(reason) = self.admit(&mut req) {
-            return record.reply(reason);
+        match self.admit(&mut req).await {
+            Ok(()) => {}
+            Err(Refused::Proxy(reason)) => return record.reply(reason),
+            Err(Refused::Authorizer(denial)) => return denial.respond(record),
         }
 
         let app = self.dst;
@@ -155,13 +159,13 @@ impl Connection {
     }
 
     /// Normalises the request's path and authority in place and authorizes the request.
-    fn admit(&self, req: &mut Request<Incoming>) -> Result<(), Reason> {
+    async fn admit(&self, req: &mut Request<Incoming>) -> Result<(), Refused> {
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let normalized = match path::normalize(target) {
             Ok(normalized) => normalized,
             Err(e) => {
                 info!(peer = %self.peer, target, error = %e, "request path refused");
-                return Err(Reason::InvalidPath);
+                return Err(Refused::Proxy(Reason::InvalidPath));
             }
         };
         let authority = Authority::parse(&headers::authority(req).unwrap_or_default());
@@ -187,13 +191,24 @@ impl Connection {
             destination_port: self.dst.port(),
             sni: self.sni.as_deref(),
         };
-        let request = HttpAttributes {
-            method: req.method().as_str(),
-            path: &normalized.path,
-            authority: authority.as_str(),
-            host: authority.host(),
-            headers: req.headers(),
-        };
+        let checks = authz::custom_checks(
+            &config.inbound.authorization,
+            &connection,
+            &attributes(req, &normalized.path, &authority),
+        );
+        if !checks.is_empty() {
+            let peers = ext_authz::Peers {
+                source: self.peer,
+                source_principal: self.peer_principal.as_deref(),
+                destination: self.dst,
+                destination_principal: &self.labels.destination_principal,
+            };
+            ext_authz::authorize(&self.state, &checks, &peers, req)
+                .await
+                .map_err(Refused::Authorizer)?;
+        }
+        // After the authorizers, whose header changes the policies see.
+        let request = attributes(req, &normalized.path, &authority);
         match authz::evaluate(&config.inbound.authorization, &connection, Some(&request)) {
             Verdict::Allow => Ok(()),
             Verdict::Deny { policy } => {
@@ -203,7 +218,7 @@ impl Connection {
                     method = request.method, path = request.path, policy,
                     "request denied by AuthorizationPolicy"
                 );
-                Err(Reason::RbacAccessDenied)
+                Err(Refused::Proxy(Reason::RbacAccessDenied))
             }
         }
     }
@@ -235,5 +250,27 @@ impl Connection {
             .await
             .map_err(|e| anyhow::anyhow!("connecting to the application on {app}: {e}"))?;
         Ok(Box::new(stream))
+    }
+}
+
+/// Why [`Connection::admit`] refused a request.
+enum Refused {
+    Proxy(Reason),
+    /// An external authorizer (CUSTOM policy) denied it, or could not be asked.
+    Authorizer(ext_authz::Denial),
+}
+
+/// The request's attributes as AuthorizationPolicies see them.
+fn attributes<'a>(
+    req: &'a Request<Incoming>,
+    path: &'a str,
+    authority: &'a Authority,
+) -> HttpAttributes<'a> {
+    HttpAttributes {
+        method: req.method().as_str(),
+        path,
+        authority: authority.as_str(),
+        host: authority.host(),
+        headers: req.headers(),
     }
 }
