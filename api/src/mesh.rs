@@ -144,6 +144,11 @@ pub struct ProxySettings {
     pub concurrency: u32,
     #[serde(default)]
     pub log_level: LogLevel,
+    /// Limits on the downstream connections of every proxy listener: outbound (15001), inbound
+    /// (15006) and the proxy's own HTTP endpoints (admin 15000, metrics 15020, readiness 15021).
+    /// Proxies apply a change to the connections they accept after it, without a restart.
+    #[serde(default)]
+    pub listeners: ListenerSettings,
 }
 
 impl Default for ProxySettings {
@@ -153,8 +158,139 @@ impl Default for ProxySettings {
             resources: None,
             concurrency: default_concurrency(),
             log_level: LogLevel::default(),
+            listeners: ListenerSettings::default(),
         }
     }
+}
+
+/// `spec.proxy.listeners`: the bounds a slow or flooding client meets. Defaults follow Envoy's
+/// where Envoy has one (`max_request_headers_kb` 60, `max_headers_count` 100, `idle_timeout`
+/// 1h).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerSettings {
+    /// How long an HTTP connection may take to send a complete request head (default `30s`,
+    /// at most `1h`); the connection is closed when it runs out. HTTP/1.1 counts from when the
+    /// proxy starts waiting for a head, so an idle keep-alive connection is closed after it
+    /// too; HTTP/2 counts to the connection's first request.
+    #[serde(default = "default_header_read_timeout")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub header_read_timeout: String,
+    /// An HTTP connection without a request in flight for this long is closed, HTTP/2 after a
+    /// GOAWAY (default `1h`, as Envoy's `idle_timeout`; at most `24h`).
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub idle_timeout: String,
+    /// The largest request head in KiB: the HTTP/1.1 request line and headers, the HTTP/2
+    /// header list (announced as `SETTINGS_MAX_HEADER_LIST_SIZE`). Larger is answered `431`.
+    /// Default 60, as Envoy's `max_request_headers_kb`; 8 to 256.
+    #[serde(default = "default_max_request_headers_kb")]
+    #[schemars(range(min = 8, max = 256))]
+    pub max_request_headers_kb: u32,
+    /// The most headers a request may carry; more is answered `431`. Default 100, as Envoy's
+    /// `max_headers_count`.
+    #[serde(default = "default_max_request_headers")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_request_headers: u32,
+    /// Connections each capture listener (outbound 15001, inbound 15006) holds open at once;
+    /// a connection beyond it is closed as soon as it is accepted. Default 16384.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: u32,
+    /// The same for each of the proxy's own HTTP endpoints (15000, 15020, 15021). Default 256.
+    #[serde(default = "default_max_endpoint_connections")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_endpoint_connections: u32,
+    #[serde(default)]
+    pub http2: Http2Settings,
+}
+
+impl Default for ListenerSettings {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_request_headers_kb: default_max_request_headers_kb(),
+            max_request_headers: default_max_request_headers(),
+            max_connections: default_max_connections(),
+            max_endpoint_connections: default_max_endpoint_connections(),
+            http2: Http2Settings::default(),
+        }
+    }
+}
+
+fn default_header_read_timeout() -> String {
+    "30s".to_owned()
+}
+
+fn default_idle_timeout() -> String {
+    "1h".to_owned()
+}
+
+fn default_max_request_headers_kb() -> u32 {
+    trellis_config::limits::DEFAULT_MAX_REQUEST_HEADERS_KB
+}
+
+fn default_max_request_headers() -> u32 {
+    trellis_config::limits::DEFAULT_MAX_REQUEST_HEADERS
+}
+
+fn default_max_connections() -> u32 {
+    trellis_config::limits::DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_max_endpoint_connections() -> u32 {
+    trellis_config::limits::DEFAULT_MAX_ENDPOINT_CONNECTIONS
+}
+
+/// `spec.proxy.listeners.http2`: the settings of every downstream HTTP/2 connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Http2Settings {
+    /// Streams a client may have open at once on one connection
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`); more are refused. Default 1024: one connection
+    /// between two sidecars carries all of a client's requests to an endpoint.
+    #[serde(default = "default_max_concurrent_streams")]
+    #[schemars(range(min = 1, max = 2147483647))]
+    pub max_concurrent_streams: u32,
+    /// Streams a client may reset before the proxy has accepted them; one more closes the
+    /// connection with `ENHANCE_YOUR_CALM` (the "rapid reset" attack). Default 20.
+    #[serde(default = "default_max_pending_accept_reset_streams")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_pending_accept_reset_streams: u32,
+    /// Send a PING after this long without a frame from the client (at most `1h`). Unset (the
+    /// default, as in Envoy): no pings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub keepalive_interval: Option<String>,
+    /// A PING not acknowledged within this closes the connection (default `20s`, at most
+    /// `1h`).
+    #[serde(default = "default_keepalive_timeout")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub keepalive_timeout: String,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: default_max_concurrent_streams(),
+            max_pending_accept_reset_streams: default_max_pending_accept_reset_streams(),
+            keepalive_interval: None,
+            keepalive_timeout: default_keepalive_timeout(),
+        }
+    }
+}
+
+fn default_max_concurrent_streams() -> u32 {
+    trellis_config::limits::DEFAULT_MAX_CONCURRENT_STREAMS
+}
+
+fn default_max_pending_accept_reset_streams() -> u32 {
+    trellis_config::limits::DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS
+}
+
+fn default_keepalive_timeout() -> String {
+    "20s".to_owned()
 }
 
 fn default_image_registry() -> String {
@@ -444,5 +580,44 @@ mod tests {
             DURATION_PATTERN
         );
         assert_eq!(crd["spec"]["scope"], "Cluster");
+    }
+
+    /// The API server refuses what the proxy's validation refuses: the schema's ranges are
+    /// `trellis_config::limits`'s.
+    #[test]
+    fn crd_schema_bounds_listener_limits_as_the_proxy_does() {
+        use kube::CustomResourceExt;
+        use trellis_config::limits as l;
+        let crd = serde_json::to_value(Mesh::crd()).unwrap();
+        let listeners = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["proxy"]["properties"]["listeners"]["properties"];
+        let http2 = &listeners["http2"]["properties"];
+        for (field, min, max) in [
+            (
+                &listeners["maxRequestHeadersKb"],
+                l::MIN_REQUEST_HEADERS_KB,
+                l::MAX_REQUEST_HEADERS_KB,
+            ),
+            (&listeners["maxRequestHeaders"], 1, l::MAX_REQUEST_HEADERS),
+            (&listeners["maxConnections"], 1, l::MAX_CONNECTIONS),
+            (&listeners["maxEndpointConnections"], 1, l::MAX_CONNECTIONS),
+            (&http2["maxConcurrentStreams"], 1, l::MAX_CONCURRENT_STREAMS),
+            (
+                &http2["maxPendingAcceptResetStreams"],
+                1,
+                l::MAX_PENDING_ACCEPT_RESET_STREAMS,
+            ),
+        ] {
+            assert_eq!(field["minimum"].as_f64(), Some(f64::from(min)), "{field}");
+            assert_eq!(field["maximum"].as_f64(), Some(f64::from(max)), "{field}");
+        }
+        for duration in [
+            &listeners["headerReadTimeout"],
+            &listeners["idleTimeout"],
+            &http2["keepaliveInterval"],
+            &http2["keepaliveTimeout"],
+        ] {
+            assert_eq!(duration["pattern"], DURATION_PATTERN, "{duration}");
+        }
     }
 }

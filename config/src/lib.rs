@@ -1,8 +1,8 @@
 //! Trellis config model: everything a proxy needs to know and nothing about Kubernetes. The
 //! compiled proxy configuration the control plane streams ([`proxy`], with its [`traffic`] and
 //! [`authz`] parts, CUSTOM policies' external authorizers in [`ext_authz`]), the control-plane wire format ([`protocol`]), SPIFFE identities
-//! ([`identity`]), the mesh-wide modes a config carries ([`mesh`]) and the well-known ports,
-//! labels and names ([`wellknown`]).
+//! ([`identity`]), the listener limits ([`limits`]), the mesh-wide modes a config carries
+//! ([`mesh`]) and the well-known ports, labels and names ([`wellknown`]).
 //!
 //! Plain data and its validation only: no runtime and no Kubernetes client, so the proxy, the
 //! init container and the CNI plugin link no Kubernetes types through it. The CRDs live in
@@ -11,6 +11,7 @@
 pub mod authz;
 pub mod ext_authz;
 pub mod identity;
+pub mod limits;
 pub mod mesh;
 pub mod protocol;
 pub mod proxy;

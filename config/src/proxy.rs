@@ -31,6 +31,13 @@ pub struct ProxyConfig {
         skip_serializing_if = "crate::traffic::TrafficConfig::is_empty"
     )]
     pub traffic: crate::traffic::TrafficConfig,
+    /// Limits on every listener's downstream connections; applied to connections accepted
+    /// after the config arrives.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::limits::ListenerLimits::is_default"
+    )]
+    pub limits: crate::limits::ListenerLimits,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -303,6 +310,8 @@ pub enum ConfigError {
     Authorization(#[from] crate::authz::AuthorizationError),
     #[error("traffic: {0}")]
     Traffic(#[from] crate::traffic::TrafficError),
+    #[error("listener limits: {0}")]
+    Limits(#[from] crate::limits::LimitsError),
 }
 
 impl ProxyConfig {
@@ -343,6 +352,7 @@ impl ProxyConfig {
         }
         self.inbound.authorization.validate()?;
         self.traffic.validate()?;
+        self.limits.validate()?;
         Ok(())
     }
 }

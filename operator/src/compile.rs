@@ -8,9 +8,11 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use trellis_api::istio::duration;
 use trellis_api::istio::host::service_fqdn;
-use trellis_api::mesh::MeshSpec;
+use trellis_api::mesh::{ListenerSettings, MeshSpec};
 use trellis_config::SpiffeId;
+use trellis_config::limits::{Http2Limits, ListenerLimits};
 use trellis_config::proxy::{
     Endpoint, InboundPolicy, Labels, Protocol, ProxyConfig, Service, ServicePort,
 };
@@ -66,9 +68,53 @@ pub fn compile(
         outbound_traffic_policy: mesh.outbound_traffic_policy.mode,
         trust_bundle: trust_bundle.to_vec(),
         traffic: Default::default(),
+        // A spec whose limits do not compile never becomes the mesh state (the controller
+        // refuses it as InvalidSpec), so the defaults here are never used in its place.
+        limits: listener_limits(&mesh.proxy.listeners).unwrap_or_default(),
     };
     config.version = content_version(&config);
     config
+}
+
+/// `spec.proxy.listeners` in the proxy config's terms (durations in milliseconds), each value
+/// checked against the range [`ListenerLimits::validate`] accepts. Err: what is wrong, naming
+/// the field.
+pub fn listener_limits(settings: &ListenerSettings) -> Result<ListenerLimits, String> {
+    const FIELD: &str = "spec.proxy.listeners";
+    let millis = |text: &str, field: &str| {
+        duration::parse(text)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_millis()).ok())
+            .ok_or_else(|| format!("{FIELD}.{field}: {text:?} is not a duration"))
+    };
+    let http2 = &settings.http2;
+    let limits = ListenerLimits {
+        header_read_timeout_ms: millis(&settings.header_read_timeout, "headerReadTimeout")?,
+        idle_timeout_ms: millis(&settings.idle_timeout, "idleTimeout")?,
+        max_request_headers_kb: settings.max_request_headers_kb,
+        max_request_headers: settings.max_request_headers,
+        max_connections: settings.max_connections,
+        max_endpoint_connections: settings.max_endpoint_connections,
+        http2: Http2Limits {
+            max_concurrent_streams: http2.max_concurrent_streams,
+            max_pending_accept_reset_streams: http2.max_pending_accept_reset_streams,
+            keepalive_interval_ms: http2
+                .keepalive_interval
+                .as_deref()
+                .map(|text| millis(text, "http2.keepaliveInterval"))
+                .transpose()?,
+            keepalive_timeout_ms: millis(&http2.keepalive_timeout, "http2.keepaliveTimeout")?,
+        },
+    };
+    limits.validate().map_err(|e| {
+        let unit = if e.field.ends_with("Timeout") || e.field.ends_with("Interval") {
+            " (milliseconds)"
+        } else {
+            ""
+        };
+        format!("{FIELD}.{e}{unit}")
+    })?;
+    Ok(limits)
 }
 
 /// A version derived from the content, so every replica and every restart agree on it.
@@ -247,6 +293,96 @@ mod tests {
 
     fn mesh() -> MeshSpec {
         serde_json::from_value(json!({"version": "1"})).unwrap()
+    }
+
+    fn listeners(value: serde_json::Value) -> ListenerSettings {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn listener_defaults_compile_to_the_proxy_defaults_and_stay_out_of_the_snapshot() {
+        assert_eq!(
+            listener_limits(&ListenerSettings::default()),
+            Ok(ListenerLimits::default())
+        );
+        let config = compile(&ClusterState::default(), &mesh(), &[], &no_plaintext);
+        assert!(config.limits.is_default());
+        let json = serde_json::to_value(&config).unwrap();
+        assert!(json.get("limits").is_none(), "{json}");
+    }
+
+    #[test]
+    fn listener_settings_compile_to_milliseconds() {
+        let mut mesh = mesh();
+        mesh.proxy.listeners = listeners(json!({
+            "headerReadTimeout": "250ms", "idleTimeout": "2m", "maxRequestHeadersKb": 16,
+            "maxRequestHeaders": 40, "maxConnections": 100, "maxEndpointConnections": 8,
+            "http2": {"maxConcurrentStreams": 50, "maxPendingAcceptResetStreams": 5,
+                      "keepaliveInterval": "10s", "keepaliveTimeout": "1.5s"}
+        }));
+        let config = compile(&ClusterState::default(), &mesh, &[], &no_plaintext);
+        let expected = ListenerLimits {
+            header_read_timeout_ms: 250,
+            idle_timeout_ms: 120_000,
+            max_request_headers_kb: 16,
+            max_request_headers: 40,
+            max_connections: 100,
+            max_endpoint_connections: 8,
+            http2: Http2Limits {
+                max_concurrent_streams: 50,
+                max_pending_accept_reset_streams: 5,
+                keepalive_interval_ms: Some(10_000),
+                keepalive_timeout_ms: 1_500,
+            },
+        };
+        assert_eq!(config.limits, expected);
+        // The proxy reads back what the operator sends.
+        let bytes = serde_json::to_vec(&config).unwrap();
+        assert_eq!(ProxyConfig::from_json(&bytes).unwrap().limits, expected);
+    }
+
+    #[test]
+    fn bad_listener_settings_are_refused_naming_the_field() {
+        for (settings, field) in [
+            (
+                json!({"idleTimeout": "0s"}),
+                "spec.proxy.listeners.idleTimeout",
+            ),
+            (
+                json!({"idleTimeout": "25h"}),
+                "spec.proxy.listeners.idleTimeout",
+            ),
+            (
+                json!({"headerReadTimeout": "soon"}),
+                "spec.proxy.listeners.headerReadTimeout",
+            ),
+            (
+                json!({"headerReadTimeout": "0.1ms"}),
+                "spec.proxy.listeners.headerReadTimeout",
+            ),
+            (
+                json!({"maxRequestHeadersKb": 4}),
+                "spec.proxy.listeners.maxRequestHeadersKb",
+            ),
+            (
+                json!({"maxConnections": 0}),
+                "spec.proxy.listeners.maxConnections",
+            ),
+            (
+                json!({"http2": {"keepaliveInterval": "2h"}}),
+                "spec.proxy.listeners.http2.keepaliveInterval",
+            ),
+            (
+                json!({"http2": {"maxConcurrentStreams": 0}}),
+                "spec.proxy.listeners.http2.maxConcurrentStreams",
+            ),
+        ] {
+            let error = listener_limits(&listeners(settings.clone())).unwrap_err();
+            assert!(
+                error.starts_with(&format!("{field}:")),
+                "{settings}: {error}"
+            );
+        }
     }
 
     fn service(name: &str, ns: &str, ip: &str, ports: serde_json::Value) -> KubeService {

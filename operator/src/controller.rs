@@ -125,6 +125,7 @@ fn error_reason(error: &Error) -> &'static str {
 async fn reconcile_active(mesh: &Mesh, ctx: &Context) -> Result<bool> {
     let spec = &mesh.spec;
     let workload_ttl = workload_ttl(&spec.certificates.workload_ttl)?;
+    crate::compile::listener_limits(&spec.proxy.listeners).map_err(Error::InvalidSpec)?;
     let root_ttl = duration_field(&spec.certificates.root_ttl, "spec.certificates.rootTtl")?;
     let ext_authz_errors = crate::ext_authz::Providers::of(spec).errors;
     if !ext_authz_errors.is_empty() {
@@ -219,6 +220,7 @@ async fn observe(ctx: &Context) -> Result<Option<Arc<MeshState>>> {
     };
     let spec = &mesh.spec;
     let workload_ttl = workload_ttl(&spec.certificates.workload_ttl)?;
+    crate::compile::listener_limits(&spec.proxy.listeners).map_err(Error::InvalidSpec)?;
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.namespace);
     let (ca, root_rotation) = match spec.certificates.ca_secret.as_deref() {
         Some(user_secret) => (user_ca(&secrets, user_secret, &ctx.namespace).await?, None),

@@ -1,5 +1,6 @@
-//! What the two capture listeners share: the accept loop that stops when the drain starts, one
-//! task per connection (with TCP_NODELAY on the accepted socket), and recovering the original
+//! What the two capture listeners share: the accept loop that stops when the drain starts and
+//! holds the listener's connection limit, one task per connection (with TCP_NODELAY on the
+//! accepted socket), and recovering the original
 //! destination of a redirected connection (refusing connections that were not redirected, so a
 //! direct dial can never loop). A listener on the IPv4 wildcard listens on the IPv6 wildcard too,
 //! so IPv6 the capture rules redirect meets the proxy exactly as IPv4 does.
@@ -15,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::forward;
+use crate::limits::ConnectionCap;
 use crate::metrics::TcpLabels;
 use crate::orig_dst;
 use crate::state::ProxyState;
@@ -25,8 +27,9 @@ pub struct CaptureListener {
     /// has IPv6: redirected IPv6 connections arrive here.
     listener_v6: Option<TcpListener>,
     state: Arc<ProxyState>,
-    /// `inbound` or `outbound`, for logs.
+    /// `inbound` or `outbound`, for logs and the listener metrics.
     direction: &'static str,
+    connections: ConnectionCap,
 }
 
 impl CaptureListener {
@@ -42,11 +45,13 @@ impl CaptureListener {
             }
             _ => None,
         };
+        let connections = ConnectionCap::new(state.metrics.listener(direction));
         Ok(Self {
             listener,
             listener_v6,
             state,
             direction,
+            connections,
         })
     }
 
@@ -55,7 +60,8 @@ impl CaptureListener {
     }
 
     /// Accepts until the drain starts; each redirected connection runs `handle(state, stream,
-    /// peer, original destination)` in its own task, tracked by the drain.
+    /// peer, original destination)` in its own task, tracked by the drain. A connection beyond
+    /// the config's `maxConnections` is closed as soon as it is accepted.
     pub async fn run<H, F>(self, handle: H)
     where
         H: Fn(Arc<ProxyState>, TcpStream, SocketAddr, SocketAddr) -> F,
@@ -71,6 +77,11 @@ impl CaptureListener {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let max = self.state.current_config().limits.max_connections;
+                    let Some(open) = self.connections.admit(max) else {
+                        debug!(%peer, direction, max, "connection limit reached, closing");
+                        continue;
+                    };
                     // Small writes (HTTP/2 frames, handshakes) must not wait for Nagle.
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(%peer, error = %e, direction, "cannot set TCP_NODELAY");
@@ -80,6 +91,10 @@ impl CaptureListener {
                         // (HTTP/2 streams run in tasks hyper spawns, outside the span).
                         let span = info_span!("connection", direction, %peer, %dst);
                         let task = handle(self.state.clone(), stream, peer, dst);
+                        let task = async move {
+                            task.await;
+                            drop(open);
+                        };
                         self.state.drain.spawn_connection(task.instrument(span));
                     }
                 }

@@ -1,25 +1,35 @@
-//! A minimal HTTP/1.1 server for the proxy's own endpoints (admin, metrics, readiness).
+//! A minimal HTTP/1.1 server for the proxy's own endpoints (admin, metrics, readiness), under
+//! the same listener limits as the capture listeners ([`crate::limits`]), with its own
+//! connection cap (`maxEndpointConnections`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+
+use crate::limits::{self, ConnectionCap, Protocols};
+use crate::state::ProxyState;
 
 pub type Body = Full<Bytes>;
 
-/// Serves `handler` on `listener` until the process exits.
-pub async fn serve<F, Fut>(listener: TcpListener, name: &'static str, handler: F)
-where
+/// Serves `handler` on `listener` until the process exits; `name` labels the listener's
+/// metrics.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    state: Arc<ProxyState>,
+    handler: F,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    let connections = ConnectionCap::new(state.metrics.listener(name));
     loop {
         let (stream, peer): (_, SocketAddr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -28,18 +38,28 @@ where
                 continue;
             }
         };
+        let config = state.current_config();
+        let Some(open) = connections.admit(config.limits.max_endpoint_connections) else {
+            tracing::debug!(server = name, %peer, "connection limit reached, closing");
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let served = limits::serve_http(
+                &config.limits,
+                Protocols::Http1,
+                stream,
+                service,
+                std::future::pending(),
+            );
+            if let Err(e) = served.await {
                 tracing::debug!(server = name, %peer, error = %e, "http connection error");
             }
+            drop(open);
         });
     }
 }

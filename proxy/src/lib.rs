@@ -29,6 +29,7 @@ pub(crate) mod http;
 pub(crate) mod http_server;
 pub mod identity;
 pub(crate) mod inbound;
+pub(crate) mod limits;
 pub mod logging;
 pub mod metrics;
 pub(crate) mod orig_dst;

@@ -245,6 +245,8 @@ pub struct Metrics {
     response_bytes: Histograms,
     authorization_denied: Family<PolicyLabels, Counter>,
     upstream: UpstreamMetrics,
+    listener_connections: Family<ListenerLabels, Gauge>,
+    listener_overflows: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -307,7 +309,21 @@ impl Metrics {
             authorization_denied.clone(),
         );
         let upstream = UpstreamMetrics::register(&mut registry);
+        let listener_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "trellis_listener_connections",
+            "Downstream connections a listener holds open",
+            listener_connections.clone(),
+        );
+        let listener_overflows = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "trellis_listener_overflow",
+            "Connections closed on accept because the listener held its connection limit",
+            listener_overflows.clone(),
+        );
         Self {
+            listener_connections,
+            listener_overflows,
             registry,
             by_labels: RwLock::default(),
             upstream,
@@ -326,6 +342,15 @@ impl Metrics {
     /// The per-cluster metrics, for `crate::upstream`.
     pub fn upstream(&self) -> UpstreamMetrics {
         self.upstream.clone()
+    }
+
+    /// The open-connection gauge and the overflow counter of the listener `name`.
+    pub fn listener(&self, name: &'static str) -> ListenerMetrics {
+        let labels = ListenerLabels { listener: name };
+        ListenerMetrics {
+            open: self.listener_connections.get_or_create(&labels).clone(),
+            overflows: self.listener_overflows.get_or_create(&labels).clone(),
+        }
     }
 
     /// Counts a connection or request denied by `policy`.
@@ -381,6 +406,20 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// One of the proxy's listeners: `outbound`, `inbound`, `admin`, `metrics`, `readiness`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+/// A listener's connection metrics: `trellis_listener_connections` (open now) and
+/// `trellis_listener_overflow_total` (closed on accept at the limit).
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    pub open: Gauge,
+    pub overflows: Counter,
 }
 
 /// A cluster (`outbound|port|subset|host`, as Istio names Envoy clusters).

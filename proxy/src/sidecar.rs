@@ -130,43 +130,56 @@ fn spawn_endpoints(
     app_probers: AppProbers,
 ) {
     let admin_state = state.clone();
-    tokio::spawn(http_server::serve(admin, "admin", move |req| {
-        admin::handle(admin_state.clone(), req)
-    }));
+    tokio::spawn(http_server::serve(
+        admin,
+        "admin",
+        state.clone(),
+        move |req| admin::handle(admin_state.clone(), req),
+    ));
     let metrics_state = state.clone();
-    tokio::spawn(http_server::serve(metrics, "metrics", move |req| {
-        let state = metrics_state.clone();
-        async move {
-            if req.uri().path() == "/stats/prometheus" {
-                respond(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    state.metrics.encode(),
-                )
-            } else {
-                text(StatusCode::NOT_FOUND, "not found\n")
+    tokio::spawn(http_server::serve(
+        metrics,
+        "metrics",
+        state.clone(),
+        move |req| {
+            let state = metrics_state.clone();
+            async move {
+                if req.uri().path() == "/stats/prometheus" {
+                    respond(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        state.metrics.encode(),
+                    )
+                } else {
+                    text(StatusCode::NOT_FOUND, "not found\n")
+                }
             }
-        }
-    }));
+        },
+    ));
     let readiness_state = state.clone();
     let probers = Arc::new(app_probers);
-    tokio::spawn(http_server::serve(readiness, "readiness", move |req| {
-        let state = readiness_state.clone();
-        let probers = probers.clone();
-        async move {
-            let path = req.uri().path();
-            if path == "/healthz/ready" {
-                readiness::response(&state)
-            } else if path.starts_with(APP_HEALTH_PREFIX) {
-                match probers.check(path).await {
-                    Some(status) => text(status, format!("{}\n", status.as_u16())),
-                    None => text(StatusCode::NOT_FOUND, "no such application probe\n"),
+    tokio::spawn(http_server::serve(
+        readiness,
+        "readiness",
+        state.clone(),
+        move |req| {
+            let state = readiness_state.clone();
+            let probers = probers.clone();
+            async move {
+                let path = req.uri().path();
+                if path == "/healthz/ready" {
+                    readiness::response(&state)
+                } else if path.starts_with(APP_HEALTH_PREFIX) {
+                    match probers.check(path).await {
+                        Some(status) => text(status, format!("{}\n", status.as_u16())),
+                        None => text(StatusCode::NOT_FOUND, "no such application probe\n"),
+                    }
+                } else {
+                    text(StatusCode::NOT_FOUND, "not found\n")
                 }
-            } else {
-                text(StatusCode::NOT_FOUND, "not found\n")
             }
-        }
-    }));
+        },
+    ));
 }
 
 async fn drain_on_signals(state: Arc<ProxyState>) {

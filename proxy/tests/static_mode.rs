@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{BIN, Ports, Proxy, http, temp_path};
+use support::{BIN, Ports, Proxy, http, sample, temp_path};
 
 const CONFIG: &str = r#"{
   "version": "static-42",
@@ -49,8 +49,19 @@ fn serves_readiness_config_dump_and_metrics() {
         "static mode holds no certificate"
     );
 
-    // No traffic yet: an empty but well-formed OpenMetrics exposition.
-    assert_eq!(proxy.scrape().trim(), "# EOF");
+    // No traffic yet: no Istio sample, only the listeners' connection counts, well-formed
+    // OpenMetrics.
+    let metrics = proxy.scrape();
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    assert!(!metrics.contains("istio_"), "{metrics}");
+    for listener in ["outbound", "inbound"] {
+        let label = format!("listener=\"{listener}\"");
+        assert_eq!(
+            sample(&metrics, "trellis_listener_connections", &[&label]),
+            Some(0),
+            "{metrics}"
+        );
+    }
     assert_eq!(http("GET", proxy.ports.metrics, "/nope").0, 404);
     assert_eq!(proxy.admin("GET", "/quitquitquit").0, 405);
 }

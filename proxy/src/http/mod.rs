@@ -30,11 +30,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tracing::debug;
 use trellis_config::proxy::Protocol;
 
+use crate::limits;
 use crate::state::ProxyState;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -51,8 +50,9 @@ pub fn is_http(protocol: Protocol) -> bool {
 }
 
 /// Serves one downstream connection as HTTP/1.1 or HTTP/2 (detected from its first bytes),
-/// upgrades allowed, until it closes; when the drain starts, the connection is shut down
-/// gracefully (in-flight requests finish, HTTP/2 gets a GOAWAY).
+/// upgrades allowed, under the current config's listener limits ([`crate::limits`]) until it
+/// closes; when the drain starts, the connection is shut down gracefully (in-flight requests
+/// finish, HTTP/2 gets a GOAWAY).
 pub async fn serve_connection<I, S>(state: &ProxyState, io: I, service: S, direction: &str)
 where
     I: pool::Io,
@@ -64,16 +64,15 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = state.drain.started() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
+    let config = state.current_config();
+    let result = limits::serve_http(
+        &config.limits,
+        limits::Protocols::Any,
+        io,
+        service,
+        state.drain.started(),
+    )
+    .await;
     if let Err(e) = result {
         debug!(direction, error = %e, "HTTP connection ended with an error");
     }
