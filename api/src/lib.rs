@@ -19,4 +19,5 @@ pub mod validate;
 pub use mesh::{Mesh, MeshSpec, MeshStatus};
 pub use security::{
     AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
+    RequestAuthentication, RequestAuthenticationSpec,
 };

@@ -75,6 +75,32 @@ pub struct MeshSpec {
     /// TCP connection a CUSTOM policy matches is denied (the authorizer is not asked).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extension_providers: Vec<ExtensionProvider>,
+    /// End-user (JWT) authentication: how the operator keeps RequestAuthentication key sets.
+    #[serde(default)]
+    pub jwt: JwtSettings,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtSettings {
+    /// How often the operator fetches every `jwksUri` again, so that a rotated signing key
+    /// reaches the proxies (istiod's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`; the same default). A
+    /// key set that failed to fetch is retried sooner, after at most 10s. At least 1s.
+    #[serde(default = "default_jwks_refresh_interval")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub jwks_refresh_interval: String,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            jwks_refresh_interval: default_jwks_refresh_interval(),
+        }
+    }
+}
+
+fn default_jwks_refresh_interval() -> String {
+    "20m".to_owned()
 }
 
 fn default_trust_domain() -> String {

@@ -1,5 +1,5 @@
 //! Istio's `security.istio.io` resources, schema-compatible with Istio's API so that existing YAML
-//! applies unchanged: `PeerAuthentication` and `AuthorizationPolicy`.
+//! applies unchanged: `PeerAuthentication`, `RequestAuthentication` and `AuthorizationPolicy`.
 //!
 //! The CRDs are generated for `v1` (the stored version); the install manifest adds `v1beta1` with
 //! the same schema (served, not stored), as Istio serves both.
@@ -162,6 +162,160 @@ impl PeerAuthenticationSpec {
     pub fn mode(&self) -> Option<PeerAuthenticationMode> {
         self.mtls.mode.resolved()
     }
+}
+
+/// End-user (JWT) authentication for the selected workloads (Istio's `security.istio.io/v1`
+/// `RequestAuthentication`). A request with a token that fails a rule is refused (401); a
+/// request without a token is accepted without a request principal, so an AuthorizationPolicy
+/// decides whether one is required.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "security.istio.io",
+    version = "v1",
+    kind = "RequestAuthentication",
+    namespaced,
+    derive = "PartialEq",
+    shortname = "ra",
+    category = "istio-io",
+    category = "security-istio-io",
+    doc = "RequestAuthentication defines what request authentication methods are supported by a workload.",
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    /// The workloads the policy applies to. Without a selector (or with no labels) the policy
+    /// applies to every workload of the namespace, or of the mesh in the root namespace.
+    #[serde(
+        default,
+        skip_serializing_if = "WorkloadSelector::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub selector: WorkloadSelector,
+    /// A gateway, waypoint or Service the policy is attached to (Istio's alternative to
+    /// `selector`). Accepted, but such a policy does not apply to sidecars and is reported.
+    #[serde(
+        default,
+        skip_serializing_if = "PolicyTargetReference::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub target_ref: PolicyTargetReference,
+    /// Several `targetRef`s; the same as `targetRef`.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// The JWTs the selected workloads accept. A token is checked by the rule of its issuer
+    /// that reads the location it was found in; every present token must pass.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+impl RequestAuthenticationSpec {
+    /// The selector's labels when it selects workloads; `None` for a namespace- or mesh-wide
+    /// policy (no selector, or a selector without labels).
+    pub fn workload_labels(&self) -> Option<&BTreeMap<String, String>> {
+        Some(&self.selector.match_labels).filter(|labels| !labels.is_empty())
+    }
+
+    /// Whether the policy names a target instead of (or besides) selecting workloads.
+    pub fn has_target_ref(&self) -> bool {
+        !self.target_ref.is_empty() || !self.target_refs.is_empty()
+    }
+}
+
+/// Istio's `JWTRule`: how one issuer's tokens are found and verified.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRule {
+    /// Identifies the issuer that issued the JWT; a token's `iss` claim must equal it.
+    pub issuer: String,
+    /// The audiences allowed to access: a token must name one of them in `aud`. Empty: `aud` is
+    /// not checked.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub audiences: Vec<String>,
+    /// URL of the provider's public key set (JWKS). The operator fetches it, refreshes it every
+    /// `Mesh.spec.jwt.jwksRefreshInterval` and sends the keys to the proxies. Without `jwks` and
+    /// `jwksUri` the key set is found through the issuer's OpenID discovery document.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub jwks_uri: String,
+    /// The JSON Web Key Set itself (a JSON document); when set, `jwksUri` is ignored.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub jwks: String,
+    /// Headers a token is read from (`prefix` is stripped first). With no header, parameter or
+    /// cookie, a token is read from `Authorization: Bearer <token>` and the `access_token`
+    /// query parameter.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub from_headers: Vec<JwtHeader>,
+    /// Query parameters a token is read from.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub from_params: Vec<String>,
+    /// Cookies a token is read from.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub from_cookies: Vec<String>,
+    /// A header that receives the verified token's payload (base64url-encoded JSON).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output_payload_to_header: String,
+    /// Claims of the verified token copied to request headers.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// Keep the token in the request forwarded to the application; by default it is removed
+    /// from where it was found.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_original_token: bool,
+    /// How long the operator waits for `jwksUri` (Istio's default: 5s).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub timeout: String,
+}
+
+/// Istio's `JWTHeader`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtHeader {
+    /// The HTTP header name.
+    pub name: String,
+    /// The prefix that is stripped before the token is decoded (such as `Bearer `).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+/// Istio's `ClaimToHeader`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimToHeader {
+    /// The name of the header to be created.
+    pub header: String,
+    /// The name of the claim to be copied from.
+    pub claim: String,
 }
 
 /// Access control on workloads (Istio's `security.istio.io/v1` `AuthorizationPolicy`).
@@ -381,8 +535,8 @@ pub struct AuthorizationSource {
         deserialize_with = "null_as_default"
     )]
     pub not_principals: Vec<String>,
-    /// Request identities from a JWT (`<iss>/<sub>`). Trellis has no RequestAuthentication, so
-    /// these are reported and resolved as unsupported.
+    /// Request identities from a JWT verified by a RequestAuthentication (`<iss>/<sub>`). HTTP
+    /// only.
     #[serde(
         default,
         skip_serializing_if = "Vec::is_empty",

@@ -142,7 +142,9 @@ fn kind(value: &Value) -> Option<(Kind, String)> {
 
 fn served(kind: Kind, version: &str) -> bool {
     let extra = match kind {
-        Kind::PeerAuthentication | Kind::AuthorizationPolicy => SECURITY_EXTRA_VERSIONS,
+        Kind::PeerAuthentication | Kind::RequestAuthentication | Kind::AuthorizationPolicy => {
+            SECURITY_EXTRA_VERSIONS
+        }
         Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => EXTRA_VERSIONS,
     };
     version == STORED_VERSION || extra.contains(&version)

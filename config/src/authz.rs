@@ -5,11 +5,15 @@
 //! anything about Kubernetes; the operator owns which policies apply and what the CRD fields
 //! compile to.
 //!
-//! What is not here on purpose: `requestPrincipals`, `request.auth.*` (Trellis has no
-//! `RequestAuthentication`) and `destination.ip` (always the workload's own address, so it is
-//! decided when compiling for one workload). The operator resolves them with Istio's rule for
-//! what cannot be generated — an ALLOW rule never matches, a DENY or AUDIT rule drops the
-//! condition and so matches more widely — before a policy reaches the proxy.
+//! `requestPrincipals` and the `request.auth.*` conditions compare what the proxy's
+//! RequestAuthentication rules ([`crate::authn`]) verified in the request's JWT; a request without
+//! a verified token has none of these attributes.
+//!
+//! What is not here on purpose: `destination.ip` (always the workload's own address, so it is
+//! decided when compiling for one workload). The operator resolves it, and what it cannot
+//! compile, with Istio's rule for what cannot be generated — an ALLOW rule never matches, a DENY
+//! or AUDIT rule drops the condition and so matches more widely — before a policy reaches the
+//! proxy.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -108,11 +112,18 @@ impl Policy {
         for rule in &self.rules {
             for condition in &rule.when {
                 if let Condition::RequestHeader { name, .. } = condition
-                    && http_header_name_is_invalid(name)
+                    && !crate::authn::is_lowercase_header_name(name)
                 {
                     return Err(invalid(format!(
                         "request.headers[{name}] is not a valid lowercase HTTP header name"
                     )));
+                }
+                if let Condition::RequestAuthClaim { claim, .. } = condition
+                    && (claim.is_empty() || claim.iter().any(String::is_empty))
+                {
+                    return Err(invalid(
+                        "request.auth.claims names an empty claim".to_owned(),
+                    ));
                 }
             }
             let matchers = rule
@@ -133,14 +144,6 @@ impl Policy {
         }
         Ok(())
     }
-}
-
-/// Header names travel lowercase (HTTP/2 requires it and `http::HeaderMap` stores them so).
-fn http_header_name_is_invalid(name: &str) -> bool {
-    name.is_empty()
-        || !name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
 }
 
 /// `from`, `to` and `when` must all match; within `from` and `to` one entry suffices.
@@ -165,6 +168,11 @@ pub struct Source {
     pub principals: Vec<StringMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<StringMatch>,
+    /// Principals of the request's verified JWT, `<iss>/<sub>` (HTTP only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<StringMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<StringMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -184,8 +192,16 @@ impl Source {
         self.principals
             .iter()
             .chain(&self.not_principals)
+            .chain(&self.request_principals)
+            .chain(&self.not_request_principals)
             .chain(&self.namespaces)
             .chain(&self.not_namespaces)
+    }
+
+    /// Whether the source names an HTTP-only field (a request principal, which only a request's
+    /// JWT carries).
+    pub fn has_http_fields(&self) -> bool {
+        !self.request_principals.is_empty() || !self.not_request_principals.is_empty()
     }
 }
 
@@ -263,6 +279,19 @@ pub enum Condition {
     DestinationPort(Values<u16>),
     /// `connection.sni`: the server name the client sent in its TLS ClientHello.
     ConnectionSni(Values<StringMatch>),
+    /// `request.auth.principal`: `<iss>/<sub>` of the verified JWT (HTTP only).
+    RequestAuthPrincipal(Values<StringMatch>),
+    /// `request.auth.audiences`: the verified JWT's `aud`, one value or each of a list (HTTP only).
+    RequestAuthAudiences(Values<StringMatch>),
+    /// `request.auth.presenter`: the verified JWT's `azp` (HTTP only).
+    RequestAuthPresenter(Values<StringMatch>),
+    /// `request.auth.claims[a][b]…`: the claim at that path of the verified JWT's payload, a string
+    /// or each string of a list (HTTP only).
+    RequestAuthClaim {
+        claim: Vec<String>,
+        #[serde(flatten)]
+        values: Values<StringMatch>,
+    },
 }
 
 impl Condition {
@@ -271,13 +300,29 @@ impl Condition {
             Self::RequestHeader { values, .. }
             | Self::SourceNamespace(values)
             | Self::SourcePrincipal(values)
-            | Self::ConnectionSni(values) => {
+            | Self::ConnectionSni(values)
+            | Self::RequestAuthPrincipal(values)
+            | Self::RequestAuthAudiences(values)
+            | Self::RequestAuthPresenter(values)
+            | Self::RequestAuthClaim { values, .. } => {
                 Box::new(values.values.iter().chain(&values.not_values))
             }
             Self::SourceIp(_) | Self::RemoteIp(_) | Self::DestinationPort(_) => {
                 Box::new(std::iter::empty())
             }
         }
+    }
+
+    /// Whether the attribute exists only on an HTTP request (a header, or the request's JWT).
+    pub fn is_http_only(&self) -> bool {
+        matches!(
+            self,
+            Self::RequestHeader { .. }
+                | Self::RequestAuthPrincipal(_)
+                | Self::RequestAuthAudiences(_)
+                | Self::RequestAuthPresenter(_)
+                | Self::RequestAuthClaim { .. }
+        )
     }
 }
 

@@ -1,6 +1,6 @@
 //! Trellis config model: everything a proxy needs to know and nothing about Kubernetes. The
-//! compiled proxy configuration the control plane streams ([`proxy`], with its [`traffic`] and
-//! [`authz`] parts, CUSTOM policies' external authorizers in [`ext_authz`]), the control-plane wire format ([`protocol`]), SPIFFE identities
+//! compiled proxy configuration the control plane streams ([`proxy`], with its [`traffic`],
+//! [`authn`] and [`authz`] parts, CUSTOM policies' external authorizers in [`ext_authz`]), the control-plane wire format ([`protocol`]), SPIFFE identities
 //! ([`identity`]), the listener limits ([`limits`]), the mesh-wide modes a config carries
 //! ([`mesh`]) and the well-known ports, labels and names ([`wellknown`]).
 //!
@@ -8,6 +8,7 @@
 //! init container and the CNI plugin link no Kubernetes types through it. The CRDs live in
 //! `trellis-api`, which depends on this crate.
 
+pub mod authn;
 pub mod authz;
 pub mod ext_authz;
 pub mod identity;

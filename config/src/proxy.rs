@@ -224,6 +224,13 @@ pub struct InboundPolicy {
         skip_serializing_if = "crate::authz::InboundAuthorization::is_empty"
     )]
     pub authorization: crate::authz::InboundAuthorization,
+    /// The RequestAuthentication JWT rules that apply to the workload (empty: no request is
+    /// authenticated).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::authn::InboundAuthentication::is_empty"
+    )]
+    pub authentication: crate::authn::InboundAuthentication,
 }
 
 /// JSON object keys are strings; a config inside a tagged [`ControlMessage`] is buffered by serde
@@ -308,6 +315,8 @@ pub enum ConfigError {
     NoHostname(String),
     #[error("inbound authorization: {0}")]
     Authorization(#[from] crate::authz::AuthorizationError),
+    #[error("inbound authentication: {0}")]
+    Authentication(#[from] crate::authn::AuthenticationError),
     #[error("traffic: {0}")]
     Traffic(#[from] crate::traffic::TrafficError),
     #[error("listener limits: {0}")]
@@ -351,6 +360,7 @@ impl ProxyConfig {
             }
         }
         self.inbound.authorization.validate()?;
+        self.inbound.authentication.validate()?;
         self.traffic.validate()?;
         self.limits.validate()?;
         Ok(())

@@ -22,8 +22,8 @@
 //!   ([`CustomPolicy`]); a workload may have CUSTOM policies of several providers, and a
 //!   request is checked with each provider whose policy it matches, as Istio does since it
 //!   allows several providers per workload.
-//! * An unsupported field or value in a rule (`requestPrincipals`/`notRequestPrincipals` and
-//!   `request.auth.*` keys — Trellis has no RequestAuthentication —, `serviceAccounts`,
+//! * An unsupported field or value in a rule (`request.auth.*` keys other than `principal`,
+//!   `audiences`, `presenter` and `claims[<name>]…`, `serviceAccounts`,
 //!   `experimental.envoy.filters.*`, unknown `when` keys, path templates, a `*` inside a value,
 //!   unparsable IPs or ports): in an ALLOW policy the whole rule never matches (a smaller
 //!   allow); in a DENY, AUDIT or CUSTOM policy the condition is dropped, so the rule matches on
@@ -94,13 +94,30 @@ impl Workload {
 
 /// Whether `policy` applies to `workload` (see the module doc).
 pub fn applies_to(policy: &AuthorizationPolicy, root_namespace: &str, workload: &Workload) -> bool {
-    let Some(namespace) = policy.metadata.namespace.as_deref() else {
+    selects(
+        policy.metadata.namespace.as_deref(),
+        policy.spec.workload_labels(),
+        root_namespace,
+        workload,
+    )
+}
+
+/// Istio's selection of a security policy in `namespace` with the selector `labels` (`None`:
+/// namespace- or mesh-wide), shared by AuthorizationPolicy and RequestAuthentication (see the
+/// module doc).
+pub fn selects(
+    namespace: Option<&str>,
+    labels: Option<&BTreeMap<String, String>>,
+    root_namespace: &str,
+    workload: &Workload,
+) -> bool {
+    let Some(namespace) = namespace else {
         return false;
     };
     if namespace != root_namespace && namespace != workload.namespace {
         return false;
     }
-    policy.spec.workload_labels().is_none_or(|selector| {
+    labels.is_none_or(|selector| {
         selector
             .iter()
             .all(|(key, value)| workload.labels.get(key) == Some(value))
@@ -269,17 +286,6 @@ impl RuleCompiler<'_> {
 
     fn source(&mut self, source: &AuthorizationSource) -> Source {
         for (field, values) in [
-            ("requestPrincipals", &source.request_principals),
-            ("notRequestPrincipals", &source.not_request_principals),
-        ] {
-            if !values.is_empty() {
-                self.unsupported(
-                    format!("source.{field} needs JWT authentication (RequestAuthentication), which Trellis does not have"),
-                    true,
-                );
-            }
-        }
-        for (field, values) in [
             ("serviceAccounts", &source.service_accounts),
             ("notServiceAccounts", &source.not_service_accounts),
         ] {
@@ -295,6 +301,11 @@ impl RuleCompiler<'_> {
             &source.principals,
             &source.not_principals,
         );
+        let request_principals = self.strings(
+            "source.requestPrincipals",
+            &source.request_principals,
+            &source.not_request_principals,
+        );
         let namespaces = self.strings(
             "source.namespaces",
             &source.namespaces,
@@ -309,6 +320,8 @@ impl RuleCompiler<'_> {
         Source {
             principals: principals.values,
             not_principals: principals.not_values,
+            request_principals: request_principals.values,
+            not_request_principals: request_principals.not_values,
             namespaces: namespaces.values,
             not_namespaces: namespaces.not_values,
             ip_blocks: ips.values,
@@ -368,6 +381,9 @@ impl RuleCompiler<'_> {
             "source.namespace" => Condition::SourceNamespace(strings(self)),
             "source.principal" => Condition::SourcePrincipal(strings(self)),
             "connection.sni" => Condition::ConnectionSni(strings(self)),
+            "request.auth.principal" => Condition::RequestAuthPrincipal(strings(self)),
+            "request.auth.audiences" => Condition::RequestAuthAudiences(strings(self)),
+            "request.auth.presenter" => Condition::RequestAuthPresenter(strings(self)),
             "destination.port" => {
                 let checked = self.ports(&field, values, not_values);
                 Condition::DestinationPort(Values {
@@ -382,11 +398,16 @@ impl RuleCompiler<'_> {
                         name,
                         values: strings(self),
                     }
+                } else if let Some(claim) = claim_path(key) {
+                    Condition::RequestAuthClaim {
+                        claim,
+                        values: strings(self),
+                    }
                 } else {
                     let why = if key.starts_with("request.headers[") {
                         "does not name a valid header (request.headers[<name>])"
-                    } else if key.starts_with("request.auth.") {
-                        "needs JWT authentication (RequestAuthentication), which Trellis does not have"
+                    } else if key.starts_with("request.auth.claims") {
+                        "does not name a claim (request.auth.claims[<name>], nested [<a>][<b>])"
                     } else if key.starts_with("experimental.envoy.filters.") {
                         "reads Envoy filter metadata, which Trellis does not have"
                     } else {
@@ -542,6 +563,21 @@ enum Resolved {
 }
 
 /// `request.headers[Name]` → `name` (header names are case-insensitive and travel lowercase).
+/// The claim path of `request.auth.claims[<a>][<b>]…` (one name at least, none empty).
+fn claim_path(key: &str) -> Option<Vec<String>> {
+    let mut rest = key.strip_prefix("request.auth.claims")?;
+    let mut path = Vec::new();
+    while !rest.is_empty() {
+        let (name, after) = rest.strip_prefix('[')?.split_once(']')?;
+        if name.is_empty() || name.contains('[') {
+            return None;
+        }
+        path.push(name.to_owned());
+        rest = after;
+    }
+    (!path.is_empty()).then_some(path)
+}
+
 fn header_name(key: &str) -> Option<String> {
     let name = key.strip_prefix("request.headers[")?.strip_suffix(']')?;
     let valid = !name.is_empty()
@@ -770,20 +806,61 @@ mod tests {
     }
 
     #[test]
+    fn request_principals_and_request_auth_conditions_compile_as_istio_writes_them() {
+        let compiled = compile(
+            &policy(
+                "shop",
+                "jwt",
+                json!({"rules": [{
+                "from": [{"source": {"requestPrincipals": ["issuer-foo/*"],
+                                     "notRequestPrincipals": ["issuer-foo/mallory"]}}],
+                "when": [
+                    {"key": "request.auth.principal", "values": ["issuer-foo/alice"]},
+                    {"key": "request.auth.audiences", "values": ["web"]},
+                    {"key": "request.auth.presenter", "notValues": ["*-test"]},
+                    {"key": "request.auth.claims[groups]", "values": ["admin"]},
+                    {"key": "request.auth.claims[org][role]", "values": ["owner*"]},
+                ]}]}),
+            ),
+            None,
+        );
+        assert_eq!(compiled.issues, Vec::<String>::new());
+        let (action, policy) = compiled.policy.unwrap();
+        assert_eq!(action, Action::Allow);
+        assert_eq!(
+            serde_json::to_value(&policy.rules).unwrap(),
+            json!([{
+                "from": [{"requestPrincipals": [{"prefix": "issuer-foo/"}],
+                          "notRequestPrincipals": [{"exact": "issuer-foo/mallory"}]}],
+                "when": [
+                    {"key": "requestAuthPrincipal", "values": [{"exact": "issuer-foo/alice"}]},
+                    {"key": "requestAuthAudiences", "values": [{"exact": "web"}]},
+                    {"key": "requestAuthPresenter", "notValues": [{"suffix": "-test"}]},
+                    {"key": "requestAuthClaim", "claim": ["groups"], "values": [{"exact": "admin"}]},
+                    {"key": "requestAuthClaim", "claim": ["org", "role"],
+                     "values": [{"prefix": "owner"}]},
+                ]
+            }])
+        );
+        for key in [
+            "request.auth.claims",
+            "request.auth.claims[a]b",
+            "request.auth.claims[a][]",
+            "request.auth.claims[[a]]",
+        ] {
+            assert_eq!(claim_path(key), None, "{key}");
+        }
+    }
+
+    #[test]
     fn unsupported_parts_fail_allow_rules_and_widen_deny_rules() {
         // (rule, compiled ALLOW rules, compiled DENY rules, words the issue must contain)
         let table = [
             (
-                json!({"from": [{"source": {"requestPrincipals": ["iss/sub"], "namespaces": ["a"]}}]}),
+                json!({"from": [{"source": {"requestPrincipals": ["iss/*a*b"], "namespaces": ["a"]}}]}),
                 json!([]),
                 json!([{"from": [{"namespaces": [{"exact": "a"}]}]}]),
-                "requestPrincipals",
-            ),
-            (
-                json!({"from": [{"source": {"notRequestPrincipals": ["*"]}}]}),
-                json!([]),
-                json!([{"from": [{}]}]),
-                "RequestAuthentication",
+                "source.requestPrincipals",
             ),
             (
                 json!({"from": [{"source": {"serviceAccounts": ["demo/web"]}}]}),
@@ -792,10 +869,10 @@ mod tests {
                 "serviceAccounts",
             ),
             (
-                json!({"to": [{"operation": {"ports": ["80"]}}], "when": [{"key": "request.auth.claims[iss]", "values": ["x"]}]}),
+                json!({"to": [{"operation": {"ports": ["80"]}}], "when": [{"key": "request.auth.claims[]", "values": ["x"]}]}),
                 json!([]),
                 json!([{"to": [{"ports": [80]}]}]),
-                "request.auth.claims[iss]",
+                "request.auth.claims[]",
             ),
             (
                 json!({"when": [{"key": "experimental.envoy.filters.a[b]", "values": ["x"]}]}),

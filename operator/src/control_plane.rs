@@ -4,8 +4,9 @@
 //! by its workload certificate. Wire format: `trellis_config::protocol`.
 //!
 //! One compile per burst of changes serves every proxy: each stream overlays its own inbound
-//! policy (PeerAuthentication resolved for its pod, and the AuthorizationPolicies that apply to
-//! it) on the mesh-wide snapshot and sends it only when that proxy's version changed.
+//! policy (PeerAuthentication resolved for its pod, the RequestAuthentications and the
+//! AuthorizationPolicies that apply to it) on the mesh-wide snapshot and sends it only when that
+//! proxy's version changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use kube::{Api, Client};
 use tokio::sync::{Semaphore, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
-use trellis_api::{AuthorizationPolicy, PeerAuthentication};
+use trellis_api::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use trellis_config::SpiffeId;
 use trellis_config::authz::Action;
 use trellis_config::ext_authz::ExtAuthzProvider;
@@ -40,10 +41,12 @@ use crate::compile::{compile, for_workload, workload_version};
 use crate::context::MeshStateRx;
 use crate::discovery::Discovery;
 use crate::https::{self, Body, Peer};
+use crate::jwks::JwksResolver;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::peer_authentication::{self, PolicyIndex, Workload};
 use crate::proxies::ConnectedProxies;
 use crate::rate_limit::{Rate, RateLimiter};
+use crate::request_authentication::{self, JwksSource};
 use crate::rotation::ProxyCertificates;
 use crate::traffic::{self, TrafficIndex};
 
@@ -74,6 +77,10 @@ pub struct Snapshot {
     pub peer_authentications: PolicyIndex,
     /// Every AuthorizationPolicy; each stream compiles those that apply to its workload.
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// Every RequestAuthentication; each stream compiles those that apply to its workload.
+    pub request_authentications: Vec<Arc<RequestAuthentication>>,
+    /// The key sets fetched for them (`jwksUri`, OpenID discovery).
+    pub jwks: BTreeMap<JwksSource, String>,
     /// The Mesh's valid external authorizers by name, for CUSTOM policies.
     pub ext_authz_providers: BTreeMap<String, ExtAuthzProvider>,
     /// During a root rotation: proxies whose certificate was issued before this are told to
@@ -119,6 +126,8 @@ pub fn publish_snapshots(
     tokio::spawn(async move {
         let mut validated = BTreeMap::new();
         let traffic_warnings = Arc::default();
+        let jwks = JwksResolver::new();
+        let mut jwks_changes = jwks.changes();
         loop {
             // Everything up to here is in this snapshot; only later changes wake the loop.
             changes.borrow_and_update();
@@ -166,6 +175,16 @@ pub fn publish_snapshots(
                     mesh_default,
                     peer_authentications: index,
                     authorization_policies: discovery.authorization_policies(),
+                    request_authentications: {
+                        let policies = discovery.request_authentications();
+                        jwks.track(
+                            &request_authentication::fetches(&policies),
+                            request_authentication::refresh_interval(&state.spec),
+                        );
+                        jwks_changes.borrow_and_update();
+                        policies
+                    },
+                    jwks: jwks.key_sets(),
                     ext_authz_providers: crate::ext_authz::Providers::of(&state.spec).by_name,
                     renew_issued_before: state
                         .root_rotation
@@ -178,6 +197,7 @@ pub fn publish_snapshots(
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
                 changed = mesh.changed() => if changed.is_err() { return },
+                changed = jwks_changes.changed() => if changed.is_err() { return },
             }
             tokio::time::sleep(COALESCE).await;
         }
@@ -510,6 +530,12 @@ impl ControlPlane {
             &self.root_namespace,
             &authorization::Workload::of(namespace, pod.as_deref()),
             &snapshot.ext_authz_providers,
+        );
+        resolution.inbound.authentication = request_authentication::for_workload(
+            snapshot.request_authentications.iter().map(Arc::as_ref),
+            &self.root_namespace,
+            &authorization::Workload::of(namespace, pod.as_deref()),
+            &snapshot.jwks,
         );
         (resolution.inbound, resolution.undeclared_ports)
     }

@@ -1,5 +1,5 @@
 //! Discovery: reflectors over Services, EndpointSlices, Pods, PeerAuthentications,
-//! AuthorizationPolicies, VirtualServices, DestinationRules and ServiceEntries (all namespaces),
+//! RequestAuthentications, AuthorizationPolicies, VirtualServices, DestinationRules and ServiceEntries (all namespaces),
 //! and a change counter that the config streams wait on.
 //! AuthorizationPolicies are also checked for what Trellis cannot enforce, which is reported as
 //! Events (`crate::authorization::spawn_reporter`). EndpointSlices are read as
@@ -18,7 +18,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use trellis_api::networking::{DestinationRule, ServiceEntry, VirtualService};
-use trellis_api::{AuthorizationPolicy, PeerAuthentication};
+use trellis_api::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 use crate::compile::ClusterState;
 use crate::traffic::TrafficResources;
@@ -30,6 +30,7 @@ pub struct Discovery {
     endpoint_slices: Store<DynamicObject>,
     pods: Store<Pod>,
     peer_authentications: Store<PeerAuthentication>,
+    request_authentications: Store<RequestAuthentication>,
     authorization_policies: Store<AuthorizationPolicy>,
     virtual_services: Store<VirtualService>,
     destination_rules: Store<DestinationRule>,
@@ -68,6 +69,11 @@ impl Discovery {
             (),
             changes_tx.clone(),
         );
+        let request_authentications = spawn_reflector(
+            Api::<RequestAuthentication>::all(client.clone()),
+            (),
+            changes_tx.clone(),
+        );
         let authorization_policies = spawn_reflector(
             Api::<AuthorizationPolicy>::all(client.clone()),
             (),
@@ -96,6 +102,7 @@ impl Discovery {
             endpoint_slices,
             pods,
             peer_authentications,
+            request_authentications,
             authorization_policies,
             virtual_services,
             destination_rules,
@@ -111,6 +118,7 @@ impl Discovery {
         let _ = self.endpoint_slices.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
         let _ = self.peer_authentications.wait_until_ready().await;
+        let _ = self.request_authentications.wait_until_ready().await;
         let _ = self.authorization_policies.wait_until_ready().await;
         let _ = self.virtual_services.wait_until_ready().await;
         let _ = self.destination_rules.wait_until_ready().await;
@@ -129,6 +137,11 @@ impl Discovery {
     /// Every PeerAuthentication in the cluster (all namespaces).
     pub fn peer_authentications(&self) -> Vec<Arc<PeerAuthentication>> {
         self.peer_authentications.state()
+    }
+
+    /// Every RequestAuthentication in the cluster (all namespaces).
+    pub fn request_authentications(&self) -> Vec<Arc<RequestAuthentication>> {
+        self.request_authentications.state()
     }
 
     /// Every AuthorizationPolicy in the cluster (all namespaces).

@@ -23,7 +23,7 @@ use trellis_api::networking::{
     self, DestinationRule, NETWORKING_GROUP, ServiceEntry, VirtualService,
 };
 use trellis_api::security::{self, SECURITY_EXTRA_VERSIONS, SECURITY_GROUP};
-use trellis_api::{AuthorizationPolicy, Mesh, PeerAuthentication};
+use trellis_api::{AuthorizationPolicy, Mesh, PeerAuthentication, RequestAuthentication};
 use trellis_config::wellknown::{
     CONTROL_PLANE_PORT, DEFAULT_IMAGE_REGISTRY, INJECT_LABEL, OPERATOR_NAME, OPERATOR_NAMESPACE,
     ROOT_CERT_CONFIGMAP, WEBHOOK_PORT,
@@ -96,6 +96,7 @@ fn cluster_role() -> ClusterRole {
             rule(&["discovery.k8s.io"], &["endpointslices"], READ),
             rule(&[SECURITY_GROUP], &["peerauthentications"], READ),
             rule(&[SECURITY_GROUP], &["authorizationpolicies"], READ),
+            rule(&[SECURITY_GROUP], &["requestauthentications"], READ),
             // Compiled into routes; the validating webhook reads a namespace's DestinationRules.
             rule(
                 &[NETWORKING_GROUP],
@@ -297,6 +298,12 @@ fn peer_authentication_crd() -> CustomResourceDefinition {
     with_extra_versions(security::published_crd::<PeerAuthentication>())
 }
 
+/// `RequestAuthentication` (security.istio.io): `v1` stored, `v1beta1` served with the same
+/// schema.
+fn request_authentication_crd() -> CustomResourceDefinition {
+    with_extra_versions(security::published_crd::<RequestAuthentication>())
+}
+
 /// `AuthorizationPolicy` (security.istio.io): `v1` stored, `v1beta1` served with the same schema.
 fn authorization_policy_crd() -> CustomResourceDefinition {
     with_extra_versions(security::published_crd::<AuthorizationPolicy>())
@@ -344,6 +351,7 @@ pub fn objects() -> Vec<serde_json::Value> {
         value(operator_namespace()),
         value(Mesh::crd()),
         value(peer_authentication_crd()),
+        value(request_authentication_crd()),
         value(authorization_policy_crd()),
         // Istio's traffic resources: v1 stored, v1beta1 and v1alpha3 served with one schema.
         value(networking::networking_crd::<VirtualService>()),
@@ -417,6 +425,7 @@ mod tests {
             kinds,
             [
                 "Namespace",
+                "CustomResourceDefinition",
                 "CustomResourceDefinition",
                 "CustomResourceDefinition",
                 "CustomResourceDefinition",
@@ -601,6 +610,32 @@ mod tests {
                 "{verb}"
             );
         }
+    }
+
+    #[test]
+    fn request_authentication_serves_v1_and_v1beta1_and_the_operator_may_read_it() {
+        let crd = serde_json::to_value(request_authentication_crd()).unwrap();
+        assert_eq!(
+            crd["metadata"]["name"],
+            "requestauthentications.security.istio.io"
+        );
+        let versions: Vec<_> = crd["spec"]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["name"].clone(), v["served"].clone()))
+            .collect();
+        assert_eq!(
+            versions,
+            [("v1".into(), true.into()), ("v1beta1".into(), true.into())]
+        );
+        assert!(objects().contains(&crd));
+        let rules = serde_json::to_value(cluster_role()).unwrap()["rules"].clone();
+        let reads = rules.as_array().unwrap().iter().any(|r| {
+            r["resources"] == serde_json::json!(["requestauthentications"])
+                && r["verbs"] == serde_json::json!(READ)
+        });
+        assert!(reads, "{rules}");
     }
 
     #[test]

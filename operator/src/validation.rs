@@ -41,7 +41,11 @@ pub const WEBHOOK_NAME: &str = "validation.networking.trellis.dev";
 /// Resources of `networking.istio.io` sent to the webhook.
 pub const RESOURCES: &[&str] = &["virtualservices", "destinationrules", "serviceentries"];
 /// Resources of `security.istio.io` sent to the webhook.
-pub const SECURITY_RESOURCES: &[&str] = &["peerauthentications", "authorizationpolicies"];
+pub const SECURITY_RESOURCES: &[&str] = &[
+    "peerauthentications",
+    "requestauthentications",
+    "authorizationpolicies",
+];
 
 pub struct Validation {
     pub client: Client,
@@ -419,7 +423,7 @@ mod tests {
                 "apiGroups": ["security.istio.io"],
                 "apiVersions": ["v1", "v1beta1"],
                 "operations": ["CREATE", "UPDATE"],
-                "resources": ["peerauthentications", "authorizationpolicies"],
+                "resources": ["peerauthentications", "requestauthentications", "authorizationpolicies"],
                 "scope": "Namespaced",
             }])
         );

@@ -44,6 +44,7 @@ use trellis_config::authz::{
     Source, StringMatch, Values,
 };
 
+use crate::authn::Authenticated;
 use crate::capture::Refusal;
 use crate::metrics::{TcpLabels, flags};
 use crate::state::ProxyState;
@@ -73,6 +74,8 @@ pub struct HttpAttributes<'a> {
     /// The authority without its port.
     pub host: &'a str,
     pub headers: &'a HeaderMap,
+    /// What the request's verified JWT says (`crate::authn`); `None` without one.
+    pub auth: Option<&'a Authenticated>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +205,11 @@ struct Peer<'a> {
 }
 
 impl<'a> Peer<'a> {
+    /// The request's verified JWT, if any.
+    fn auth(&self) -> Option<&'a Authenticated> {
+        self.request.and_then(|request| request.auth)
+    }
+
     fn new(
         connection: &'a ConnectionAttributes<'a>,
         request: Option<&'a HttpAttributes<'a>>,
@@ -242,16 +250,23 @@ fn rule_matches(rule: &Rule, action: Action, peer: &Peer) -> bool {
 }
 
 fn has_http_fields(rule: &Rule) -> bool {
-    rule.to.iter().any(Operation::has_http_fields)
-        || rule
-            .when
-            .iter()
-            .any(|c| matches!(c, Condition::RequestHeader { .. }))
+    rule.from.iter().any(Source::has_http_fields)
+        || rule.to.iter().any(Operation::has_http_fields)
+        || rule.when.iter().any(Condition::is_http_only)
 }
 
 fn source_matches(source: &Source, peer: &Peer) -> bool {
     let ip = peer.connection.source_ip;
-    strings(&source.principals, &source.not_principals, peer.principal)
+    // TCP: request principals are dropped (see `rule_matches`).
+    let request_principals = peer.request.is_none_or(|request| {
+        strings(
+            &source.request_principals,
+            &source.not_request_principals,
+            request.auth.map(|auth| auth.principal.as_str()),
+        )
+    });
+    request_principals
+        && strings(&source.principals, &source.not_principals, peer.principal)
         && strings(
             &source.namespaces,
             &source.not_namespaces,
@@ -320,7 +335,48 @@ fn condition_matches(condition: &Condition, action: Action, peer: &Peer) -> bool
         Condition::ConnectionSni(values) => {
             strings(&values.values, &values.not_values, connection.sni)
         }
+        // TCP: dropped (see `rule_matches`).
+        Condition::RequestAuthPrincipal(_)
+        | Condition::RequestAuthAudiences(_)
+        | Condition::RequestAuthPresenter(_)
+        | Condition::RequestAuthClaim { .. }
+            if peer.request.is_none() =>
+        {
+            true
+        }
+        Condition::RequestAuthPrincipal(values) => {
+            let principal = peer.auth().map(|auth| auth.principal.as_str());
+            any_of(values, &Vec::from_iter(principal))
+        }
+        Condition::RequestAuthAudiences(values) => any_of(
+            values,
+            &peer
+                .auth()
+                .map(Authenticated::audiences)
+                .unwrap_or_default(),
+        ),
+        Condition::RequestAuthPresenter(values) => any_of(
+            values,
+            &Vec::from_iter(peer.auth().and_then(Authenticated::presenter)),
+        ),
+        Condition::RequestAuthClaim { claim, values } => {
+            let strings = peer.auth().map(|auth| auth.claim_strings(claim));
+            any_of(values, &strings.unwrap_or_default())
+        }
     }
+}
+
+/// A multi-valued attribute (a JWT list claim) against `values` / `not_values`: one element
+/// matching `values` suffices, and no element may match `not_values`, as Istio matches list
+/// claims. An absent attribute matches no value.
+fn any_of(condition: &Values<StringMatch>, attribute: &[&str]) -> bool {
+    let matched_by = |matchers: &[StringMatch]| {
+        attribute
+            .iter()
+            .any(|value| matchers.iter().any(|m| m.matches(value)))
+    };
+    (condition.values.is_empty() || matched_by(&condition.values))
+        && !matched_by(&condition.not_values)
 }
 
 /// A single-valued attribute against `values` / `not_values` (case-sensitive).
@@ -434,8 +490,178 @@ mod tests {
             authority: r.authority,
             host: r.authority.split(':').next().unwrap_or_default(),
             headers: &r.headers,
+            auth: None,
         });
         evaluate(compiled, &connection(principal), attributes.as_ref()) == Verdict::Allow
+    }
+
+    /// Decides a GET with the verified JWT `auth` (`None`: no token), or a TCP connection.
+    fn decide_jwt(
+        compiled: &InboundAuthorization,
+        auth: Option<&Authenticated>,
+        tcp: bool,
+    ) -> bool {
+        let r = request("GET", "/", &[]);
+        let attributes = HttpAttributes {
+            method: r.method,
+            path: r.path,
+            authority: r.authority,
+            host: "web.foo.svc.cluster.local",
+            headers: &r.headers,
+            auth,
+        };
+        let request = (!tcp).then_some(&attributes);
+        evaluate(compiled, &connection(None), request) == Verdict::Allow
+    }
+
+    fn jwt(principal: &str, claims: serde_json::Value) -> Authenticated {
+        Authenticated {
+            principal: principal.to_owned(),
+            claims: claims.as_object().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn request_principals_and_jwt_claims_match_as_istio_defines() {
+        let alice = jwt(
+            "issuer-foo/alice",
+            json!({"aud": ["web", "api"], "azp": "cli", "groups": ["dev", "ops"], "org": {"tier": "gold"}}),
+        );
+        let bob = jwt("issuer-bar/bob", json!({"aud": "other", "groups": "dev"}));
+        // (action, rules, alice, bob, no token, TCP)
+        let table = [
+            (
+                "ALLOW",
+                json!([{"from": [{"requestPrincipals": [{"prefix": "issuer-foo/"}]}]}]),
+                true,
+                false,
+                false,
+                false,
+            ),
+            (
+                "ALLOW",
+                json!([{"from": [{"requestPrincipals": ["presence"]}]}]),
+                true,
+                true,
+                false,
+                false,
+            ),
+            (
+                "ALLOW",
+                json!([{"from": [{"notRequestPrincipals": [{"exact": "issuer-bar/bob"}]}]}]),
+                true,
+                false,
+                true,
+                false,
+            ),
+            // notRequestPrincipals: ["*"] denies exactly the requests without a principal.
+            (
+                "DENY",
+                json!([{"from": [{"notRequestPrincipals": ["presence"]}]}]),
+                true,
+                true,
+                false,
+                false,
+            ),
+            (
+                "ALLOW",
+                json!([{"when": [{"key": "requestAuthPrincipal", "values": [{"exact": "issuer-bar/bob"}]}]}]),
+                false,
+                true,
+                false,
+                false,
+            ),
+            (
+                "ALLOW",
+                json!([{"when": [{"key": "requestAuthAudiences", "values": [{"exact": "api"}]}]}]),
+                true,
+                false,
+                false,
+                false,
+            ),
+            (
+                "ALLOW",
+                json!([{"when": [{"key": "requestAuthPresenter", "values": [{"exact": "cli"}]}]}]),
+                true,
+                false,
+                false,
+                false,
+            ),
+            // A list claim matches by any element; a string claim by itself.
+            (
+                "ALLOW",
+                json!([{"when": [{"key": "requestAuthClaim", "claim": ["groups"], "values": [{"exact": "ops"}]}]}]),
+                true,
+                false,
+                false,
+                false,
+            ),
+            (
+                "ALLOW",
+                json!([{"when": [{"key": "requestAuthClaim", "claim": ["groups"], "values": [{"exact": "dev"}]}]}]),
+                true,
+                true,
+                false,
+                false,
+            ),
+            // notValues: no element may match; an absent claim matches no value.
+            (
+                "ALLOW",
+                json!([{"when": [{"key": "requestAuthClaim", "claim": ["groups"], "notValues": [{"exact": "ops"}]}]}]),
+                false,
+                true,
+                true,
+                false,
+            ),
+            (
+                "ALLOW",
+                json!([{"when": [{"key": "requestAuthClaim", "claim": ["org", "tier"], "values": [{"exact": "gold"}]}]}]),
+                true,
+                false,
+                false,
+                false,
+            ),
+            // TCP: a JWT rule is left out of an ALLOW, its condition dropped from a DENY.
+            (
+                "DENY",
+                json!([{"from": [{"requestPrincipals": [{"exact": "issuer-foo/alice"}]}]}]),
+                false,
+                true,
+                true,
+                false,
+            ),
+            (
+                "DENY",
+                json!([{"when": [{"key": "requestAuthClaim", "claim": ["groups"], "values": [{"exact": "ops"}]}]}]),
+                false,
+                true,
+                true,
+                false,
+            ),
+        ];
+        for (action, rules, for_alice, for_bob, without_token, over_tcp) in table {
+            let compiled = policy(action, rules.clone());
+            assert_eq!(
+                decide_jwt(&compiled, Some(&alice), false),
+                for_alice,
+                "{action} {rules} alice"
+            );
+            assert_eq!(
+                decide_jwt(&compiled, Some(&bob), false),
+                for_bob,
+                "{action} {rules} bob"
+            );
+            assert_eq!(
+                decide_jwt(&compiled, None, false),
+                without_token,
+                "{action} {rules} no token"
+            );
+            assert_eq!(
+                decide_jwt(&compiled, None, true),
+                over_tcp,
+                "{action} {rules} TCP"
+            );
+        }
     }
 
     #[test]
@@ -857,6 +1083,7 @@ mod tests {
                 authority: r.authority,
                 host: r.authority.split(':').next().unwrap_or_default(),
                 headers: &r.headers,
+                auth: None,
             });
             evaluate(&compiled, &connection(principal), attributes.as_ref())
         };
@@ -1053,6 +1280,7 @@ mod tests {
                 authority: request.authority,
                 host: "web.foo.svc.cluster.local",
                 headers: &request.headers,
+                auth: None,
             };
             custom_checks(&compiled, &connection(principal), &attributes)
                 .iter()

@@ -15,6 +15,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod app_probe;
+pub mod authn;
 pub mod authz;
 pub(crate) mod capture;
 pub mod cli;

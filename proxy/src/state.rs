@@ -67,6 +67,8 @@ pub struct ProxyState {
     pub connect_timeout: Duration,
     /// Upstream HTTP connections, shared by every downstream connection.
     pub pool: Pool,
+    /// The current config's RequestAuthentication rules with their keys parsed.
+    pub authenticators: crate::authn::AuthenticatorCache,
     /// Per-cluster state: load balancing, circuit breakers, outlier detection. Kept in step
     /// with `config` by [`ProxyState::set_config`].
     pub upstreams: Arc<Upstreams>,
@@ -115,6 +117,7 @@ impl ProxyState {
             log,
             connect_timeout: Duration::from_secs(args.connect_timeout_seconds),
             pool: Pool::default(),
+            authenticators: Default::default(),
             upstreams,
             access_log: args.access_log,
             ext_authz: Default::default(),

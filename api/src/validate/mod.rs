@@ -32,7 +32,9 @@ use crate::networking::NETWORKING_GROUP;
 use crate::networking::service_entry::ServiceEntrySpec;
 use crate::networking::{DestinationRule, DestinationRuleSpec, StringMatch, VirtualServiceSpec};
 use crate::schema::decode_strict;
-use crate::security::{AuthorizationPolicySpec, PeerAuthenticationSpec, SECURITY_GROUP};
+use crate::security::{
+    AuthorizationPolicySpec, PeerAuthenticationSpec, RequestAuthenticationSpec, SECURITY_GROUP,
+};
 
 mod destination_rule;
 mod security;
@@ -40,7 +42,9 @@ mod service_entry;
 mod virtual_service;
 
 pub use destination_rule::validate_destination_rule;
-pub use security::{validate_authorization_policy, validate_peer_authentication};
+pub use security::{
+    validate_authorization_policy, validate_peer_authentication, validate_request_authentication,
+};
 pub use service_entry::validate_service_entry;
 pub use virtual_service::validate_virtual_service;
 
@@ -103,6 +107,7 @@ pub enum Kind {
     DestinationRule,
     ServiceEntry,
     PeerAuthentication,
+    RequestAuthentication,
     AuthorizationPolicy,
 }
 
@@ -114,6 +119,7 @@ impl Kind {
             (NETWORKING_GROUP, "DestinationRule") => Some(Self::DestinationRule),
             (NETWORKING_GROUP, "ServiceEntry") => Some(Self::ServiceEntry),
             (SECURITY_GROUP, "PeerAuthentication") => Some(Self::PeerAuthentication),
+            (SECURITY_GROUP, "RequestAuthentication") => Some(Self::RequestAuthentication),
             (SECURITY_GROUP, "AuthorizationPolicy") => Some(Self::AuthorizationPolicy),
             _ => None,
         }
@@ -163,6 +169,9 @@ pub fn validate_object(
         Kind::PeerAuthentication => decode_spec::<PeerAuthenticationSpec>(spec, &mut errors)
             .iter()
             .for_each(|spec| errors.extend(validate_peer_authentication(spec))),
+        Kind::RequestAuthentication => decode_spec::<RequestAuthenticationSpec>(spec, &mut errors)
+            .iter()
+            .for_each(|spec| errors.extend(validate_request_authentication(spec))),
         Kind::AuthorizationPolicy => decode_spec::<AuthorizationPolicySpec>(spec, &mut errors)
             .iter()
             .for_each(|spec| errors.extend(validate_authorization_policy(spec))),

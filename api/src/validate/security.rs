@@ -1,9 +1,10 @@
-//! The security kinds' admission rules: `PeerAuthentication` (port-level mTLS) and
-//! `AuthorizationPolicy` (actions, sources, operations, conditions).
+//! The security kinds' admission rules: `PeerAuthentication` (port-level mTLS),
+//! `RequestAuthentication` (JWT rules) and `AuthorizationPolicy` (actions, sources, operations,
+//! conditions).
 
 use crate::security::{
     AuthorizationAction, AuthorizationOperation, AuthorizationPolicySpec, AuthorizationSource,
-    PeerAuthenticationSpec,
+    JwtRule, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
 
 use super::{Errors, FieldError, is_ip_or_cidr};
@@ -27,6 +28,109 @@ pub fn validate_peer_authentication(spec: &PeerAuthenticationSpec) -> Vec<FieldE
         }
     }
     errors.0
+}
+
+/// `RequestAuthentication`, as Istio validates it: one attachment (selector or targetRef), and
+/// per JWT rule an issuer, an `http`/`https` `jwksUri`, a `jwks` that is a JSON object, named
+/// headers, parameters and cookies, valid output header names and a parsable `timeout`.
+pub fn validate_request_authentication(spec: &RequestAuthenticationSpec) -> Vec<FieldError> {
+    let mut errors = Errors::default();
+    if !spec.selector.match_labels.is_empty() && spec.has_target_ref() {
+        errors.add(
+            "spec",
+            "only one of selector, targetRef or targetRefs may be set",
+        );
+    }
+    for (r, rule) in spec.jwt_rules.iter().enumerate() {
+        jwt_rule(&mut errors, &format!("spec.jwtRules[{r}]"), rule);
+    }
+    errors.0
+}
+
+fn jwt_rule(errors: &mut Errors, path: &str, rule: &JwtRule) {
+    if rule.issuer.is_empty() {
+        errors.add(&format!("{path}.issuer"), "must not be empty");
+    }
+    for (i, audience) in rule.audiences.iter().enumerate() {
+        if audience.is_empty() {
+            errors.add(&format!("{path}.audiences[{i}]"), "must not be empty");
+        }
+    }
+    if !rule.jwks_uri.is_empty() {
+        let authority = rule
+            .jwks_uri
+            .strip_prefix("https://")
+            .or_else(|| rule.jwks_uri.strip_prefix("http://"))
+            .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or_default());
+        if authority.is_none_or(str::is_empty) {
+            errors.add(
+                &format!("{path}.jwksUri"),
+                format!("{:?} is not an http or https URL", rule.jwks_uri),
+            );
+        }
+    }
+    if !rule.jwks.is_empty()
+        && !serde_json::from_str::<serde_json::Value>(&rule.jwks)
+            .is_ok_and(|v| v["keys"].is_array())
+    {
+        errors.add(
+            &format!("{path}.jwks"),
+            "is not a JSON Web Key Set (a JSON object with a \"keys\" list)",
+        );
+    }
+    for (h, header) in rule.from_headers.iter().enumerate() {
+        if !is_header_name(&header.name) {
+            errors.add(
+                &format!("{path}.fromHeaders[{h}].name"),
+                format!("{:?} is not an HTTP header name", header.name),
+            );
+        }
+    }
+    for (field, names) in [
+        ("fromParams", &rule.from_params),
+        ("fromCookies", &rule.from_cookies),
+    ] {
+        for (i, name) in names.iter().enumerate() {
+            if name.is_empty() {
+                errors.add(&format!("{path}.{field}[{i}]"), "must not be empty");
+            }
+        }
+    }
+    if !rule.output_payload_to_header.is_empty() && !is_header_name(&rule.output_payload_to_header)
+    {
+        errors.add(
+            &format!("{path}.outputPayloadToHeader"),
+            format!(
+                "{:?} is not an HTTP header name",
+                rule.output_payload_to_header
+            ),
+        );
+    }
+    for (c, output) in rule.output_claim_to_headers.iter().enumerate() {
+        if !is_header_name(&output.header) {
+            errors.add(
+                &format!("{path}.outputClaimToHeaders[{c}].header"),
+                format!("{:?} is not an HTTP header name", output.header),
+            );
+        }
+        if output.claim.is_empty() {
+            errors.add(
+                &format!("{path}.outputClaimToHeaders[{c}].claim"),
+                "must not be empty",
+            );
+        }
+    }
+    if !rule.timeout.is_empty() && crate::istio::duration::parse(&rule.timeout).is_err() {
+        errors.add(
+            &format!("{path}.timeout"),
+            format!("{:?} is not a duration", rule.timeout),
+        );
+    }
+}
+
+/// An HTTP header name (a token of RFC 9110), in any case: the proxy compares it lowercased.
+fn is_header_name(name: &str) -> bool {
+    trellis_config::authn::is_lowercase_header_name(&name.to_ascii_lowercase())
 }
 
 /// `AuthorizationPolicy`, as Istio validates it: one attachment (selector or targetRef), a

@@ -1131,6 +1131,10 @@ fn security_kinds_refuse_typos_and_what_istio_refuses() {
             Err("spec"),
         ),
     ];
+    assert_verdicts(cases);
+}
+
+fn assert_verdicts(cases: Vec<(Kind, Value, Result<(), &str>)>) {
     for (kind, spec, expected) in cases {
         let verdict = validate_object(kind, &json!({"spec": spec}), NAMESPACE, &[]);
         match (verdict, expected) {
@@ -1144,4 +1148,88 @@ fn security_kinds_refuse_typos_and_what_istio_refuses() {
             (verdict, expected) => panic!("{kind:?} {spec}: {verdict:?}, expected {expected:?}"),
         }
     }
+}
+
+#[test]
+fn request_authentication_admits_istios_examples_and_refuses_what_istio_refuses() {
+    use Kind::RequestAuthentication as Ra;
+    let ok: Result<(), &str> = Ok(());
+    let cases: Vec<(Kind, Value, Result<(), &str>)> = vec![
+        // The reference's examples.
+        (
+            Ra,
+            json!({"selector": {"matchLabels": {"app": "httpbin"}},
+                   "jwtRules": [{"issuer": "issuer-foo",
+                                 "jwksUri": "https://example.com/.well-known/jwks.json"}]}),
+            ok,
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "issuer-foo"}, {"issuer": "issuer-bar"}]}),
+            ok,
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "https://example.com",
+                                 "audiences": ["bookstore_android.apps.example.com"],
+                                 "jwksUri": "https://example.com/.secret/jwks.json",
+                                 "fromHeaders": [{"name": "x-goog-iap-jwt-assertion"}],
+                                 "fromParams": ["my_token"],
+                                 "fromCookies": ["session"],
+                                 "outputPayloadToHeader": "x-jwt-payload",
+                                 "outputClaimToHeaders": [{"header": "x-my-company-jwt-group",
+                                                           "claim": "my-group"}],
+                                 "forwardOriginalToken": true,
+                                 "timeout": "20s"}]}),
+            ok,
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "i", "jwks": "{\"keys\": []}"}]}),
+            ok,
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": ""}]}),
+            Err("spec.jwtRules[0].issuer"),
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "i", "jwksUri": "example.com/jwks"}]}),
+            Err("spec.jwtRules[0].jwksUri"),
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "i", "jwks": "not json"}]}),
+            Err("spec.jwtRules[0].jwks"),
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "i", "fromHeaders": [{"name": "bad header"}]}]}),
+            Err("spec.jwtRules[0].fromHeaders[0].name"),
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "i", "timeout": "soon"}]}),
+            Err("spec.jwtRules[0].timeout"),
+        ),
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "i", "outputClaimToHeaders": [{"header": "x-a", "claim": ""}]}]}),
+            Err("spec.jwtRules[0].outputClaimToHeaders[0].claim"),
+        ),
+        // A misspelt field is refused, never silently dropped.
+        (
+            Ra,
+            json!({"jwtRules": [{"issuer": "i", "jwksUrl": "https://example.com/jwks"}]}),
+            Err("spec.jwtRules[0].jwksUrl"),
+        ),
+        (
+            Ra,
+            json!({"selector": {"matchLabels": {"app": "a"}},
+                   "targetRef": {"kind": "Gateway", "name": "g"}}),
+            Err("spec"),
+        ),
+    ];
+    assert_verdicts(cases);
 }

@@ -3,7 +3,10 @@
 //! `/echo`, gRPC echo and server streaming, WebSocket echo, and an optional
 //! opaque TCP echo. Server-wide default controls
 //! ([`ServerState::with_default_controls`]) apply to every request that does
-//! not set the same control itself.
+//! not set the same control itself. With documents enabled
+//! ([`ServerState::with_documents`]) it also keeps small documents under
+//! `/documents/<name>`: a `PUT` stores the body, a `GET` answers it (a JWKS
+//! endpoint whose keys a test rotates, for instance).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -79,7 +82,15 @@ pub struct ServerState {
     pub quiet: bool,
     defaults: Controls,
     rng: AtomicU64,
+    /// `Some` when `/documents/<name>` is served.
+    documents: Option<parking_lot::Mutex<BTreeMap<String, bytes::Bytes>>>,
 }
+
+/// The largest document `PUT /documents/<name>` stores, and how many it keeps.
+pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
+pub const MAX_DOCUMENTS: usize = 16;
+/// Where documents are served.
+pub const DOCUMENTS_PATH: &str = "/documents/";
 
 impl ServerState {
     /// New state for `identity`.
@@ -94,7 +105,14 @@ impl ServerState {
             quiet,
             defaults: Controls::default(),
             rng: AtomicU64::new(seed),
+            documents: None,
         }
+    }
+
+    /// Serves `/documents/<name>` (`PUT` stores, `GET` answers).
+    pub fn with_documents(mut self) -> ServerState {
+        self.documents = Some(Default::default());
+        self
     }
 
     /// Applies `defaults` to every request, under the request's own
@@ -208,6 +226,12 @@ async fn route(
     if req.uri().path() == "/healthz" {
         return text(StatusCode::OK, "ok\n");
     }
+    if let (Some(documents), Some(name)) = (
+        &state.documents,
+        req.uri().path().strip_prefix(DOCUMENTS_PATH),
+    ) {
+        return document(documents, name.to_owned(), req).await;
+    }
     let controls = match Controls::layered(&state.defaults, req.uri().query(), req.headers()) {
         Ok(c) => c,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
@@ -309,6 +333,41 @@ async fn route(
         *resp.body_mut() = empty();
     }
     resp
+}
+
+/// `GET` or `PUT` of one stored document.
+async fn document(
+    documents: &parking_lot::Mutex<BTreeMap<String, bytes::Bytes>>,
+    name: String,
+    req: Request<Incoming>,
+) -> Response<BoxBody> {
+    match *req.method() {
+        Method::GET => match documents.lock().get(&name) {
+            Some(body) => {
+                let mut resp = Response::new(full(body.clone()));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp
+            }
+            None => text(StatusCode::NOT_FOUND, format!("no document {name:?}\n")),
+        },
+        Method::PUT => {
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_DOCUMENT_BYTES)
+                .collect()
+                .await
+            {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) => return text(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")),
+            };
+            let mut documents = documents.lock();
+            if documents.len() >= MAX_DOCUMENTS && !documents.contains_key(&name) {
+                return text(StatusCode::INSUFFICIENT_STORAGE, "too many documents\n");
+            }
+            documents.insert(name, body);
+            text(StatusCode::NO_CONTENT, "")
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET or PUT\n"),
+    }
 }
 
 /// The body of a server-streaming call, or its refusal when the requested

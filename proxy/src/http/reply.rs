@@ -2,7 +2,7 @@
 //! response flag (metrics, access log) and an `x-trellis-reason` header in snake_case, with a
 //! one-line text body, so a proxy-made 503 is never mistaken for the application's.
 
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
@@ -29,6 +29,8 @@ pub enum Reason {
     InvalidPath,
     /// An AuthorizationPolicy denied the request.
     RbacAccessDenied,
+    /// A JWT in the request failed its RequestAuthentication rule (`crate::authn`).
+    JwtAuthenticationFailed,
     /// The route's timeout passed before the upstream answered (every try included).
     UpstreamTimeout,
     /// The chosen route destination names a host no service of the config has.
@@ -47,6 +49,7 @@ impl Reason {
             Self::InvalidPath => StatusCode::BAD_REQUEST,
             Self::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RbacAccessDenied => StatusCode::FORBIDDEN,
+            Self::JwtAuthenticationFailed => StatusCode::UNAUTHORIZED,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NoCluster | Self::UpstreamOverflow => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoHealthyUpstream | Self::UpstreamConnectFailure | Self::UpstreamReset => {
@@ -64,6 +67,8 @@ impl Reason {
             Self::UpstreamReset => flags::UPSTREAM_CONNECTION_TERMINATION,
             Self::InvalidPath => flags::DOWNSTREAM_PROTOCOL_ERROR,
             Self::RbacAccessDenied => flags::RBAC,
+            // Envoy's JWT filter sets no response flag.
+            Self::JwtAuthenticationFailed => "-",
             Self::UpstreamTimeout => flags::UPSTREAM_REQUEST_TIMEOUT,
             Self::NoCluster => flags::NO_CLUSTER_FOUND,
             Self::UpstreamOverflow => flags::UPSTREAM_OVERFLOW,
@@ -80,6 +85,7 @@ impl Reason {
             Self::UpstreamReset => "upstream_reset",
             Self::InvalidPath => "invalid_path",
             Self::RbacAccessDenied => "rbac_access_denied",
+            Self::JwtAuthenticationFailed => "jwt_authentication_failed",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::NoCluster => "no_cluster",
             Self::UpstreamOverflow => "upstream_overflow",
@@ -99,6 +105,7 @@ impl Reason {
             Self::UpstreamReset => "upstream reset before response headers",
             Self::InvalidPath => "invalid request path",
             Self::RbacAccessDenied => "RBAC: access denied",
+            Self::JwtAuthenticationFailed => "Jwt verification fails",
             Self::UpstreamTimeout => "upstream request timeout",
             Self::NoCluster => "no cluster for the route's destination",
             Self::UpstreamOverflow => "upstream overflow: a connection pool limit was reached",
@@ -127,6 +134,13 @@ impl Reason {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(X_TRELLIS_REASON, HeaderValue::from_static(self.code()));
+        if self == Self::JwtAuthenticationFailed {
+            // RFC 6750's challenge, as Envoy answers a failed JWT.
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
         response
     }
 }
@@ -150,6 +164,12 @@ mod tests {
             (Reason::UpstreamReset, 503, "UC", "upstream_reset"),
             (Reason::InvalidPath, 400, "DPE", "invalid_path"),
             (Reason::RbacAccessDenied, 403, "RBAC", "rbac_access_denied"),
+            (
+                Reason::JwtAuthenticationFailed,
+                401,
+                "-",
+                "jwt_authentication_failed",
+            ),
             (Reason::UpstreamTimeout, 504, "UT", "upstream_timeout"),
             (Reason::NoCluster, 503, "NC", "no_cluster"),
             (Reason::UpstreamOverflow, 503, "UO", "upstream_overflow"),

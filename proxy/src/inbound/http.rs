@@ -12,7 +12,10 @@
 //! 3. the path is normalised once with [`crate::path::normalize`] (`400 invalid_path` when it
 //!    cannot be), and the authority with [`crate::host::Authority`]; the normalised forms are
 //!    what is both authorized and forwarded;
-//! 4. the external authorizers of the CUSTOM policies the request matches are asked
+//! 4. the workload's RequestAuthentications verify the request's JWTs ([`crate::authn`]); a
+//!    token that fails is answered `401`, and a verified one's principal and claims are what
+//!    the policies below see;
+//! 5. the external authorizers of the CUSTOM policies the request matches are asked
 //!    ([`crate::ext_authz`]), then the other AuthorizationPolicies decide
 //!    ([`crate::authz::evaluate`]); a policy's denial is answered `403 RBAC: access denied`, an
 //!    authorizer's with its own response.
@@ -32,6 +35,7 @@ use tracing::info;
 use trellis_config::proxy::Protocol;
 
 use super::inbound_source;
+use crate::authn::{self, Authenticated};
 use crate::authz::{self, ConnectionAttributes, HttpAttributes, Verdict};
 use crate::host::Authority;
 use crate::http::headers::{
@@ -185,6 +189,8 @@ impl Connection {
             req.headers_mut().insert(HOST, host);
         }
         let config = self.state.current_config();
+        let auth = authn::admit(&self.state.authenticators, &config, req, self.peer)
+            .map_err(Refused::Proxy)?;
         let connection = ConnectionAttributes {
             source_ip: self.peer.ip(),
             source_principal: self.peer_principal.as_deref(),
@@ -194,7 +200,7 @@ impl Connection {
         let checks = authz::custom_checks(
             &config.inbound.authorization,
             &connection,
-            &attributes(req, &normalized.path, &authority),
+            &attributes(req, &normalized.path, &authority, auth.as_ref()),
         );
         if !checks.is_empty() {
             let peers = ext_authz::Peers {
@@ -208,7 +214,7 @@ impl Connection {
                 .map_err(Refused::Authorizer)?;
         }
         // After the authorizers, whose header changes the policies see.
-        let request = attributes(req, &normalized.path, &authority);
+        let request = attributes(req, &normalized.path, &authority, auth.as_ref());
         match authz::evaluate(&config.inbound.authorization, &connection, Some(&request)) {
             Verdict::Allow => Ok(()),
             Verdict::Deny { policy } => {
@@ -265,6 +271,7 @@ fn attributes<'a>(
     req: &'a Request<Incoming>,
     path: &'a str,
     authority: &'a Authority,
+    auth: Option<&'a Authenticated>,
 ) -> HttpAttributes<'a> {
     HttpAttributes {
         method: req.method().as_str(),
@@ -272,5 +279,6 @@ fn attributes<'a>(
         authority: authority.as_str(),
         host: authority.host(),
         headers: req.headers(),
+        auth,
     }
 }

@@ -5,7 +5,8 @@
 //! `x-demo-*` headers. Also does streaming `/echo`, gRPC echo (unary and
 //! bidi on any method; server streaming on `…/Stream`, which sends its one
 //! request message back `x-demo-stream-messages` times), WebSocket echo and,
-//! optionally, an opaque TCP echo on a second port.
+//! optionally, an opaque TCP echo on a second port and (`--documents`) small
+//! documents stored by `PUT /documents/<name>` and answered to `GET`.
 //!
 //! `--defaults <query-string>` (env `DEMO_DEFAULTS`) sets controls for every
 //! request that does not set the same control itself: `--defaults
@@ -52,6 +53,10 @@ struct Args {
     /// (`status=503&delay=2s`); a request's own controls win.
     #[arg(long, env = "DEMO_DEFAULTS", default_value = "", value_parser = Controls::parse_defaults)]
     defaults: Controls,
+    /// Also keep small documents: `PUT /documents/<name>` stores the body and
+    /// `GET /documents/<name>` answers it (a key set a test rotates).
+    #[arg(long)]
+    documents: bool,
     /// How long to drain connections after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = duration::parse)]
     grace: Duration,
@@ -114,8 +119,11 @@ async fn main() -> anyhow::Result<()> {
         let greeting = args.tcp_greeting.then(|| identity.name.clone());
         tokio::spawn(serve_tcp_echo(listener, greeting, wait_for(&rx)));
     }
-    let state =
-        Arc::new(ServerState::new(identity, args.quiet).with_default_controls(args.defaults));
+    let mut state = ServerState::new(identity, args.quiet).with_default_controls(args.defaults);
+    if args.documents {
+        state = state.with_documents();
+    }
+    let state = Arc::new(state);
     serve_http(http, state, wait_for(&rx), args.grace).await;
     print_json(&json!({"msg": "stopped"}));
     Ok(())
