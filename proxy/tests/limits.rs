@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! client (127.0.0.7) ─(dst 127.0.0.20)─REDIRECT→ B:15006 (inbound)
+//! application (127.0.0.5) ─(dst VIP 127.0.0.100:80)─REDIRECT→ B:15001 (outbound)
 //!     B ─(from 127.0.0.6)→ application on *:7300 (declared `http`)
 //! ```
 //!
@@ -31,7 +32,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use support::{Ports, Proxy, connect_from, raw_request, runtime, sample};
+use support::{APP, Ports, Proxy, connect_from, raw_request, runtime, sample};
 use trellis_demo::body::{BoxBody, empty};
 
 const INSIDE: &str = "TRELLIS_PROXY_LIMITS_TEST_IN_NETNS";
@@ -50,6 +51,7 @@ fn in_netns() -> bool {
         &[
             // B's forwards to its application return, as the real capture rules do.
             &["-s", "127.0.0.6", "-j", "RETURN"],
+            &["-s", APP, "-j", "REDIRECT", "--to-ports", "15001"],
             &["-d", POD_B, "-j", "REDIRECT", "--to-ports", "15006"],
         ],
     )
@@ -57,6 +59,11 @@ fn in_netns() -> bool {
 
 fn pod_b() -> SocketAddr {
     SocketAddr::new(POD_B.parse().unwrap(), APP_PORT)
+}
+
+/// The service's VIP, as the client application dials it (through A's outbound listener).
+fn vip() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 100], 80))
 }
 
 /// B, the server's sidecar on the inbound port the capture rule targets, with `limits` as its
@@ -74,6 +81,7 @@ fn server(limits: Value) -> Proxy {
     });
     let mut ports = Ports::free();
     ports.inbound = 15006;
+    ports.outbound = 15001;
     let mut b = Proxy::with_config(ports, &config.to_string(), &[]);
     b.wait_ready();
     b
@@ -205,12 +213,19 @@ fn slowloris_is_closed_on_time() {
     assert_eq!(raw_request(PEER, pod_b(), &get("/")).status, 200);
     let served = seen.requests.load(Ordering::SeqCst);
 
-    // Twenty clients trickle one header line every 100 ms and never end the head.
+    // Twenty clients trickle one header line every 100 ms and never end the head: ten to the
+    // inbound listener, five from the application to the outbound listener, five to the
+    // readiness endpoint.
+    let readiness = SocketAddr::from(([127, 0, 0, 1], b.ports.readiness));
+    let targets = std::iter::repeat_n((PEER, pod_b()), 10)
+        .chain(std::iter::repeat_n((APP, vip()), 5))
+        .chain(std::iter::repeat_n(("127.0.0.1", readiness), 5));
     let started = Instant::now();
-    let slow: Vec<_> = (0..20)
-        .map(|i| {
+    let slow: Vec<_> = targets
+        .enumerate()
+        .map(|(i, (source, dst))| {
             std::thread::spawn(move || {
-                let mut stream = connect_from(PEER, pod_b());
+                let mut stream = connect_from(source, dst);
                 let mut writer = stream.try_clone().unwrap();
                 let trickle = std::thread::spawn(move || {
                     let _ = writer.write_all(b"GET / HTTP/1.1\r\nHost: web.shop\r\n");
@@ -246,10 +261,12 @@ fn slowloris_is_closed_on_time() {
         served,
         "no trickled request reached the application"
     );
-    assert!(
-        eventually(|| open_connections(&b, "inbound") == 0),
-        "the inbound listener still counts open connections"
-    );
+    for listener in ["inbound", "outbound", "readiness"] {
+        assert!(
+            eventually(|| open_connections(&b, listener) == 0),
+            "the {listener} listener still counts open connections"
+        );
+    }
 }
 
 #[test]
@@ -374,6 +391,19 @@ fn connection_cap_is_enforced() {
     drop(held);
     assert!(eventually(|| open_connections(&b, "inbound") == 0));
     assert_eq!(raw_request(PEER, pod_b(), &get("/")).status, 200);
+
+    // The outbound listener has its own cap: five of the application's connections, the sixth
+    // is closed.
+    let held: Vec<TcpStream> = (0..5).map(|_| connect_from(APP, vip())).collect();
+    assert!(eventually(|| open_connections(&b, "outbound") == 5));
+    let mut sixth = connect_from(APP, vip());
+    assert!(
+        closed_by_peer(&mut sixth),
+        "the sixth outbound connection was kept open"
+    );
+    assert_eq!(overflows(&b, "outbound"), 1);
+    drop(held);
+    assert!(eventually(|| open_connections(&b, "outbound") == 0));
 
     // The proxy's own endpoints have their own cap: two idle connections to readiness, the
     // third is closed.
