@@ -75,6 +75,15 @@ pub struct MeshSpec {
     /// TCP connection a CUSTOM policy matches is denied (the authorizer is not asked).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Istio's root namespace (`meshConfig.rootNamespace`): a PeerAuthentication here without a
+    /// selector applies to every workload of the mesh, an AuthorizationPolicy here to the
+    /// workloads it selects in every namespace (all of them without a selector), and a
+    /// DestinationRule here is the last one looked up for a service. Only this namespace is
+    /// mesh-wide (the operator's own is not, unless named here); the default is Istio's, so
+    /// mesh-wide policies written for Istio apply unchanged.
+    #[serde(default = "default_root_namespace")]
+    #[schemars(pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub root_namespace: String,
     /// End-user (JWT) authentication: how the operator keeps RequestAuthentication key sets.
     #[serde(default)]
     pub jwt: JwtSettings,
@@ -101,6 +110,13 @@ impl Default for JwtSettings {
 
 fn default_jwks_refresh_interval() -> String {
     "20m".to_owned()
+}
+
+/// Istio's default root namespace.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+fn default_root_namespace() -> String {
+    DEFAULT_ROOT_NAMESPACE.to_owned()
 }
 
 fn default_trust_domain() -> String {
@@ -576,6 +592,7 @@ mod tests {
         assert_eq!(mesh.mtls.mode, MtlsMode::Permissive);
         assert_eq!(mesh.interception, Interception::InitContainer);
         assert_eq!(mesh.certificates.workload_ttl, "24h");
+        assert_eq!(mesh.root_namespace, "istio-system");
         assert_eq!(
             mesh.outbound_traffic_policy.mode,
             OutboundTrafficMode::AllowAny

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::api::{ObjectMeta, PostParams};
@@ -33,7 +33,7 @@ use trellis_proxy::identity::Identity;
 
 use crate::Plan;
 use crate::apiserver::ApiServer;
-use crate::cp_client::{ConfigStream, ControlPlane, Signed};
+use crate::cp_client::{ConfigStream, ControlPlane, Signed, pod_name, source_address};
 use crate::perf::{self, Category, Recording};
 use crate::procs::{Proc, cpu_ticks, http_status, status_kib};
 use crate::report::{cp_markdown, merge_section, operator_profile_markdown};
@@ -199,6 +199,15 @@ async fn bench(target: &Path, profile_only: bool) -> Result<(Option<Value>, Resu
     .replace("@VERSION@", env!("CARGO_PKG_VERSION"));
     api.apply(&mesh)?;
     prepare_namespace(&client).await?;
+    create_pods(
+        &client,
+        PROXY_COUNTS
+            .into_iter()
+            .chain([PROFILE_PROXIES])
+            .max()
+            .unwrap_or(0),
+    )
+    .await?;
 
     eprintln!("bench/cp: {SERVICES} Services with {ENDPOINTS_PER_SERVICE} endpoints each");
     let (slices, slice_version) = slice_api(&client).await;
@@ -417,6 +426,41 @@ async fn prepare_namespace(client: &Client) -> Result<()> {
     Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE)
         .create(&PostParams::default(), &account)
         .await?;
+    Ok(())
+}
+
+/// A pod for each of `count` simulated proxies: the operator serves a config stream only to the
+/// proxy of the pod it names, under that pod's ServiceAccount and from that pod's IP. No kubelet
+/// runs here, so the IP is written through the status subresource.
+async fn create_pods(client: &Client, count: usize) -> Result<()> {
+    let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let name = pod_name(i);
+                let pod: Pod = serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {
+                        "serviceAccountName": SERVICE_ACCOUNT,
+                        // No token Secrets exist here (no controller manager).
+                        "automountServiceAccountToken": false,
+                        "containers": [{"name": "app", "image": "app"}],
+                    },
+                }))?;
+                pods.create(&PostParams::default(), &pod).await?;
+                let ip = source_address(i).to_string();
+                let status =
+                    json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+                pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await
+        .context("creating the simulated proxies' pods")?;
     Ok(())
 }
 

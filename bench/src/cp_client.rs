@@ -5,7 +5,8 @@
 //! on the stream. Keys, CSRs and the answer's checks are the proxy's own code
 //! (`trellis_proxy::identity`). Each simulated proxy dials from its own loopback address
 //! ([`source_address`]), as pods do from their own IPs: the operator limits certificate requests
-//! per source address.
+//! per source address, and serves a config stream only to a proxy dialling from the IP of the
+//! pod it names ([`pod_name`]; the benchmark creates those pods with those IPs).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -157,7 +158,7 @@ impl ControlPlane {
     /// Opens `GET /v1/config` on its own connection with the workload certificate, as
     /// simulated proxy `proxy`.
     pub async fn open_stream(&self, identity: &Identity, proxy: usize) -> Result<ConfigStream> {
-        let pod = format!("bench-proxy-{proxy}");
+        let pod = pod_name(proxy);
         let mut sender = self.connect(Some(identity), source_address(proxy)).await?;
         let request = http::Request::get(format!("https://{SERVER_NAME}{CONFIG_STREAM_PATH}"))
             .header(POD_NAME_HEADER, pod.as_str())
@@ -177,8 +178,13 @@ impl ControlPlane {
     }
 }
 
-/// The loopback address simulated proxy `proxy` dials from: 127.1.x.y, distinct for the first
-/// 64,000 proxies.
+/// The pod simulated proxy `proxy` runs in.
+pub fn pod_name(proxy: usize) -> String {
+    format!("bench-proxy-{proxy}")
+}
+
+/// The loopback address simulated proxy `proxy` dials from (its pod's IP): 127.1.x.y, distinct
+/// for the first 64,000 proxies.
 pub fn source_address(proxy: usize) -> IpAddr {
     let (hi, lo) = (proxy / 250 % 256, proxy % 250 + 1);
     IpAddr::V4(Ipv4Addr::new(127, 1, hi as u8, lo as u8))

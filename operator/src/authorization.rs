@@ -4,8 +4,8 @@
 //! unsupported as Kubernetes Events).
 //!
 //! Which policies apply (Istio's rules):
-//! * in the root namespace (the operator's): without a selector to every workload of the mesh,
-//!   with a selector to the matching workloads of every namespace;
+//! * in the root namespace (`Mesh.spec.rootNamespace`): without a selector to every workload of
+//!   the mesh, with a selector to the matching workloads of every namespace;
 //! * in another namespace: without a selector (or with an empty one) to every workload of that
 //!   namespace, with a selector to its workloads carrying every selector label.
 //!
@@ -70,18 +70,9 @@ impl Workload {
     /// The pod's namespace, labels and IPs; only the namespace while discovery lacks the pod
     /// (then selector policies cannot apply yet, and `destination.ip` is unknown).
     pub fn of(namespace: &str, pod: Option<&Pod>) -> Self {
-        let addresses = pod.and_then(|pod| {
-            let status = pod.status.as_ref()?;
-            let ips: Vec<IpAddr> = status
-                .pod_ips
-                .iter()
-                .flatten()
-                .map(|ip| ip.ip.as_str())
-                .chain(status.pod_ip.as_deref())
-                .filter_map(|ip| ip.parse().ok())
-                .collect();
-            Some(ips).filter(|ips| !ips.is_empty())
-        });
+        let addresses = pod
+            .map(crate::stream_access::pod_ips)
+            .filter(|ips| !ips.is_empty());
         Self {
             namespace: namespace.to_owned(),
             labels: pod
@@ -670,7 +661,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const ROOT: &str = "trellis-system";
+    /// `Mesh.spec.rootNamespace`'s default.
+    const ROOT: &str = trellis_api::mesh::DEFAULT_ROOT_NAMESPACE;
 
     fn policy(namespace: &str, name: &str, spec: serde_json::Value) -> AuthorizationPolicy {
         serde_json::from_value(json!({
@@ -697,6 +689,10 @@ mod tests {
             (policy(ROOT, "mesh", json!({})), true),
             (policy(ROOT, "mesh-selected", selector("web")), true),
             (policy(ROOT, "mesh-other", selector("db")), false),
+            (
+                policy("trellis-system", "operator-namespace", json!({})),
+                false,
+            ),
             (policy("demo", "ns", json!({})), true),
             (
                 policy("demo", "ns-empty-selector", json!({"selector": {}})),
@@ -732,8 +728,8 @@ mod tests {
                 "demo.ns",
                 "demo.ns-empty-selector",
                 "demo.selected",
-                "trellis-system.mesh",
-                "trellis-system.mesh-selected"
+                "istio-system.mesh",
+                "istio-system.mesh-selected"
             ],
             "sorted by namespace and name"
         );

@@ -1,7 +1,8 @@
 //! The control-plane endpoint on 15012 (HTTP/2 over TLS), served by every replica:
 //! `POST /v1/certificate` signs a workload CSR after a TokenReview of the caller's projected
 //! ServiceAccount token, and `GET /v1/config` streams config snapshots to a proxy authenticated
-//! by its workload certificate. Wire format: `trellis_config::protocol`.
+//! by its workload certificate, for the pod it runs in only (`crate::stream_access`). Wire
+//! format: `trellis_config::protocol`.
 //!
 //! One compile per burst of changes serves every proxy: each stream overlays its own inbound
 //! policy (PeerAuthentication resolved for its pod, the RequestAuthentications and the
@@ -48,6 +49,7 @@ use crate::proxies::ConnectedProxies;
 use crate::rate_limit::{Rate, RateLimiter};
 use crate::request_authentication::{self, JwksSource};
 use crate::rotation::ProxyCertificates;
+use crate::stream_access::{self, Claim, Refusal};
 use crate::traffic::{self, TrafficIndex};
 
 /// Bursts of cluster changes within this window produce one snapshot.
@@ -67,6 +69,19 @@ pub const CERTIFICATE_RATE_PER_SOURCE: Rate = Rate {
     burst: 10,
 };
 
+/// Config streams whose pod the discovery cache cannot confirm cost a read of the pod; these bound
+/// such reads per second, all callers together: a node's worth of pods starting before the cache
+/// has their IPs.
+pub const POD_READ_RATE: Rate = Rate {
+    per_second: 50.0,
+    burst: 100,
+};
+/// The same per source address: a proxy that needs more is naming pods it does not run in.
+pub const POD_READ_RATE_PER_SOURCE: Rate = Rate {
+    per_second: 1.0,
+    burst: 5,
+};
+
 /// What every config stream builds its proxy's snapshot from; published once per burst.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -74,6 +89,8 @@ pub struct Snapshot {
     pub config: Arc<ProxyConfig>,
     /// `Mesh.spec.mtls.mode`, the last level of PeerAuthentication inheritance.
     pub mesh_default: PeerAuthenticationMode,
+    /// `Mesh.spec.rootNamespace`: where policies apply mesh-wide.
+    pub root_namespace: String,
     pub peer_authentications: PolicyIndex,
     /// Every AuthorizationPolicy; each stream compiles those that apply to its workload.
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
@@ -98,9 +115,6 @@ pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
 
 pub struct ControlPlane {
     pub client: Client,
-    /// Istio's root namespace: the operator's own. A PeerAuthentication there without a selector
-    /// is mesh-wide.
-    pub root_namespace: String,
     pub mesh: MeshStateRx,
     pub discovery: Discovery,
     pub snapshots: SnapshotRx,
@@ -111,16 +125,14 @@ pub struct ControlPlane {
     pub signing_permits: Semaphore,
     /// Bounds certificate requests before their TokenReview ([`CERTIFICATE_RATE`]).
     pub certificate_rate: RateLimiter,
+    /// Bounds the pod reads of config streams ([`POD_READ_RATE`]).
+    pub pod_read_rate: RateLimiter,
 }
 
 /// Recompiles the mesh-wide snapshot whenever discovery or the Mesh changes, and publishes it
 /// with the PeerAuthentications of the same moment. Call it once discovery is ready, so the first
 /// snapshot is never compiled from a half-listed cluster.
-pub fn publish_snapshots(
-    discovery: Discovery,
-    mut mesh: MeshStateRx,
-    root_namespace: String,
-) -> SnapshotRx {
+pub fn publish_snapshots(discovery: Discovery, mut mesh: MeshStateRx) -> SnapshotRx {
     let (tx, rx) = watch::channel(None::<Arc<Snapshot>>);
     let mut changes = discovery.changes();
     tokio::spawn(async move {
@@ -132,9 +144,10 @@ pub fn publish_snapshots(
             // Everything up to here is in this snapshot; only later changes wake the loop.
             changes.borrow_and_update();
             let state = mesh.borrow_and_update().clone();
-            let policies = discovery.peer_authentications();
-            report_invalid(&policies, &root_namespace, &mut validated);
             if let Some(state) = state {
+                let root_namespace = state.spec.root_namespace.clone();
+                let policies = discovery.peer_authentications();
+                report_invalid(&policies, &root_namespace, &mut validated);
                 let index = PolicyIndex::new(policies);
                 let mesh_default = state.spec.mtls.mode.into();
                 let plaintext_ports = |pod: &Pod| {
@@ -173,6 +186,7 @@ pub fn publish_snapshots(
                 tx.send_replace(Some(Arc::new(Snapshot {
                     config,
                     mesh_default,
+                    root_namespace,
                     peer_authentications: index,
                     authorization_policies: discovery.authorization_policies(),
                     request_authentications: {
@@ -205,9 +219,9 @@ pub fn publish_snapshots(
     rx
 }
 
-/// Logs, once per version of each PeerAuthentication, what the schema cannot reject but the
-/// resolution ignores (Istio accepts such policies too). `validated` remembers the
-/// resourceVersion last checked per `namespace/name`.
+/// Logs, once per version of each PeerAuthentication (and of the root namespace), what the
+/// schema cannot reject but the resolution ignores (Istio accepts such policies too).
+/// `validated` remembers what was last checked per `namespace/name`.
 fn report_invalid(
     policies: &[Arc<PeerAuthentication>],
     root_namespace: &str,
@@ -218,7 +232,12 @@ fn report_invalid(
         let namespace = policy.metadata.namespace.clone().unwrap_or_default();
         let name = policy.metadata.name.clone().unwrap_or_default();
         let key = format!("{namespace}/{name}");
-        let version = policy.metadata.resource_version.clone().unwrap_or_default();
+        let resource_version = policy
+            .metadata
+            .resource_version
+            .as_deref()
+            .unwrap_or_default();
+        let version = format!("{resource_version} root={root_namespace}");
         if validated.get(&key) != Some(&version) {
             for warning in peer_authentication::validate(policy, root_namespace) {
                 warn!(%namespace, %name, "PeerAuthentication: {warning}");
@@ -237,7 +256,7 @@ impl ControlPlane {
     ) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::POST, CERTIFICATE_PATH) => self.certificate(request, &peer).await,
-            (&Method::GET, CONFIG_STREAM_PATH) => self.config_stream(request, &peer),
+            (&Method::GET, CONFIG_STREAM_PATH) => self.config_stream(request, &peer).await,
             (_, CERTIFICATE_PATH) => https::method_not_allowed(&Method::POST),
             (_, CONFIG_STREAM_PATH) => https::method_not_allowed(&Method::GET),
             _ => https::error(StatusCode::NOT_FOUND, "no such endpoint"),
@@ -370,7 +389,13 @@ impl ControlPlane {
         }
     }
 
-    fn config_stream(self: Arc<Self>, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    /// Opens a config stream for the pod the proxy names, once that pod is the proxy's own
+    /// (`crate::stream_access`); refusals are counted, logged and answered with their reason.
+    async fn config_stream(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: &Peer,
+    ) -> Response<Body> {
         let Some(identity) = peer
             .certificates
             .first()
@@ -391,6 +416,31 @@ impl ControlPlane {
         };
         let pod_name = header(POD_NAME_HEADER);
         let version = header(PROXY_VERSION_HEADER);
+        let claim = Claim {
+            identity: &identity,
+            pod_name: &pod_name,
+            source: peer.address.map(|address| address.ip()),
+        };
+        let cached = self.discovery.pod(&identity.namespace, &pod_name);
+        let authorized =
+            stream_access::authorize(&self.client, &self.pod_read_rate, cached, claim).await;
+        let pod = match authorized {
+            Ok(pod) => pod,
+            Err(refusal) => {
+                self.count_stream(refusal.metric_label());
+                warn!(
+                    %identity, pod = %pod_name, source = ?claim.source, reason = %refusal,
+                    "refused a config stream"
+                );
+                return match refusal {
+                    Refusal::Throttled { retry_after } => {
+                        https::too_many_requests(retry_after, refusal)
+                    }
+                    _ => https::error(refusal.status(), refusal),
+                };
+            }
+        };
+        self.count_stream("accepted");
         let issued = peer
             .certificates
             .first()
@@ -404,7 +454,7 @@ impl ControlPlane {
             });
             let _certificate = self.proxy_certificates.register(issued);
             info!(%identity, pod = %pod_name, %version, "proxy connected");
-            self.stream_to(&identity, &pod_name, issued, tx).await;
+            self.stream_to(&identity, &pod, issued, tx).await;
             info!(%identity, pod = %pod_name, "proxy disconnected");
         });
         let body = StreamBody::new(ReceiverStream::new(rx)).boxed();
@@ -415,12 +465,33 @@ impl ControlPlane {
             .expect("static response parts are valid")
     }
 
+    fn count_stream(&self, outcome: &'static str) {
+        self.metrics
+            .config_streams
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// The latest copy of the stream's pod: discovery's while it holds the same pod (same uid),
+    /// else the one the stream was authorized with — discovery may not have it yet, and a pod
+    /// recreated under the name is another pod, whose config this stream never carries.
+    fn current_pod(&self, authorized: &Arc<Pod>) -> Arc<Pod> {
+        let meta = &authorized.metadata;
+        self.discovery
+            .pod(
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default(),
+            )
+            .filter(|cached| cached.metadata.uid == meta.uid)
+            .unwrap_or_else(|| authorized.clone())
+    }
+
     /// `issued`: when the stream's client certificate was issued (a proxy reconnects with each
     /// new certificate), to tell it to renew during a root rotation.
     async fn stream_to(
         &self,
         identity: &SpiffeId,
-        pod_name: &str,
+        authorized: &Arc<Pod>,
         issued: Option<time::OffsetDateTime>,
         tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
     ) {
@@ -432,7 +503,9 @@ impl ControlPlane {
         // The snapshot is rebuilt only when a (coalesced) snapshot is published, so a proxy gets
         // at most one per burst; raw discovery changes only re-check whether the pod finished.
         let mut snapshot_published = true;
+        let pod_name = authorized.metadata.name.as_deref().unwrap_or_default();
         loop {
+            let pod = self.current_pod(authorized);
             let mut lines = Vec::new();
             // Marked seen only when taken: a snapshot published while a raw change won the
             // select below is still pending and wakes the next select at once.
@@ -440,8 +513,7 @@ impl ControlPlane {
                 .then(|| snapshots.borrow_and_update().clone())
                 .flatten();
             if let Some(snapshot) = snapshot {
-                let (inbound, undeclared_ports) =
-                    self.inbound_policy(&snapshot, &identity.namespace, pod_name);
+                let (inbound, undeclared_ports) = inbound_policy(&snapshot, &pod);
                 // Routes and clusters depend on the namespace (exportTo, DestinationRule lookup).
                 let routing = snapshot.traffic.for_namespace(&identity.namespace);
                 let version = traffic::versioned(
@@ -486,7 +558,7 @@ impl ControlPlane {
                     }));
                 }
             }
-            if let Some(reason) = self.workload_finished(&identity.namespace, pod_name) {
+            if let Some(reason) = workload_finished(&pod) {
                 lines.push(encode_line(&ControlMessage::Exit { reason }));
             }
             for line in lines {
@@ -501,69 +573,57 @@ impl ControlPlane {
             };
         }
     }
+}
 
-    /// The proxy's own inbound policy, and the port-level ports its pod does not declare. The
-    /// pod is looked up by the certificate's namespace and the pod-name header; until discovery
-    /// has it, the namespace and mesh-wide levels still apply (resolved without labels), so a
-    /// STRICT namespace is never served PERMISSIVE in the meantime.
-    fn inbound_policy(
-        &self,
-        snapshot: &Snapshot,
-        namespace: &str,
-        pod_name: &str,
-    ) -> (InboundPolicy, Vec<u16>) {
-        let pod = self.discovery.pod(namespace, pod_name);
-        let workload = pod
-            .as_deref()
-            .and_then(Workload::from_pod)
-            .unwrap_or_else(|| Workload {
-                namespace: namespace.to_owned(),
-                ..Workload::default()
-            });
-        let mut resolution = snapshot.peer_authentications.resolve(
-            &self.root_namespace,
-            &workload,
-            snapshot.mesh_default,
-        );
-        resolution.inbound.authorization = authorization::for_workload(
-            snapshot.authorization_policies.iter().map(Arc::as_ref),
-            &self.root_namespace,
-            &authorization::Workload::of(namespace, pod.as_deref()),
-            &snapshot.ext_authz_providers,
-        );
-        resolution.inbound.authentication = request_authentication::for_workload(
-            snapshot.request_authentications.iter().map(Arc::as_ref),
-            &self.root_namespace,
-            &authorization::Workload::of(namespace, pod.as_deref()),
-            &snapshot.jwks,
-        );
-        (resolution.inbound, resolution.undeclared_ports)
-    }
+/// The pod's inbound policy, and the port-level ports it does not declare.
+fn inbound_policy(snapshot: &Snapshot, pod: &Pod) -> (InboundPolicy, Vec<u16>) {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let workload = Workload::from_pod(pod).unwrap_or_else(|| Workload {
+        namespace: namespace.to_owned(),
+        ..Workload::default()
+    });
+    let mut resolution = snapshot.peer_authentications.resolve(
+        &snapshot.root_namespace,
+        &workload,
+        snapshot.mesh_default,
+    );
+    resolution.inbound.authorization = authorization::for_workload(
+        snapshot.authorization_policies.iter().map(Arc::as_ref),
+        &snapshot.root_namespace,
+        &authorization::Workload::of(namespace, Some(pod)),
+        &snapshot.ext_authz_providers,
+    );
+    resolution.inbound.authentication = request_authentication::for_workload(
+        snapshot.request_authentications.iter().map(Arc::as_ref),
+        &snapshot.root_namespace,
+        &authorization::Workload::of(namespace, Some(pod)),
+        &snapshot.jwks,
+    );
+    (resolution.inbound, resolution.undeclared_ports)
+}
 
-    /// `Some(reason)` once every application container of the pod has terminated and the pod
-    /// will not restart them — then the classic sidecar must exit so the pod can complete.
-    fn workload_finished(&self, namespace: &str, pod_name: &str) -> Option<String> {
-        let pod = self.discovery.pod(namespace, pod_name)?;
-        let spec = pod.spec.as_ref()?;
-        let restart_policy = spec.restart_policy.as_deref().unwrap_or("Always");
-        if restart_policy == "Always" {
-            return None;
-        }
-        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-        let apps: Vec<_> = statuses
-            .iter()
-            .filter(|s| s.name != PROXY_CONTAINER)
-            .collect();
-        let all_done = !apps.is_empty()
-            && apps.iter().all(|s| {
-                s.state
-                    .as_ref()
-                    .and_then(|st| st.terminated.as_ref())
-                    // Under OnFailure a failed container is restarted, so only success ends it.
-                    .is_some_and(|t| restart_policy == "Never" || t.exit_code == 0)
-            });
-        all_done.then(|| "application containers terminated".to_owned())
+/// `Some(reason)` once every application container of the pod has terminated and the pod will
+/// not restart them — then the classic sidecar must exit so the pod can complete.
+fn workload_finished(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let restart_policy = spec.restart_policy.as_deref().unwrap_or("Always");
+    if restart_policy == "Always" {
+        return None;
     }
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let apps: Vec<_> = statuses
+        .iter()
+        .filter(|s| s.name != PROXY_CONTAINER)
+        .collect();
+    let all_done = !apps.is_empty()
+        && apps.iter().all(|s| {
+            s.state
+                .as_ref()
+                .and_then(|st| st.terminated.as_ref())
+                // Under OnFailure a failed container is restarted, so only success ends it.
+                .is_some_and(|t| restart_policy == "Never" || t.exit_code == 0)
+        });
+    all_done.then(|| "application containers terminated".to_owned())
 }
 
 /// Logs a proxy's inbound policy when it changes (not on every re-send).

@@ -574,6 +574,6 @@ async fn publish_event(ctx: &Context, mesh: &Mesh, type_: EventType, reason: &st
 }
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;

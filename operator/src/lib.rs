@@ -26,6 +26,7 @@ pub mod proxies;
 pub mod rate_limit;
 pub(crate) mod request_authentication;
 pub mod rotation;
+pub(crate) mod stream_access;
 pub(crate) mod traffic;
 pub mod validation;
 pub mod webhook;

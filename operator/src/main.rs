@@ -105,8 +105,7 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
     let discovery = discovery::Discovery::start(client.clone()).await;
     discovery.ready().await;
     info!("discovery synced");
-    let snapshots =
-        control_plane::publish_snapshots(discovery.clone(), mesh_rx.clone(), namespace.clone());
+    let snapshots = control_plane::publish_snapshots(discovery.clone(), mesh_rx.clone());
     let control_plane_tls = Arc::new(ArcSwapOption::empty());
     let webhook_tls = Arc::new(ArcSwapOption::empty());
     tokio::spawn(keep_serving_certificates(
@@ -118,7 +117,6 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
 
     let control_plane = Arc::new(control_plane::ControlPlane {
         client: client.clone(),
-        root_namespace: namespace.clone(),
         mesh: mesh_rx.clone(),
         discovery: discovery.clone(),
         snapshots,
@@ -129,6 +127,10 @@ async fn run(namespace: String, pod_name: String) -> anyhow::Result<()> {
         certificate_rate: RateLimiter::new(
             control_plane::CERTIFICATE_RATE,
             control_plane::CERTIFICATE_RATE_PER_SOURCE,
+        ),
+        pod_read_rate: RateLimiter::new(
+            control_plane::POD_READ_RATE,
+            control_plane::POD_READ_RATE_PER_SOURCE,
         ),
     });
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, CONTROL_PLANE_PORT)).await?;

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub certificates_signed: Family<OutcomeLabels, Counter>,
     pub injections: Family<OutcomeLabels, Counter>,
     pub cni_repairs: Family<OutcomeLabels, Counter>,
+    /// Config stream requests: `accepted`, or why one was refused
+    /// (`crate::stream_access::Refusal::metric_label`).
+    pub config_streams: Family<OutcomeLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -42,6 +45,7 @@ impl Default for Metrics {
         let certificates_signed = Family::<OutcomeLabels, Counter>::default();
         let injections = Family::<OutcomeLabels, Counter>::default();
         let cni_repairs = Family::<OutcomeLabels, Counter>::default();
+        let config_streams = Family::<OutcomeLabels, Counter>::default();
         registry.register("reconciles", "Mesh reconciliations", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -68,6 +72,11 @@ impl Default for Metrics {
             "Pods deleted by the CNI repair loop because they started without capture",
             cni_repairs.clone(),
         );
+        registry.register(
+            "config_streams",
+            "Config stream requests: accepted, or why refused",
+            config_streams.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -76,6 +85,7 @@ impl Default for Metrics {
             certificates_signed,
             injections,
             cni_repairs,
+            config_streams,
             ready: AtomicBool::new(false),
         }
     }
@@ -143,6 +153,7 @@ mod tests {
             certificates_signed,
             injections,
             cni_repairs,
+            config_streams,
             ready: _,
         } = &metrics;
         let outcome = OutcomeLabels { outcome: "tested" };
@@ -154,6 +165,7 @@ mod tests {
         certificates_signed.get_or_create(&outcome).inc();
         injections.get_or_create(&outcome).inc();
         cni_repairs.get_or_create(&outcome).inc();
+        config_streams.get_or_create(&outcome).inc();
         let text = metrics.encode();
         for sample in [
             "trellis_operator_reconciles_total 1",
@@ -162,6 +174,7 @@ mod tests {
             r#"trellis_operator_certificates_total{outcome="tested"} 1"#,
             r#"trellis_operator_injections_total{outcome="tested"} 1"#,
             r#"trellis_operator_cni_repairs_total{outcome="tested"} 1"#,
+            r#"trellis_operator_config_streams_total{outcome="tested"} 1"#,
         ] {
             assert!(
                 text.lines().any(|line| line == sample),

@@ -4,8 +4,9 @@
 //!
 //! * Levels, narrowest first: workload (a selector matching the pod's labels, in the pod's
 //!   namespace), namespace (no selector, in the pod's namespace), mesh (no selector, in the root
-//!   namespace), then `Mesh.spec.mtls.mode`. A selector without labels is no selector. A policy
-//!   with a selector in the root namespace applies nowhere (Istio ignores it too).
+//!   namespace, `Mesh.spec.rootNamespace`), then `Mesh.spec.mtls.mode`. A selector without labels
+//!   is no selector. A policy with a selector in the root namespace applies nowhere (Istio ignores
+//!   it too).
 //! * UNSET (or no `mtls`) inherits from the next level out.
 //! * Several policies at one level: the oldest wins (`creationTimestamp`, then name).
 //! * `portLevelMtls` comes only from the workload-level policy; an UNSET port inherits the
@@ -211,7 +212,8 @@ mod tests {
     use serde_json::json;
     use trellis_config::proxy::PeerAuthenticationMode::{Disable, Permissive, Strict};
 
-    const ROOT: &str = "trellis-system";
+    /// `Mesh.spec.rootNamespace`'s default.
+    const ROOT: &str = trellis_api::mesh::DEFAULT_ROOT_NAMESPACE;
 
     /// `created` is minutes after a fixed epoch, so ties and ages read plainly in the table.
     fn policy(
@@ -292,6 +294,13 @@ mod tests {
                 vec![policy(ROOT, "default", 0, mode("STRICT"))],
                 Permissive,
                 inbound(Strict, &[]),
+            ),
+            (
+                "the operator's namespace is not the root namespace: a policy there is not \
+                 mesh-wide",
+                vec![policy("trellis-system", "default", 0, mode("STRICT"))],
+                Permissive,
+                inbound(Permissive, &[]),
             ),
             (
                 "namespace PERMISSIVE overrides mesh-wide STRICT",

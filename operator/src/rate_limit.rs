@@ -1,7 +1,8 @@
-//! Token buckets that bound unauthenticated work on the control-plane endpoint: every certificate
-//! request costs a TokenReview round trip to the API server before the caller is known, so the
-//! rate of such requests is capped per source address and for the whole replica. A refused
-//! request learns how long to wait (answered as `429` with `Retry-After`).
+//! Token buckets that bound the API server work callers of the control-plane endpoint can cause:
+//! every certificate request costs a TokenReview round trip before the caller is known, and a
+//! config stream the discovery cache cannot confirm costs a read of its pod, so the rate of each
+//! is capped per source address and for the whole replica. A refused request learns how long to
+//! wait (answered as `429` with `Retry-After`).
 //!
 //! Kept by hand rather than built on `governor`: a request must take a token from its source's
 //! bucket and the global one together or from neither (governor's limiters cannot give a token

@@ -62,7 +62,10 @@ struct Endpoints {
     control_plane: SocketAddr,
     webhook: SocketAddr,
     client_tls: Arc<rustls::ClientConfig>,
+    /// Presents a workload certificate of `WORKLOAD_IDENTITY`.
+    workload_tls: Arc<rustls::ClientConfig>,
     client_hello: Vec<u8>,
+    metrics: Arc<Metrics>,
     /// Held so the handlers' watch receivers see a live mesh and snapshot source, as in the
     /// operator.
     _mesh: watch::Sender<Option<Arc<MeshState>>>,
@@ -101,6 +104,7 @@ async fn start(limits: Limits) -> Endpoints {
     ));
     let client_tls = client_tls(&roots);
     let client_hello = client_hello(&client_tls);
+    let workload_tls = workload_tls(&ca, &roots);
 
     let spec: MeshSpec = serde_json::from_str(r#"{"version":"0.1.0"}"#).unwrap();
     let (mesh_tx, mesh) = watch::channel(Some(Arc::new(MeshState {
@@ -112,13 +116,13 @@ async fn start(limits: Limits) -> Endpoints {
     let (snapshots_tx, snapshots) = watch::channel(None);
     let client = unreachable_kubernetes().await;
     let metrics = Arc::new(Metrics::default());
+    let metrics_handle = metrics.clone();
     let rate = Rate {
         per_second: 1.0,
         burst: TEST_BURST,
     };
     let control_plane = Arc::new(ControlPlane {
         client: client.clone(),
-        root_namespace: "trellis-system".to_owned(),
         mesh: mesh.clone(),
         discovery: Discovery::start(client.clone()).await,
         snapshots,
@@ -127,6 +131,10 @@ async fn start(limits: Limits) -> Endpoints {
         metrics: metrics.clone(),
         signing_permits: Semaphore::new(control_plane::MAX_CONCURRENT_SIGNINGS),
         certificate_rate: RateLimiter::new(rate, rate),
+        pod_read_rate: RateLimiter::new(
+            control_plane::POD_READ_RATE,
+            control_plane::POD_READ_RATE_PER_SOURCE,
+        ),
     });
     let webhook = Arc::new(Webhook {
         client,
@@ -156,27 +164,58 @@ async fn start(limits: Limits) -> Endpoints {
         control_plane: control_plane_address,
         webhook: webhook_address,
         client_tls,
+        workload_tls,
         client_hello,
+        metrics: metrics_handle,
         _mesh: mesh_tx,
         _snapshots: snapshots_tx,
     }
 }
 
 fn client_tls(roots_pem: &[String]) -> Arc<rustls::ClientConfig> {
+    let mut config = client_builder(roots_pem).with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+fn client_builder(
+    roots_pem: &[String],
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
     let mut roots = rustls::RootCertStore::empty();
     for pem in roots_pem {
         roots
             .add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
             .unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+}
+
+/// The identity of the workload certificate [`workload_tls`] presents.
+const WORKLOAD_IDENTITY: &str = "spiffe://cluster.local/ns/demo/sa/web";
+
+/// A client presenting a workload certificate the CA signed for [`WORKLOAD_IDENTITY`], as a
+/// proxy does on its config stream (HTTP/2 only).
+fn workload_tls(ca: &CertificateAuthority, roots_pem: &[String]) -> Arc<rustls::ClientConfig> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(WORKLOAD_IDENTITY.try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let identity = WORKLOAD_IDENTITY.parse().unwrap();
+    let chain = ca
+        .sign_workload(&csr, &identity, Duration::from_secs(3600))
+        .unwrap()
+        .iter()
+        .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+        .collect();
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let mut config = client_builder(roots_pem)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
 }
 
@@ -239,6 +278,36 @@ impl Endpoints {
         let (parts, body) = response.into_parts();
         let body = body.collect().await?.to_bytes();
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// `GET /v1/config` over HTTP/2 with the workload certificate, naming `pod` when given;
+    /// the status and body of the answer.
+    async fn config_stream_as_workload(&self, pod: Option<&str>) -> (StatusCode, String) {
+        let tcp = TcpStream::connect(self.control_plane).await.unwrap();
+        let tls = TlsConnector::from(self.workload_tls.clone())
+            .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let headers: Vec<(&str, &str)> = pod
+            .map(|pod| (trellis_config::protocol::POD_NAME_HEADER, pod))
+            .into_iter()
+            .collect();
+        let response = sender
+            .send_request(request(Method::GET, CONFIG_STREAM_PATH, &headers, ""))
+            .await
+            .unwrap();
+        let status = response.status();
+        if status.is_success() {
+            // An accepted stream's body never ends.
+            return (status, String::new());
+        }
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
     }
 
     /// Asserts both servers still answer well-formed requests, over both HTTP versions.
@@ -823,4 +892,30 @@ async fn a_burst_of_certificate_requests_beyond_the_rate_gets_429_with_retry_aft
         StatusCode::SERVICE_UNAVAILABLE,
         "{response:?}"
     );
+}
+
+/// A proxy with a valid workload certificate still gets a config stream only for a pod the
+/// control plane can confirm as its own: naming none is refused (403), and a pod that cannot be
+/// read (here the API server is unreachable) is a 503 the proxy retries. Each refusal says why
+/// and is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_stream_is_refused_unless_its_pod_is_confirmed() {
+    let endpoints = start(test_limits()).await;
+    let (status, body) = endpoints.config_stream_as_workload(None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("x-trellis-pod-name"), "{body}");
+    let (status, body) = endpoints.config_stream_as_workload(Some("web-1")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("pod demo/web-1 could not be read"), "{body}");
+    let metrics = endpoints.metrics.encode();
+    for sample in [
+        r#"trellis_operator_config_streams_total{outcome="no_pod_name"} 1"#,
+        r#"trellis_operator_config_streams_total{outcome="unavailable"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|line| line == sample),
+            "{sample}:\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains(r#"outcome="accepted""#), "{metrics}");
 }

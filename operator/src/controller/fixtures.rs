@@ -1,7 +1,8 @@
-//! A mocked API server for the reconcile tests, in the shape of kube-rs controller-rs's
-//! `fixtures.rs`: [`context`] builds a [`Context`] whose client talks to a `tower-test` mock, and
-//! [`ApiServer`] takes each request the reconcile makes, checks its method and path, and lets the
-//! scenario check the body and answer.
+//! A mocked API server for the reconcile tests (and other code that reads the cluster), in the
+//! shape of kube-rs controller-rs's `fixtures.rs`: [`context`] builds a [`Context`] (and
+//! [`client`] a bare client) that talks to a `tower-test` mock, and [`ApiServer`] takes each
+//! request the code under test makes, checks its method and path, and lets the scenario check the
+//! body and answer.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,10 +19,15 @@ use crate::context::Context;
 /// The operator's namespace in every scenario.
 pub const NAMESPACE: &str = "trellis-system";
 
+/// A client of a mocked API server, and that server.
+pub fn client() -> (Client, ApiServer) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, "default"), ApiServer(handle))
+}
+
 /// A [`Context`] on a mocked API server, and that server.
 pub fn context() -> (Arc<Context>, ApiServer) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
+    let (client, api) = client();
     let (ctx, _mesh_state) = Context::new(
         client,
         NAMESPACE.to_owned(),
@@ -29,7 +35,7 @@ pub fn context() -> (Arc<Context>, ApiServer) {
         Arc::default(),
         Arc::default(),
     );
-    (ctx, ApiServer(handle))
+    (ctx, api)
 }
 
 /// Runs the reconcile and the scenario that answers its requests side by side, and returns what

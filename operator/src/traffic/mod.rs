@@ -66,7 +66,7 @@ pub struct TrafficInputs<'a> {
     pub services: &'a [Service],
     /// Pods, for ServiceEntry `workloadSelector`.
     pub pods: &'a [Pod],
-    /// Istio's root namespace (the operator's).
+    /// Istio's root namespace (`Mesh.spec.rootNamespace`).
     pub root_namespace: &'a str,
     pub trust_domain: &'a str,
 }
