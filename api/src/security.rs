@@ -196,7 +196,7 @@ pub struct RequestAuthenticationSpec {
     )]
     pub selector: WorkloadSelector,
     /// A gateway, waypoint or Service the policy is attached to (Istio's alternative to
-    /// `selector`). Accepted, but such a policy does not apply to sidecars and is reported.
+    /// `selector`). Accepted, but such a policy does not apply to sidecars.
     #[serde(
         default,
         skip_serializing_if = "PolicyTargetReference::is_empty",

@@ -9,7 +9,7 @@
 //! reason) while requests without a token still pass.
 //!
 //! A policy attached with `targetRef`/`targetRefs` is for a gateway, waypoint or Service, not
-//! for sidecars: it is left out and logged, as Istio does not apply it to sidecars either.
+//! for sidecars: it is left out, as Istio does not apply it to sidecars either.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
