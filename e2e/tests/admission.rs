@@ -53,11 +53,12 @@ fn rbac_listing() -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// The rows of a listing, each prefixed with its namespace, sorted: the grants compared, whatever
-/// order kubectl prints them in.
-fn grants(listing: &str) -> Vec<String> {
+/// The grants of a listing, each row prefixed with its namespace and its verbs sorted: compared
+/// as a set, whatever order kubectl prints rows and verbs in (it prints a row once per rule that
+/// grants it, and merges verbs in rule order).
+fn grants(listing: &str) -> std::collections::BTreeSet<String> {
     let mut namespace = "";
-    let mut rows: Vec<String> = listing
+    listing
         .lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| match line.strip_prefix("== -n ") {
@@ -65,11 +66,21 @@ fn grants(listing: &str) -> Vec<String> {
                 namespace = name;
                 None
             }
-            None => Some(format!("{namespace}: {line}")),
+            None => Some(format!("{namespace}: {}", sorted_verbs(line))),
         })
-        .collect();
-    rows.sort();
-    rows
+        .collect()
+}
+
+/// A `can-i --list` row with the words of its last `[...]` (the verbs) sorted.
+fn sorted_verbs(row: &str) -> String {
+    match (row.rfind('['), row.ends_with(']')) {
+        (Some(open), true) => {
+            let mut verbs: Vec<&str> = row[open + 1..row.len() - 1].split_whitespace().collect();
+            verbs.sort_unstable();
+            format!("{}[{}]", &row[..open], verbs.join(" "))
+        }
+        _ => row.to_owned(),
+    }
 }
 
 /// Whether the API server authorizes the operator's ServiceAccount for `verb` on `resource`
@@ -118,8 +129,8 @@ async fn operator_rbac_matches_the_checked_in_expectation() -> anyhow::Result<()
     }
     let expected = std::fs::read_to_string(&path)?;
     let (actual, expected) = (grants(&actual), grants(&expected));
-    let missing: Vec<&String> = expected.iter().filter(|l| !actual.contains(l)).collect();
-    let extra: Vec<&String> = actual.iter().filter(|l| !expected.contains(l)).collect();
+    let missing: Vec<&String> = expected.difference(&actual).collect();
+    let extra: Vec<&String> = actual.difference(&expected).collect();
     assert!(
         actual == expected,
         "the operator's RBAC differs from {EXPECTED_RBAC}\n\
