@@ -101,10 +101,14 @@ apply_versioned = sed 's/@VERSION@/$(VERSION)/g' $(1) | $(KUBECTL) apply -f -
 kubeconfig:
 	@$(CLUSTER) kubeconfig
 
-# The operator, the Mesh and the cluster DNS (the local cluster has no CoreDNS).
+# The operator, the Mesh and the cluster DNS (the local cluster has no CoreDNS). An operator
+# that was already running is restarted: `make images` re-imports the same tag, which a running
+# pod would otherwise keep serving from the old image (so `make e2e` would test stale code).
 install:
 	$(call apply_versioned,e2e/manifests/cluster-dns.yaml)
-	$(KUBECTL) apply -f manifests/operator.yaml
+	@running=$$($(KUBECTL) -n trellis-system get deployment trellis-operator -o name 2>/dev/null || true); \
+	$(KUBECTL) apply -f manifests/operator.yaml; \
+	if [ -n "$$running" ]; then $(KUBECTL) -n trellis-system rollout restart deployment/trellis-operator; fi
 	$(KUBECTL) -n trellis-system rollout status deployment/trellis-operator --timeout=180s
 	$(KUBECTL) -n kube-system rollout status deployment/cluster-dns --timeout=180s
 	$(call apply_versioned,e2e/manifests/mesh.yaml)
