@@ -230,7 +230,7 @@ async fn mesh_wide_strict_peer_authentication_in_istio_system_is_enforced() -> a
 enum Stream {
     /// A config snapshot was applied.
     Served,
-    /// The control plane refused the stream; its answer.
+    /// The control plane refused the stream (403); its answer.
     Refused(String),
 }
 
@@ -250,9 +250,11 @@ async fn stream_outcome(
         };
         match entry["message"].as_str() {
             Some("config applied") => return Ok(Some(Stream::Served)),
+            // Only a 403 is an answer: a 503 (the pod has no IP yet) or a 429 is transient, and
+            // the proxy retries.
             Some("config stream failed") => {
                 let error = entry["error"].as_str().unwrap_or_default();
-                if error.contains("control plane answered") {
+                if error.contains("control plane answered 403") {
                     return Ok(Some(Stream::Refused(error.to_owned())));
                 }
             }
