@@ -3,7 +3,7 @@
 
     oci-image.py NAME:TAG OUT.tar --entrypoint '["/bin/x"]' \
         [--binary PATH[:DEST] ...] [--file SRC:DEST ...] [--with-iptables] [--user 1337] \
-        [--cmd '["arg"]'] [--env K=V ...] [--workdir /]
+        [--cmd '["arg"]'] [--env K=V ...] [--workdir /] [--stamp-version V] [--strip]
 
 The rootfs holds: each --binary (plus every shared library `ldd` reports for it, and the
 dynamic loader), each --file (a file or a directory, copied recursively), the system CA
@@ -12,6 +12,12 @@ uid/gid 1337 `trellis-proxy`), /tmp (1777) and /run. --with-iptables adds iptabl
 (nft and legacy multi-call binaries, their xtables modules and libraries, and the
 iptables{,-nft,-legacy}{,-restore,-save} symlinks), following the host's alternatives for the
 unsuffixed names.
+
+--strip removes the symbol tables of the image's copies of the --binary files (binutils'
+`strip`; a panic still names its location, a backtrace no longer names functions).
+--stamp-version V rewrites the version slot (trellis_config::version) in the image's copy of
+every Trellis binary, so the image reports V without the workspace being recompiled; binaries
+without a slot (a tool, a library) are copied unchanged, but at least one must have it.
 
 The output is an OCI image-layout archive (oci-layout, index.json with the
 io.containerd.image.name annotation, one uncompressed layer, config, manifest) that
@@ -34,6 +40,10 @@ import tempfile
 MTIME = 0  # fixed timestamp for every entry (reproducible digests)
 PROXY_UID = 1337
 XTABLES_DIR = "/usr/lib/x86_64-linux-gnu/xtables"
+# trellis_config::version: the marker, then the version NUL-padded to SLOT_LEN bytes in all.
+VERSION_MARKER = b"trellis-version-slot:"
+VERSION_SLOT_LEN = 80
+VERSION_RE = re.compile(r"^[0-9A-Za-z.+-]+$")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
@@ -121,6 +131,23 @@ def add_binary(fs, src, dest, seen):
         die(f"binary not found: {src}")
     fs.copy_file(src, dest)
     add_libs_of(fs, src, seen)
+
+
+def stamp_version(path, version):
+    """Rewrite the version slot of the binary at path; False if it has none."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    at = data.find(VERSION_MARKER)
+    if at < 0:
+        return False
+    if data.find(VERSION_MARKER, at + 1) >= 0:
+        die(f"{path}: more than one version slot")
+    start = at + len(VERSION_MARKER)
+    room = VERSION_SLOT_LEN - len(VERSION_MARKER)
+    data[start:start + room] = version.encode().ljust(room, b"\0")
+    with open(path, "wb") as f:
+        f.write(data)
+    return True
 
 
 def add_libs_of(fs, src, seen):
@@ -218,7 +245,15 @@ def main():
     ap.add_argument("--user", help="image user, e.g. 1337")
     ap.add_argument("--env", action="append", default=[], metavar="K=V")
     ap.add_argument("--workdir", default="/")
+    ap.add_argument("--strip", action="store_true", help="strip the --binary files' symbols")
+    ap.add_argument("--stamp-version", metavar="V",
+                    help="version the image's Trellis binaries report (rewrites their version slot)")
     a = ap.parse_args()
+    if a.stamp_version is not None and (
+            not VERSION_RE.match(a.stamp_version)
+            or len(a.stamp_version) >= VERSION_SLOT_LEN - len(VERSION_MARKER)):
+        die(f"--stamp-version {a.stamp_version!r}: want [0-9A-Za-z.+-], "
+            f"at most {VERSION_SLOT_LEN - len(VERSION_MARKER) - 1} characters")
 
     def jlist(s, what):
         try:
@@ -252,9 +287,18 @@ def main():
         seen = set()
         if a.with_iptables:
             add_iptables(fs, seen)
+        stamped = 0
         for spec in a.binary:
             src, _, dest = spec.partition(":")
             add_binary(fs, src, dest or src, seen)
+            if a.strip:
+                r = subprocess.run(["strip", "--strip-all", fs.path(dest or src)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    die(f"strip {src} failed: {r.stderr.strip()}")
+            if a.stamp_version is not None:
+                stamped += stamp_version(fs.path(dest or src), a.stamp_version)
+        if a.stamp_version is not None and not stamped:
+            die("--stamp-version: no --binary has a version slot")
         for spec in a.file:
             src, sep, dest = spec.partition(":")
             if not sep or not dest:

@@ -43,7 +43,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Version => {
-            println!("trellisctl {}", env!("CARGO_PKG_VERSION"));
+            println!("trellisctl {}", trellis_config::version::current());
             println!(
                 "proxy ports: outbound {} inbound {} admin {} metrics {} readiness {}",
                 wellknown::OUTBOUND_CAPTURE_PORT,

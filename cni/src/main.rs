@@ -18,7 +18,7 @@ use trellis_cni::protocol::{Environment, LogSettings};
 
 /// Node installer for the Trellis CNI plugin. Run without arguments, the binary is the plugin.
 #[derive(Parser, Debug)]
-#[command(name = "trellis-cni", version)]
+#[command(name = "trellis-cni", version = trellis_config::version::current())]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod protocol;
 pub mod proxy;
 pub mod traffic;
+pub mod version;
 pub mod wellknown;
 
 pub use identity::SpiffeId;

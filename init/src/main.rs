@@ -28,7 +28,7 @@ enum Ipv6Choice {
 
 /// Installs (or removes) the iptables rules that send a pod's TCP traffic through its sidecar.
 #[derive(Parser, Debug)]
-#[command(name = "trellis-init", version)]
+#[command(name = "trellis-init", version = trellis_config::version::current())]
 struct Args {
     /// Uid of the proxy; its own connections are never captured.
     #[arg(short = 'u', long, env = "TRELLIS_PROXY_UID", default_value_t = trellis_config::wellknown::PROXY_UID)]

@@ -448,7 +448,6 @@ fn proxy_container(pod: &Pod, params: &InjectionParams) -> Container {
             env("SERVICE_ACCOUNT", &service_account),
             env("TRUST_DOMAIN", &mesh.trust_domain),
             env("TRELLIS_CONTROL_PLANE", &control_plane),
-            env("TRELLIS_VERSION", &mesh.version),
             env("TRELLIS_CONCURRENCY", &mesh.proxy.concurrency.to_string()),
             env(
                 "TRELLIS_LOG_LEVEL",

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use trellis_config::wellknown;
 
 #[derive(Parser, Debug)]
-#[command(name = "trellis-proxy", version, about = "Trellis data plane proxy")]
+#[command(name = "trellis-proxy", version = trellis_config::version::current(), about = "Trellis data plane proxy")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -95,10 +95,6 @@ pub struct SidecarArgs {
     /// the admin endpoint `/logging?level=`.
     #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-
-    /// Version this proxy reports to the control plane.
-    #[arg(long, env = "TRELLIS_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
-    pub proxy_version: String,
 
     /// Renew the workload certificate once this share of its lifetime has passed.
     #[arg(long, env = "TRELLIS_ROTATION_PERCENT", default_value_t = 50,

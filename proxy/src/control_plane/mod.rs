@@ -67,7 +67,7 @@ impl ControlPlane {
             root_cert: args.root_cert.clone(),
             token: args.token.clone(),
             pod_name: args.pod_name.clone(),
-            proxy_version: args.proxy_version.clone(),
+            proxy_version: trellis_config::version::current().to_owned(),
             renew: tokio::sync::Notify::new(),
         })
     }
