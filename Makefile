@@ -1,30 +1,46 @@
 # Trellis — build, test and run a service mesh on a real local Kubernetes.
 #   make up     cluster + images + operator + Mesh + demo app, then prints how to reach it
 #   make test   fmt, clippy, cargo deny, unit tests, manifest drift check, e2e on the real cluster
+#   make push REGISTRY=host[:port]/path   the images, to any registry
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+WORKSPACE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+# The version the images report and are tagged with. Another value stamps the same build
+# (`make images VERSION=0.2.0`): e2e/oci-image.py rewrites each binary's version slot, nothing
+# is recompiled.
+VERSION    ?= $(WORKSPACE_VERSION)
+# The second version e2e produces from the same build (for the upgrade paths).
+NEXT_VERSION ?= $(shell echo $(WORKSPACE_VERSION) | awk -F. '{ printf "%d.%d.%d", $$1, $$2, $$3 + 1 }')-next
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 PROFILE    ?= dev
 BIN_DIR    := $(TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 CLUSTER    := e2e/cluster.sh
 KUBECTL    := $(CLUSTER) kubectl
-IMAGES_DIR := $(TARGET_DIR)/images
-REGISTRY   := trellis.local
+# Images are optimised builds: release-fast (release's optimisation and panic policy, no LTO,
+# 16 codegen units) for make up and e2e; `make push` defaults to release, what users run.
+IMAGE_PROFILE ?= release-fast
+IMAGE_BIN_DIR  = $(TARGET_DIR)/$(IMAGE_PROFILE)
+IMAGES_DIR     = $(TARGET_DIR)/images/$(IMAGE_PROFILE)/$(VERSION)
 IMAGE_NAMES := operator proxy init cni cli demo
+IMAGE_PACKAGES := -p trellis-operator -p trellis-proxy -p trellis-init -p trellis-cni -p trellisctl -p trellis-demo
+# The local cluster's registry: the node pulls from CLUSTER_REGISTRY, the host pushes to
+# CLUSTER_REGISTRY_PUSH (a forwarder to the same registry); see `e2e/cluster.sh registry`.
+CLUSTER_REGISTRY_ADDRS := $(shell $(CLUSTER) registry)
+CLUSTER_REGISTRY      := $(word 1,$(CLUSTER_REGISTRY_ADDRS))/trellis
+CLUSTER_REGISTRY_PUSH := $(word 2,$(CLUSTER_REGISTRY_ADDRS))/trellis
 DEMO_PORT  ?= 18080
 # State dir of the local cluster (e2e/cluster.sh's default); its CNI directories serve CNI mode.
 KUBE_STATE ?= /tmp/trellis-kube
 export KUBE_STATE
 # Packages the build and the tests need beyond the machine's Rust toolchain.
-APT_PACKAGES := iptables iproute2 util-linux python3 socat curl ca-certificates
+APT_PACKAGES := iptables iproute2 util-linux python3 socat curl ca-certificates binutils skopeo
 
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help deps build test unit lint fmt clippy structure manifests manifests-check images up down e2e \
-        kubeconfig install demo bench deny
+.PHONY: help deps build test unit lint fmt clippy structure manifests manifests-check images push up down e2e \
+        e2e-long e2e-images kubeconfig install demo bench deny
 
 help:
 	@echo "make up          real local cluster + operator + Mesh + demo app"
@@ -32,6 +48,8 @@ help:
 	@echo "make down        stop the local cluster and remove every trace of it"
 	@echo "make kubeconfig  print the kubeconfig path of the local cluster"
 	@echo "make fuzz        every fuzz target for FUZZ_SECONDS (default 30) each; fails on a crash"
+	@echo "make push REGISTRY=host[:port]/path   build (release) and push every image there"
+	@echo "make e2e-long    the long e2e scenarios (soak); not part of make test"
 	@echo "other targets:   build lint unit manifests manifests-check images e2e"
 
 # Installs missing Debian packages only (a no-op on a prepared machine).
@@ -77,37 +95,73 @@ manifests-check:
 	  rm -f $$tmp; echo "manifests/operator.yaml is out of date: run 'make manifests' and commit it" >&2; exit 1; \
 	fi; rm -f $$tmp; echo "manifests/operator.yaml is up to date"
 
-# OCI archives of every binary, imported into the local cluster's containerd.
-images: build
-	@mkdir -p $(IMAGES_DIR)
-	@img() { name=$$1; shift; python3 e2e/oci-image.py $(REGISTRY)/$$name:$(VERSION) $(IMAGES_DIR)/$$name.tar "$$@"; }; \
-	img operator --entrypoint '["/trellis-operator"]' --binary $(BIN_DIR)/trellis-operator:/trellis-operator; \
-	img proxy    --entrypoint '["/trellis-proxy"]'    --binary $(BIN_DIR)/trellis-proxy:/trellis-proxy; \
-	img init     --entrypoint '["/trellis-init"]'     --binary $(BIN_DIR)/trellis-init:/trellis-init --with-iptables; \
-	img cni      --entrypoint '["/trellis-cni"]'      --binary $(BIN_DIR)/trellis-cni:/trellis-cni; \
-	img cli      --entrypoint '["/trellisctl"]'       --binary $(BIN_DIR)/trellisctl:/trellisctl; \
-	img demo     --entrypoint '["/demo-server"]'      --binary $(BIN_DIR)/demo-server:/demo-server \
-	             --binary $(BIN_DIR)/demo-client:/demo-client --binary $(BIN_DIR)/cluster-dns:/cluster-dns \
-	             --binary $(BIN_DIR)/ext-authz:/ext-authz
-	@if $(CLUSTER) status >/dev/null 2>&1 && [ -z "$${KUBECONFIG:-}" ]; then \
-	  for n in $(IMAGE_NAMES); do $(CLUSTER) image $(REGISTRY)/$$n:$(VERSION) $(IMAGES_DIR)/$$n.tar; done; \
-	else \
-	  echo "no local cluster to import into: the archives are in $(IMAGES_DIR) (README: existing clusters)"; \
-	fi
+# OCI archives of every image, from an optimised build (IMAGE_PROFILE), stripped, reporting
+# VERSION. A VERSION other than the workspace's reuses the build: only the archives are made.
+images: deps
+	cargo build $(IMAGE_PACKAGES) --bins --profile $(IMAGE_PROFILE)
+	@$(MAKE) --no-print-directory image-archives
 
-# Applies a manifest whose images carry @VERSION@.
-apply_versioned = sed 's/@VERSION@/$(VERSION)/g' $(1) | $(KUBECTL) apply -f -
+# The images, pushed to the local cluster's registry (where its node pulls them from).
+.PHONY: load
+load: images
+	@$(CLUSTER) status >/dev/null || { echo "the local cluster is not up (make up)" >&2; exit 1; }
+	@for n in $(IMAGE_NAMES); do $(CLUSTER) push $(IMAGES_DIR)/$$n.tar trellis/$$n:$(VERSION); done
+
+.PHONY: image-archives
+image-archives:
+	@[[ "$(VERSION)" =~ ^[0-9A-Za-z][0-9A-Za-z.-]*$$ ]] || { echo "VERSION=$(VERSION): an image tag takes [0-9A-Za-z.-]" >&2; exit 1; }
+	@mkdir -p $(IMAGES_DIR)
+	@t0=$$(date +%s); \
+	img() { name=$$1; shift; python3 e2e/oci-image.py $(CLUSTER_REGISTRY)/$$name:$(VERSION) $(IMAGES_DIR)/$$name.tar \
+	  --strip --stamp-version $(VERSION) "$$@" >/dev/null; }; \
+	img operator --entrypoint '["/trellis-operator"]' --binary $(IMAGE_BIN_DIR)/trellis-operator:/trellis-operator & \
+	img proxy    --entrypoint '["/trellis-proxy"]'    --binary $(IMAGE_BIN_DIR)/trellis-proxy:/trellis-proxy & \
+	img init     --entrypoint '["/trellis-init"]'     --binary $(IMAGE_BIN_DIR)/trellis-init:/trellis-init --with-iptables & \
+	img cni      --entrypoint '["/trellis-cni"]'      --binary $(IMAGE_BIN_DIR)/trellis-cni:/trellis-cni & \
+	img cli      --entrypoint '["/trellisctl"]'       --binary $(IMAGE_BIN_DIR)/trellisctl:/trellisctl & \
+	img demo     --entrypoint '["/demo-server"]'      --binary $(IMAGE_BIN_DIR)/demo-server:/demo-server \
+	             --binary $(IMAGE_BIN_DIR)/demo-client:/demo-client --binary $(IMAGE_BIN_DIR)/cluster-dns:/cluster-dns \
+	             --binary $(IMAGE_BIN_DIR)/ext-authz:/ext-authz & \
+	failed=0; for _ in $(IMAGE_NAMES); do wait -n || failed=1; done; [ $$failed = 0 ]; \
+	echo "images $(VERSION) ($(IMAGE_PROFILE)) in $(IMAGES_DIR), made in $$(( $$(date +%s) - t0 )) s:"; \
+	for n in $(IMAGE_NAMES); do \
+	  printf '  %-9s %6.1f MB, %5.1f MB compressed\n' $$n \
+	    "$$(stat -c %s $(IMAGES_DIR)/$$n.tar | awk '{ print $$1 / 1048576 }')" \
+	    "$$(gzip -1 -c $(IMAGES_DIR)/$$n.tar | wc -c | awk '{ print $$1 / 1048576 }')"; \
+	done
+
+# The images (PUSH_PROFILE, default release: what users run) pushed to
+# REGISTRY=host[:port]/path; TLS is verified unless the registry is on this machine's loopback.
+# Install from there with: trellis-operator manifests --image-registry REGISTRY | kubectl apply -f -
+PUSH_PROFILE ?= release
+push:
+	@[ -n "$(REGISTRY)" ] || { echo "usage: make push REGISTRY=host[:port]/path" >&2; exit 1; }
+	@$(MAKE) --no-print-directory images push-archives IMAGE_PROFILE=$(PUSH_PROFILE)
+
+.PHONY: push-archives
+push-archives:
+	@tls=true; case "$(REGISTRY)" in localhost[:/]*|127.*) tls=false;; esac; \
+	for n in $(IMAGE_NAMES); do \
+	  skopeo --insecure-policy copy --quiet --dest-tls-verify=$$tls --dest-compress \
+	    oci-archive:$(IMAGES_DIR)/$$n.tar docker://$(REGISTRY)/$$n:$(VERSION); \
+	  echo "pushed $(REGISTRY)/$$n:$(VERSION)"; \
+	done
+
+# Applies a manifest whose images carry @REGISTRY@ and @VERSION@.
+apply_versioned = sed -e 's|@REGISTRY@|$(CLUSTER_REGISTRY)|g' -e 's/@VERSION@/$(VERSION)/g' $(1) | $(KUBECTL) apply -f -
 
 kubeconfig:
 	@$(CLUSTER) kubeconfig
 
-# The operator, the Mesh and the cluster DNS (the local cluster has no CoreDNS). An operator
-# that was already running is restarted: `make images` re-imports the same tag, which a running
-# pod would otherwise keep serving from the old image (so `make e2e` would test stale code).
+# The operator (its manifest rendered for the local registry, which also becomes the Mesh's
+# default data-plane registry), the Mesh and the cluster DNS (the local cluster has no CoreDNS).
+# An operator that was already running is restarted: `make load` may have pushed new content
+# under the same tag, which a running pod would otherwise keep serving (so `make e2e` would
+# test stale code).
 install:
 	$(call apply_versioned,e2e/manifests/cluster-dns.yaml)
 	@running=$$($(KUBECTL) -n trellis-system get deployment trellis-operator -o name 2>/dev/null || true); \
-	$(KUBECTL) apply -f manifests/operator.yaml; \
+	$(IMAGE_BIN_DIR)/trellis-operator manifests --image-registry $(CLUSTER_REGISTRY) | $(KUBECTL) apply -f -; \
 	if [ -n "$$running" ]; then $(KUBECTL) -n trellis-system rollout restart deployment/trellis-operator; fi
 	$(KUBECTL) -n trellis-system rollout status deployment/trellis-operator --timeout=180s
 	$(KUBECTL) -n kube-system rollout status deployment/cluster-dns --timeout=180s
@@ -125,7 +179,7 @@ up: deps
 	@# Plain `kubectl` on the host: the cluster's own client when the machine has none.
 	@command -v kubectl >/dev/null || ln -sf /var/cache/local-kube/bin/kubectl /usr/local/bin/kubectl
 	$(CLUSTER) up
-	$(MAKE) --no-print-directory images install demo
+	$(MAKE) --no-print-directory load install demo
 	@echo
 	@echo "Trellis $(VERSION) is up."
 	@echo "  export KUBECONFIG=$$($(CLUSTER) kubeconfig)   # then plain kubectl works, e.g.:"
@@ -137,17 +191,30 @@ down:
 	$(CLUSTER) down
 
 # End-to-end tests on the real cluster. A cluster started here is torn down afterwards, even on
-# failure; one that was already up (make up) is left running.
+# failure; one that was already up (make up) is left running. The images are pushed to the
+# cluster's registry in two versions: VERSION, which is installed, and NEXT_VERSION, stamped
+# from the same build. The suites run with their budgets (e2e/suites.txt, e2e/suites.py), which
+# ends with a per-suite timing table.
+E2E_ENV = KUBECONFIG=$$($(CLUSTER) kubeconfig) TRELLIS_VERSION=$(VERSION) TRELLIS_NEXT_VERSION=$(NEXT_VERSION) \
+  TRELLIS_IMAGE_REGISTRY=$(CLUSTER_REGISTRY) \
+  TRELLIS_CNI_BIN_DIR=$(KUBE_STATE)/cni-bin TRELLIS_CNI_CONF_DIR=$(KUBE_STATE)/cni
+E2E_LANE = ci
+
 e2e: deps
 	@$(CLUSTER) build
 	@started=0; if ! $(CLUSTER) status >/dev/null 2>&1; then $(CLUSTER) up; started=1; fi; \
 	trap 'rc=$$?; if [ $$rc -ne 0 ]; then $(CLUSTER) logs || true; $(KUBECTL) get pods -A -o wide || true; \
 	  $(KUBECTL) -n trellis-system logs deploy/trellis-operator --tail=80 || true; fi; \
 	  if [ $$started = 1 ]; then $(CLUSTER) down || true; fi; exit $$rc' EXIT; \
-	$(MAKE) --no-print-directory images install; \
-	KUBECONFIG=$$($(CLUSTER) kubeconfig) TRELLIS_VERSION=$(VERSION) \
-	  TRELLIS_CNI_BIN_DIR=$(KUBE_STATE)/cni-bin TRELLIS_CNI_CONF_DIR=$(KUBE_STATE)/cni \
-	  cargo test -p trellis-e2e -- --test-threads=1
+	$(MAKE) --no-print-directory load install; \
+	t0=$$(date +%s); $(MAKE) --no-print-directory load VERSION=$(NEXT_VERSION) >/dev/null; \
+	echo "second version $(NEXT_VERSION): stamped, archived and pushed in $$(( $$(date +%s) - t0 )) s"; \
+	$(E2E_ENV) python3 e2e/suites.py --lane $(E2E_LANE) $(SUITES)
+
+# The long e2e scenarios (e2e/suites.txt lane `long`: soak runs); not part of make test, but
+# must pass before an issue that adds to them is resolved. SUITES=... runs some of a lane.
+e2e-long:
+	@$(MAKE) --no-print-directory e2e E2E_LANE=long
 
 test: lint deny unit manifests-check e2e
 

@@ -11,12 +11,20 @@
 #   kubeconfig                    print the host kubeconfig path
 #   kubectl ARGS...               the cached kubectl with that kubeconfig
 #   forward NAME HOST_PORT IP:PORT  expose an in-namespace address on host 127.0.0.1:HOST_PORT
-#   image NAME:TAG ARCHIVE        import an OCI archive (see oci-image.py) into the cluster's containerd
+#   registry                      print the in-cluster registry as the node pulls from it and as
+#                                 the host pushes to it: "10.88.0.1:5000 127.0.0.1:15000"
+#   push ARCHIVE REPO:TAG         push an OCI archive (see oci-image.py) to the in-cluster registry
+#   registry-start NAME PORT      another registry (CNCF distribution) in the netns on 0.0.0.0:PORT,
+#                                 forwarded from host 127.0.0.1:PORT: 127.0.0.1:PORT/... names one
+#                                 image on both sides, as a registry on a node's loopback would
 #   logs                          last lines of every component's log
 #
 # CNI: configuration in $KUBE_STATE/cni, plugins in $KUBE_STATE/cni-bin (Mesh.spec.cni for CNI mode).
+# Images: every image, the pause image included, is pulled by the node from a registry (Debian's
+#   docker-registry) that runs in the netns on $NODE_IP:5000; containerd reaches it over plain HTTP
+#   (certs.d/<host>/hosts.toml). Nothing is imported into containerd behind the kubelet's back.
 # Environment: KUBE_CACHE (/var/cache/local-kube), KUBE_STATE (/tmp/trellis-kube),
-#   KUBE_API_PORT (16443), KUBE_WAIT_TIMEOUT (180), KUBECTL ($KUBE_CACHE/bin/kubectl),
+#   KUBE_API_PORT (16443), KUBE_REGISTRY_PORT (15000, the registry on the host), KUBE_WAIT_TIMEOUT (180), KUBECTL ($KUBE_CACHE/bin/kubectl),
 #   KUBECONFIG (if set and reachable, that cluster is used instead of starting a local one).
 #
 # Traps (found by ../shared/lab/local-cluster.sh and here):
@@ -34,24 +42,27 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin${PATH:+
 KUBE_CACHE=${KUBE_CACHE:-/var/cache/local-kube}
 STATE=$(realpath -m "${KUBE_STATE:-/tmp/trellis-kube}")
 API_PORT=${KUBE_API_PORT:-16443}
+REGISTRY_HOST_PORT=${KUBE_REGISTRY_PORT:-15000}
 WAIT=${KUBE_WAIT_TIMEOUT:-180}
 BIN=$KUBE_CACHE/bin
 KUBECTL=${KUBECTL:-$BIN/kubectl}
 NS=kube
 NSPATH=/var/run/netns/$NS
 NODE_IP=10.88.0.1
+REGISTRY=$NODE_IP:5000      # the in-cluster registry, as the node pulls from it
+PAUSE_IMAGE=$REGISTRY/kube/pause:3.2
 POD_CIDR=10.244.0.0/24
 CNI_NET=trellis-podnet
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-COMPONENTS=(etcd apiserver kcm scheduler containerd kubelet kube-proxy)
+COMPONENTS=(etcd registry apiserver kcm scheduler containerd kubelet kube-proxy)
 KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 PKGS=(golang-go dpkg-dev make gcc libc6-dev rsync etcd-server containerd runc containernetworking-plugins
       iptables iproute2 conntrack socat curl openssl ca-certificates python3 util-linux busybox-static
-      golang-github-modern-go-reflect2-dev)
+      golang-github-modern-go-reflect2-dev docker-registry skopeo)
 # Bump when the way the kube binaries are built changes: cached binaries of another recipe are rebuilt.
 BUILD_RECIPE="v1.20 reflect2-1.0.2"
 CMDS=(etcd containerd containerd-shim-runc-v2 runc ctr socat nsenter setsid flock ip ss iptables conntrack
-      curl openssl python3 ldd)
+      curl openssl python3 ldd docker-registry skopeo)
 
 case $STATE in /|/tmp|/var|/var/*/|/root|/home|"") echo "cluster.sh: refusing KUBE_STATE=$STATE" >&2; exit 2;; esac
 
@@ -209,7 +220,7 @@ check_built() { # quiet unless something is missing
 }
 
 # ---------------------------------------------------------------- health
-component_ok() { alive "$STATE/pids/$1.pid"; }
+component_ok() { case $1 in registry) alive "$STATE/pids/registry-cluster.pid" ;; *) alive "$STATE/pids/$1.pid" ;; esac; }
 node_ready() {
   [ "$(kin get node node1 -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2> /dev/null)" = True ]
 }
@@ -219,12 +230,34 @@ inner_healthy() {
   kin get --raw /readyz > /dev/null 2>&1 && node_ready
 }
 forwarder_healthy() {
-  alive "$STATE/forwards/apiserver.pid" && [ -s "$STATE/kubeconfig" ] && khost get --raw /readyz > /dev/null 2>&1
+  alive "$STATE/forwards/apiserver.pid" && [ -s "$STATE/kubeconfig" ] && khost get --raw /readyz > /dev/null 2>&1 \
+    && alive "$STATE/forwards/registry.pid" && http_ok "http://127.0.0.1:$REGISTRY_HOST_PORT/v2/"
 }
 healthy() { inner_healthy && forwarder_healthy; }
 
 anything_ours() {
   [ -e "$STATE" ] || [ -n "$(our_netns)" ]
+}
+
+# ---------------------------------------------------------------- registries
+start_registry() { # NAME PORT : CNCF distribution in the netns on 0.0.0.0:PORT, storage under the state dir
+  local name=$1 port=$2 dir=$STATE/registry/$1
+  mkdir -p "$dir/data"
+  cat > "$dir/config.yml" << X
+version: 0.1
+log: {level: warn, accesslog: {disabled: true}}
+storage:
+  filesystem: {rootdirectory: $dir/data}
+  delete: {enabled: true}
+http: {addr: "0.0.0.0:$port"}
+X
+  spawn "$STATE/pids/registry-$name.pid" "$STATE/log/registry-$name.log" ns docker-registry serve "$dir/config.yml"
+  wait_for "registry $name on port $port" 30 "$STATE/log/registry-$name.log" "registry-$name" \
+    inns curl -fsS --max-time 3 "http://127.0.0.1:$port/v2/"
+}
+
+skopeo_push() { # ARCHIVE DEST_REF(docker://...) : the layers compressed, as a registry normally holds them
+  skopeo --insecure-policy copy --quiet --dest-tls-verify=false --dest-compress "oci-archive:$1" "$2"
 }
 
 # ---------------------------------------------------------------- up
@@ -321,6 +354,7 @@ up() {
   fi
   if anything_ours; then say "partial or stale cluster state found; cleaning it first"; do_down > /dev/null; fi
   port_busy "$API_PORT" && die "127.0.0.1:$API_PORT is in use by another process (set KUBE_API_PORT)"
+  port_busy "$REGISTRY_HOST_PORT" && die "127.0.0.1:$REGISTRY_HOST_PORT is in use by another process (set KUBE_REGISTRY_PORT)"
 
   local P=$STATE/pki L=$STATE/log
   mkdir -p "$L" "$STATE/cni" "$STATE/manifests" "$STATE/pids" "$STATE/forwards" "$STATE/img" "$STATE/containerd"
@@ -359,8 +393,10 @@ state = "$STATE/containerd/state"
 [plugins."io.containerd.internal.v1.opt"]
   path = "$STATE/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "local.test/pause:3.2"
+  sandbox_image = "$PAUSE_IMAGE"
   restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$STATE/containerd/certs.d"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -371,6 +407,11 @@ state = "$STATE/containerd/state"
     bin_dir = "$STATE/cni-bin"
     conf_dir = "$STATE/cni"
 X
+  mkdir -p "$STATE/containerd/certs.d/$REGISTRY"
+  printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$REGISTRY" "$REGISTRY" \
+    > "$STATE/containerd/certs.d/$REGISTRY/hosts.toml"
+  start_registry cluster "${REGISTRY##*:}"
+  start_forward registry "$REGISTRY_HOST_PORT" "$REGISTRY"
   spawn "$STATE/pids/etcd.pid" "$L/etcd.log" ns etcd --name node1 --data-dir "$STATE/etcd" \
     --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
@@ -389,10 +430,10 @@ X
     --allow-privileged=true
   wait_for "containerd" 60 "$L/containerd.log" containerd ctr --address "$STATE/containerd/containerd.sock" version
   mkdir -p "$STATE/img"
-  python3 "$HERE/oci-image.py" local.test/pause:3.2 "$STATE/img/pause.tar" --entrypoint '["/pause"]' \
+  python3 "$HERE/oci-image.py" "$PAUSE_IMAGE" "$STATE/img/pause.tar" --entrypoint '["/pause"]' \
     --binary "$BIN/pause:/pause" > /dev/null || die "building the pause image failed"
-  ctr --address "$STATE/containerd/containerd.sock" -n k8s.io images import "$STATE/img/pause.tar" > /dev/null \
-    || die "importing the pause image failed (log: $L/containerd.log)"
+  skopeo_push "$STATE/img/pause.tar" "docker://127.0.0.1:$REGISTRY_HOST_PORT/${PAUSE_IMAGE#*/}" \
+    || die "pushing the pause image to the in-cluster registry failed"
   wait_for "kube-apiserver /readyz" 120 "$L/apiserver.log" apiserver kin get --raw /readyz
 
   spawn "$STATE/pids/kcm.pid" "$L/kcm.log" ns "$BIN/kube-controller-manager" --kubeconfig="$P/kcm.kubeconfig" \
@@ -533,30 +574,42 @@ forward() {
   say "forward $name: 127.0.0.1:$port -> $target (netns $NS)"
 }
 
-qualified_image() { # the kubelet resolves names without a registry-like first component to Docker Hub
-  local first=${1%%/*}
-  [[ $1 == */* ]] && [[ $first == *.* || $first == *:* || $first == localhost ]]
+registry_cmd() { echo "$REGISTRY 127.0.0.1:$REGISTRY_HOST_PORT"; }
+
+push() { # ARCHIVE REPO:TAG — to the in-cluster registry, through the host forwarder
+  [ $# -eq 2 ] || die "usage: cluster.sh push ARCHIVE REPO:TAG"
+  local archive=$1 ref=$2
+  [[ $ref =~ ^[a-z0-9]+([._/-][a-z0-9]+)*:[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || die "bad REPO:TAG (e.g. trellis/proxy:0.1.0): $ref"
+  [ -f "$archive" ] || die "no such archive: $archive"
+  http_ok "http://127.0.0.1:$REGISTRY_HOST_PORT/v2/" || die "the in-cluster registry is not reachable on 127.0.0.1:$REGISTRY_HOST_PORT (run: $HERE/cluster.sh up)"
+  skopeo_push "$archive" "docker://127.0.0.1:$REGISTRY_HOST_PORT/$ref" || die "pushing $archive as $ref failed"
+  # The node caches a tag it pulled: a tag pushed again with new content (a rebuild of the same
+  # version) would keep running the old image. Forgetting the node's copy makes the next pod pull.
+  local sock=$STATE/containerd/containerd.sock
+  if [ -S "$sock" ] && ctr --address "$sock" -n k8s.io images ls -q "name==$REGISTRY/$ref" 2> /dev/null | grep -q .; then
+    local have want
+    have=$(ctr --address "$sock" -n k8s.io images ls "name==$REGISTRY/$ref" | awk 'NR == 2 { print $3 }')
+    want=$(curl -fsS --max-time 10 -o /dev/null -D - -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+      "http://127.0.0.1:$REGISTRY_HOST_PORT/v2/${ref%:*}/manifests/${ref##*:}" | tr -d '\r' | awk 'tolower($1) == "docker-content-digest:" { print $2 }')
+    if [ -n "$want" ] && [ "$have" != "$want" ]; then
+      ctr --address "$sock" -n k8s.io images rm "$REGISTRY/$ref" > /dev/null || die "could not drop the node's stale copy of $REGISTRY/$ref"
+      say "pushed $ref ($want); the node's older copy ($have) is dropped"
+      return 0
+    fi
+  fi
+  say "pushed $REGISTRY/$ref"
 }
 
-image() {
-  [ $# -eq 2 ] || die "usage: cluster.sh image NAME:TAG ARCHIVE"
-  local name archive=$2 sock=$STATE/containerd/containerd.sock annot digest cur
-  name=$1
-  qualified_image "$name" || die "image name '$name' must start with a registry-like component (e.g. local.test/$name): the kubelet would look a bare name up on Docker Hub"
-  [ -f "$archive" ] || die "no such archive: $archive"
-  [ -S "$sock" ] || die "the local cluster's containerd is not running ($sock); images can only be imported into the local cluster"
+registry_start() { # NAME PORT
+  [ $# -eq 2 ] || die "usage: cluster.sh registry-start NAME PORT"
+  local name=$1 port=$2
+  [[ $name =~ ^[a-z0-9][a-z0-9-]*$ ]] && [ "$name" != cluster ] || die "bad registry name: $name"
+  [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1024 ] && [ "$port" -le 65535 ] && [ "$port" != 5000 ] || die "bad port: $port"
   lock
-  read -r annot digest < <(tar -xOf "$archive" index.json | python3 -c '
-import json, sys
-m = json.load(sys.stdin)["manifests"][0]
-print(m.get("annotations", {}).get("io.containerd.image.name", "-"), m["digest"])') || die "$archive is not an OCI archive"
-  cur=$(ctr --address "$sock" -n k8s.io images ls "name==$name" 2> /dev/null | awk 'NR == 2 { print $3 }')
-  if [ "$cur" = "$digest" ]; then say "image $name already imported ($digest)"; return 0; fi
-  ctr --address "$sock" -n k8s.io images import "$archive" > /dev/null || die "ctr import of $archive failed"
-  if [ "$annot" != "$name" ]; then
-    ctr --address "$sock" -n k8s.io images tag --force "$annot" "$name" > /dev/null || die "tagging $annot as $name failed"
-  fi
-  say "image $name imported ($digest)"
+  [ -e "$NSPATH" ] && [ -d "$STATE" ] || die "the local cluster is not up (run: $HERE/cluster.sh up)"
+  if ! alive "$STATE/pids/registry-$name.pid"; then start_registry "$name" "$port"; fi
+  start_forward "registry-$name" "$port" "$NODE_IP:$port"
+  say "registry $name: 127.0.0.1:$port (host and node)"
 }
 
 kubeconfig() {
@@ -580,7 +633,7 @@ status() {
 
 logs() {
   local c n=${LOG_LINES:-60} f
-  for c in etcd apiserver kcm scheduler containerd kubelet kube-proxy; do
+  for c in etcd registry-cluster apiserver kcm scheduler containerd kubelet kube-proxy; do
     echo "===== $c ($STATE/log/$c.log) ====="
     tail -n "$n" "$STATE/log/$c.log" 2> /dev/null || echo "(no log)"
   done
@@ -590,7 +643,7 @@ logs() {
   true
 }
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^# Traps/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 cmd=${1:-}; [ $# -gt 0 ] && shift
 case $cmd in
@@ -601,7 +654,9 @@ case $cmd in
   kubeconfig) kubeconfig ;;
   kubectl) kubectl_cmd "$@" ;;
   forward) forward "$@" ;;
-  image) image "$@" ;;
+  registry) registry_cmd ;;
+  push) push "$@" ;;
+  registry-start) registry_start "$@" ;;
   logs) logs ;;
   -h|--help|help) usage ;;
   *) usage >&2; exit 2 ;;

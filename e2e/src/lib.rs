@@ -18,8 +18,19 @@ pub fn version() -> String {
     std::env::var("TRELLIS_VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_owned())
 }
 
+/// Where the node pulls the images under test from (`make e2e` passes the local cluster's
+/// registry, which is also this default: `e2e/cluster.sh registry`).
+pub fn image_registry() -> String {
+    std::env::var("TRELLIS_IMAGE_REGISTRY").unwrap_or_else(|_| "10.88.0.1:5000/trellis".to_owned())
+}
+
+/// The image of one component (`proxy`, `demo`, ...) under test.
+pub fn image(component: &str) -> String {
+    format!("{}/{component}:{}", image_registry(), version())
+}
+
 pub fn demo_image() -> String {
-    format!("trellis.local/demo:{}", version())
+    image("demo")
 }
 
 pub async fn client() -> Result<Client> {

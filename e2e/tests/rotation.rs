@@ -20,9 +20,16 @@ use trellis_e2e::*;
 
 const INJECT: (&str, &str) = ("trellis.dev/inject", "enabled");
 const READY: Duration = Duration::from_secs(180);
-/// Long enough for two workload rotations and a root rotation, with margin.
-const LOAD: &str = "200s";
-const RATE: &str = "20";
+/// Seconds of load: long enough for two workload rotations and a root rotation, with margin.
+/// `make e2e-long` runs the same test as a soak (suite `rotation-soak`): a longer load over
+/// many more 30-second renewals, still without one failed request.
+fn load_seconds() -> u64 {
+    std::env::var("TRELLIS_E2E_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200)
+}
+const RATE: u64 = 20;
 /// Load clients and the Service each calls.
 const CLIENTS: [(&str, &str); 2] = [("tcp-client", "echo-tcp"), ("http-client", "echo")];
 
@@ -169,6 +176,7 @@ async fn certificates_and_the_root_rotate_under_load_without_a_failed_request() 
          selector: {{app: echo}}\n  ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}]\n",
         ns.name
     ))?;
+    let (load, rate) = (format!("{}s", load_seconds()), RATE.to_string());
     for (name, service) in CLIENTS {
         let url = format!("http://{service}.{}.svc.cluster.local/", ns.name);
         apply(&client_pod_yaml(
@@ -178,9 +186,9 @@ async fn certificates_and_the_root_rotate_under_load_without_a_failed_request() 
                 "--url",
                 &url,
                 "--rate",
-                RATE,
+                &rate,
                 "--duration",
-                LOAD,
+                &load,
                 "--header",
                 "connection: close",
                 "--timeout",
@@ -329,10 +337,16 @@ async fn certificates_and_the_root_rotate_under_load_without_a_failed_request() 
     // The load ran through all of it: not one failed request.
     let mut tcp_sent = 0;
     for (name, _) in CLIENTS {
-        let summary = client_summary(&client, &ns.name, name, Duration::from_secs(240)).await?;
+        let summary = client_summary(
+            &client,
+            &ns.name,
+            name,
+            Duration::from_secs(load_seconds() + 40),
+        )
+        .await?;
         eprintln!("{name}: {summary:?}");
         assert!(
-            summary.sent >= 3000,
+            summary.sent >= RATE * load_seconds() * 3 / 4,
             "{name}: the load ran at the fixed rate: {summary:?}"
         );
         assert_eq!(summary.failed, 0, "{name}: {summary:?}");

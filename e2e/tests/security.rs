@@ -274,7 +274,7 @@ async fn meshed_pod_cannot_fetch_another_pods_config() -> anyhow::Result<()> {
     let ns = TestNamespace::create("e2e-cfgauth", &[INJECT])?;
     let namespace = &ns.name;
     let demo = demo_image();
-    let proxy = format!("trellis.local/proxy:{}", version());
+    let proxy = image("proxy");
     // Two pods to spy on, not meshed (their config is served for their names all the same).
     let victim = |name: &str, service_account: &str| {
         format!(

@@ -28,7 +28,7 @@ use trellis_operator::{
 };
 
 #[derive(Parser)]
-#[command(name = "trellis-operator", version, about)]
+#[command(name = "trellis-operator", version = trellis_config::version::current(), about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +46,12 @@ enum Command {
         pod_name: String,
     },
     /// Print the install manifest (manifests/operator.yaml).
-    Manifests,
+    Manifests {
+        /// Registry and path the operator image is pulled from; also the default of every
+        /// Mesh's `spec.proxy.imageRegistry` (the data-plane images).
+        #[arg(long, default_value = trellis_config::wellknown::DEFAULT_IMAGE_REGISTRY)]
+        image_registry: String,
+    },
 }
 
 /// Lifetime of the operator's own serving certificates; re-issued at half-life.
@@ -55,8 +60,13 @@ const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Manifests => {
-            print!("{}", manifests::render());
+        Command::Manifests { image_registry } => {
+            anyhow::ensure!(
+                manifests::valid_image_registry(&image_registry),
+                "--image-registry {image_registry:?} is not an image repository prefix \
+                 (host[:port][/path], e.g. registry.example.com/trellis)"
+            );
+            print!("{}", manifests::render(&image_registry));
             Ok(())
         }
         Command::Run {
