@@ -21,7 +21,7 @@ without a slot (a tool, a library) are copied unchanged, but at least one must h
 
 The output is an OCI image-layout archive (oci-layout, index.json with the
 io.containerd.image.name annotation, one uncompressed layer, config, manifest) that
-`ctr -n k8s.io images import` accepts. It is reproducible: entries are sorted, mtimes are
+`skopeo copy oci-archive:...` pushes to a registry (and `ctr images import` would accept). It is reproducible: entries are sorted, mtimes are
 fixed, owners are 0:0 with no names, so the same inputs always give the same digests.
 """
 import argparse

@@ -2,7 +2,8 @@
 //! compiled proxy configuration the control plane streams ([`proxy`], with its [`traffic`],
 //! [`authn`] and [`authz`] parts, CUSTOM policies' external authorizers in [`ext_authz`]), the control-plane wire format ([`protocol`]), SPIFFE identities
 //! ([`identity`]), the listener limits ([`limits`]), the mesh-wide modes a config carries
-//! ([`mesh`]) and the well-known ports, labels and names ([`wellknown`]).
+//! ([`mesh`]), the well-known ports, labels and names ([`wellknown`]) and the version a
+//! binary reports ([`version`]).
 //!
 //! Plain data and its validation only: no runtime and no Kubernetes client, so the proxy, the
 //! init container and the CNI plugin link no Kubernetes types through it. The CRDs live in
