@@ -140,9 +140,10 @@ def main():
             break
 
     print(f"\ne2e lane {a.lane}: per-suite timings (wall clock {time.monotonic() - started:.0f} s)")
-    print(f"  {'suite':<16} {'group':<12} {'seconds':>7} {'budget':>6}  result")
+    width = max(len(s["group"]) for s in selected) + 1
+    print(f"  {'suite':<16} {'group':<{width}} {'seconds':>7} {'budget':>6}  result")
     for s, status, seconds in results:
-        print(f"  {s['name']:<16} {s['group']:<12} {seconds:7.0f} {s['budget']:6d}  {status}")
+        print(f"  {s['name']:<16} {s['group']:<{width}} {seconds:7.0f} {s['budget']:6d}  {status}")
     not_run = [s["name"] for s in selected if s not in [r[0] for r in results]]
     if not_run:
         print(f"  not run after the failure: {', '.join(not_run)}")
