@@ -15,7 +15,6 @@ VERSION    ?= $(WORKSPACE_VERSION)
 NEXT_VERSION ?= $(shell echo $(WORKSPACE_VERSION) | awk -F. '{ printf "%d.%d.%d", $$1, $$2, $$3 + 1 }')-next
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 PROFILE    ?= dev
-BIN_DIR    := $(TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 CLUSTER    := e2e/cluster.sh
 KUBECTL    := $(CLUSTER) kubectl
 # Images are optimised builds: release-fast (release's optimisation and panic policy, no LTO,
@@ -25,11 +24,9 @@ IMAGE_BIN_DIR  = $(TARGET_DIR)/$(IMAGE_PROFILE)
 IMAGES_DIR     = $(TARGET_DIR)/images/$(IMAGE_PROFILE)/$(VERSION)
 IMAGE_NAMES := operator proxy init cni cli demo
 IMAGE_PACKAGES := -p trellis-operator -p trellis-proxy -p trellis-init -p trellis-cni -p trellisctl -p trellis-demo
-# The local cluster's registry: the node pulls from CLUSTER_REGISTRY, the host pushes to
-# CLUSTER_REGISTRY_PUSH (a forwarder to the same registry); see `e2e/cluster.sh registry`.
-CLUSTER_REGISTRY_ADDRS := $(shell $(CLUSTER) registry)
-CLUSTER_REGISTRY      := $(word 1,$(CLUSTER_REGISTRY_ADDRS))/trellis
-CLUSTER_REGISTRY_PUSH := $(word 2,$(CLUSTER_REGISTRY_ADDRS))/trellis
+# The local cluster's registry as its node pulls from it (`cluster.sh push` reaches it from
+# this host through a forwarder); see `e2e/cluster.sh registry`.
+CLUSTER_REGISTRY := $(word 1,$(shell $(CLUSTER) registry))/trellis
 DEMO_PORT  ?= 18080
 # State dir of the local cluster (e2e/cluster.sh's default); its CNI directories serve CNI mode.
 KUBE_STATE ?= /tmp/trellis-kube
@@ -40,7 +37,7 @@ APT_PACKAGES := iptables iproute2 util-linux python3 socat curl ca-certificates 
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: help deps build test unit lint fmt clippy structure manifests manifests-check images push up down e2e \
-        e2e-long e2e-images kubeconfig install demo bench deny
+        e2e-long kubeconfig install demo bench deny
 
 help:
 	@echo "make up          real local cluster + operator + Mesh + demo app"
