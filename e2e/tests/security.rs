@@ -56,6 +56,26 @@ struct Clients {
     runs: std::cell::Cell<u32>,
 }
 
+/// The `secure` echo server in `server_ns`, ready; returns its pod's name and the clients that
+/// call it from `meshed_ns` (with a sidecar) and `plain_ns` (without).
+async fn secure_server(
+    client: &kube::Client,
+    server_ns: &str,
+    meshed_ns: &str,
+    plain_ns: &str,
+) -> anyhow::Result<(String, Clients)> {
+    apply(&echo_server_yaml(server_ns, "secure", "v1", 1))?;
+    let pods = wait_pods_ready(client, server_ns, "app=secure", 1, READY).await?;
+    let server = pods[0].metadata.name.clone().unwrap_or_default();
+    let clients = Clients {
+        meshed_ns: meshed_ns.to_owned(),
+        plain_ns: plain_ns.to_owned(),
+        url: format!("http://secure.{server_ns}.svc.cluster.local/"),
+        runs: Default::default(),
+    };
+    Ok((server, clients))
+}
+
 impl Clients {
     /// Five requests from each client; returns (meshed ok, unmeshed ok).
     async fn run(&self, client: &kube::Client) -> anyhow::Result<(u64, u64)> {
@@ -99,15 +119,8 @@ async fn peer_authentication_modes_are_enforced_between_meshed_and_unmeshed_clie
     let server_ns = TestNamespace::create("e2e-mtls", &[INJECT])?;
     let meshed_ns = TestNamespace::create("e2e-mtls-client", &[INJECT])?;
     let plain_ns = TestNamespace::create("e2e-mtls-plain", &[])?;
-    apply(&echo_server_yaml(&server_ns.name, "secure", "v1", 1))?;
-    let pods = wait_pods_ready(&client, &server_ns.name, "app=secure", 1, READY).await?;
-    let server = pods[0].metadata.name.clone().unwrap_or_default();
-    let clients = Clients {
-        meshed_ns: meshed_ns.name.clone(),
-        plain_ns: plain_ns.name.clone(),
-        url: format!("http://secure.{}.svc.cluster.local/", server_ns.name),
-        runs: Default::default(),
-    };
+    let (server, clients) =
+        secure_server(&client, &server_ns.name, &meshed_ns.name, &plain_ns.name).await?;
 
     // Default PERMISSIVE: both are served, the meshed one over mutual TLS.
     wait_for_mode(&server_ns.name, &server, "PERMISSIVE").await?;
@@ -192,16 +205,9 @@ async fn mesh_wide_strict_peer_authentication_in_istio_system_is_enforced() -> a
     ))?;
     let server_ns = TestNamespace::create("e2e-root", &[INJECT])?;
     let plain_ns = TestNamespace::create("e2e-root-plain", &[])?;
-    apply(&echo_server_yaml(&server_ns.name, "secure", "v1", 1))?;
-    let pods = wait_pods_ready(&client, &server_ns.name, "app=secure", 1, READY).await?;
-    let server = pods[0].metadata.name.clone().unwrap_or_default();
-    let clients = Clients {
-        // The server's namespace is meshed: a client there has a sidecar.
-        meshed_ns: server_ns.name.clone(),
-        plain_ns: plain_ns.name.clone(),
-        url: format!("http://secure.{}.svc.cluster.local/", server_ns.name),
-        runs: Default::default(),
-    };
+    // The server's namespace is meshed: a client there has a sidecar.
+    let (server, clients) =
+        secure_server(&client, &server_ns.name, &server_ns.name, &plain_ns.name).await?;
 
     // Deleted when dropped, so a failing assertion leaves no mesh-wide STRICT behind.
     let mesh_wide = peer_authentication(
