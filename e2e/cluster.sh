@@ -585,10 +585,11 @@ push() { # ARCHIVE REPO:TAG — to the in-cluster registry, through the host for
   skopeo_push "$archive" "docker://127.0.0.1:$REGISTRY_HOST_PORT/$ref" || die "pushing $archive as $ref failed"
   # The node caches a tag it pulled: a tag pushed again with new content (a rebuild of the same
   # version) would keep running the old image. Forgetting the node's copy makes the next pod pull.
-  local sock=$STATE/containerd/containerd.sock
-  if [ -S "$sock" ] && ctr --address "$sock" -n k8s.io images ls -q "name==$REGISTRY/$ref" 2> /dev/null | grep -q .; then
-    local have want
-    have=$(ctr --address "$sock" -n k8s.io images ls "name==$REGISTRY/$ref" | awk 'NR == 2 { print $3 }')
+  local sock=$STATE/containerd/containerd.sock have="" want
+  if [ -S "$sock" ]; then
+    have=$(ctr --address "$sock" -n k8s.io images ls "name==$REGISTRY/$ref" 2> /dev/null | awk 'NR == 2 { print $3 }') || have=""
+  fi
+  if [ -n "$have" ]; then
     want=$(curl -fsS --max-time 10 -o /dev/null -D - -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
       "http://127.0.0.1:$REGISTRY_HOST_PORT/v2/${ref%:*}/manifests/${ref##*:}" | tr -d '\r' | awk 'tolower($1) == "docker-content-digest:" { print $2 }')
     if [ -n "$want" ] && [ "$have" != "$want" ]; then
