@@ -24,10 +24,13 @@ const READY: Duration = Duration::from_secs(180);
 /// `make e2e-long` runs the same test as a soak (suite `rotation-soak`): a longer load over
 /// many more 30-second renewals, still without one failed request.
 fn load_seconds() -> u64 {
-    std::env::var("TRELLIS_E2E_SOAK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200)
+    match std::env::var("TRELLIS_E2E_SOAK_SECONDS") {
+        Err(_) => 200,
+        // A soak that silently ran the short test would pass having soaked nothing.
+        Ok(s) => s.parse().unwrap_or_else(|_| {
+            panic!("TRELLIS_E2E_SOAK_SECONDS={s:?} is not a number of seconds")
+        }),
+    }
 }
 const RATE: u64 = 20;
 /// Load clients and the Service each calls.
